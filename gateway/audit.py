@@ -1,0 +1,191 @@
+"""AuditEvent for every read, search and write of patient data, written off the request path.
+
+Writing one AuditEvent synchronously per read would cost as much as the read itself, so records
+go into a bounded in-memory queue that a background thread drains in batches (one transaction per
+batch). When the queue is full, request threads wait for room: records are never dropped. The
+queue is flushed on shutdown (atexit), and `flush()` lets tests and commands wait for it.
+
+The AuditEvent's patient (entity.what) is worked out by the writer thread from the content that
+was served, so the request pays only for putting a tuple on the queue.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.fhir import jsonio
+from gateway.fhir.dates import now_instant
+from gateway.fhir.indexer import compartment_patients
+from gateway.fhir.store import FhirStore, Repository
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {
+    "read": "R", "vread": "R", "search": "E", "history": "R", "everything": "E", "create": "C",
+    "update": "U", "patch": "U", "delete": "D", "transaction": "E", "batch": "E",
+}
+SUBTYPES = {
+    "read": "read", "vread": "vread", "search": "search-type", "history": "history-instance",
+    "everything": "operation", "create": "create", "update": "update", "patch": "patch",
+    "delete": "delete", "transaction": "transaction", "batch": "batch",
+}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    interaction: str
+    agent: str
+    client_id: str | None
+    address: str | None
+    outcome: str  # "0" success, "4" minor failure (refused), "8" serious failure
+    query: str | None
+    entities: tuple[str, ...]  # references of what was touched
+    contents: tuple[str, ...]  # served JSON, to find the patients it belongs to
+    recorded: str
+    description: str | None = None
+
+
+def audit_event(record: AuditRecord, base_url: str) -> dict[str, Any]:
+    patients: set[str] = set()
+    for content in record.contents:
+        try:
+            patients |= compartment_patients(jsonio.loads(content), base_url)
+        except (ValueError, KeyError):
+            continue
+    entities: list[dict[str, Any]] = [{"what": {"reference": ref}} for ref in record.entities]
+    entities += [
+        {"what": {"reference": f"Patient/{p}"},
+         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
+                  "display": "Patient"}}
+        for p in sorted(patients) if f"Patient/{p}" not in record.entities
+    ]
+    if record.query:
+        entities.append({"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                                  "code": "2", "display": "System Object"},
+                         "query": _b64(record.query), "description": record.query[:1000]})
+    agent: dict[str, Any] = {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+                             "code": "humanuser" if record.client_id is None else "dataprocessor"}]},
+        "who": {"display": record.agent},
+        "requestor": True,
+    }
+    if record.client_id:
+        agent["who"]["identifier"] = {"system": "urn:gateway:client", "value": record.client_id}
+    if record.address:
+        agent["network"] = {"address": record.address, "type": "2"}
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                 "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction",
+                     "code": SUBTYPES.get(record.interaction, record.interaction)}],
+        "action": ACTIONS.get(record.interaction, "E"),
+        "recorded": record.recorded,
+        "outcome": record.outcome,
+        "agent": [agent],
+        "source": {"observer": {"display": "FHIR gateway"},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                             "code": "3", "display": "Web Server"}]},
+    }
+    if record.description:
+        event["outcomeDesc"] = record.description[:1000]
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+class AuditLog:
+    def __init__(self, store: FhirStore, max_queue: int = 10_000, batch_size: int = 500,
+                 enabled: bool = True) -> None:
+        self.store = store
+        self.enabled = enabled
+        self.batch_size = batch_size
+        self.queue: queue.Queue[AuditRecord | None] = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self.written = 0
+        self.failures = 0
+
+    def record(self, interaction: str, agent: str, *, client_id: str | None = None,
+               address: str | None = None, outcome: str = "0", query: str | None = None,
+               entities: tuple[str, ...] = (), contents: tuple[str, ...] = (),
+               description: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self._ensure_thread()
+        # put() blocks when the queue is full: back-pressure instead of losing records.
+        self.queue.put(AuditRecord(interaction, agent, client_id, address, outcome, query, entities,
+                                   contents, now_instant(), description))
+
+    def _ensure_thread(self) -> None:
+        # Started lazily and per process: a thread does not survive gunicorn's fork.
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            batch: list[AuditRecord] = []
+            stop = item is None
+            if item is not None:
+                batch.append(item)
+            while not stop and len(batch) < self.batch_size:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                else:
+                    batch.append(nxt)
+            if batch:
+                self._write(batch)
+            for _ in range(len(batch) + (1 if stop else 0)):
+                self.queue.task_done()
+            if stop:
+                return
+
+    def _write(self, batch: list[AuditRecord]) -> None:
+        events = [audit_event(r, self.store.base_url) for r in batch]
+        for attempt in range(3):
+            try:
+                with self.store.writing() as repo:
+                    self._insert(repo, events)
+                self.written += len(events)
+                return
+            except Exception:  # the writer must outlive a failed batch; it is logged and retried
+                log.exception("writing %d audit events failed (attempt %d)", len(events), attempt + 1)
+        self.failures += len(events)
+
+    @staticmethod
+    def _insert(repo: Repository, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            repo.create(event, check=False)
+
+    def flush(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            self.queue.put(None)
+            self._thread.join(timeout=30)

@@ -1,0 +1,65 @@
+"""Settings from GATEWAY_* environment variables, read in one place."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Settings:
+    database_url: str = ""
+    base_url: str = "http://127.0.0.1:8080"
+    secret_key: str = ""
+    instance_path: str = "instance"
+    # Until the SMART authorization server guards the API, an unauthenticated caller gets no
+    # access at all unless this is switched on explicitly (demo mode and tests do).
+    open_access: bool = False
+    max_body_bytes: int = 16 * 1024 * 1024
+    default_page_size: int = 20
+    max_page_size: int = 1000
+    sqlite_synchronous: str = "FULL"
+    audit_queue_size: int = 10_000
+    audit_batch_size: int = 500
+    audit_enabled: bool = True
+    upstream_fhir_url: str = ""
+    mllp_port: int = 2575
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get("GATEWAY_" + f.name.upper())
+            if raw is None:
+                continue
+            if f.type in ("bool", bool):
+                values[f.name] = _bool(raw)
+            elif f.type in ("int", int):
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        settings = cls(**values)
+        settings.base_url = settings.base_url.rstrip("/")
+        if not settings.database_url:
+            Path(settings.instance_path).mkdir(parents=True, exist_ok=True)
+            db_file = Path(settings.instance_path).resolve() / "gateway.sqlite"
+            settings.database_url = f"sqlite:///{db_file}"
+        if not settings.secret_key:
+            settings.secret_key = secrets.token_urlsafe(32)
+        return settings
+
+    @property
+    def fhir_base(self) -> str:
+        return self.base_url + "/fhir"

@@ -1,0 +1,233 @@
+"""Engine, schema and migrations.
+
+The schema is plain SQLAlchemy Core: one row per resource holding the current version's JSON (what
+reads return, untouched), one row per version for history, and search-index tables for the current
+version only. Alembic migrations in gateway/migrations create and change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.pool import NullPool
+
+metadata = MetaData()
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+PK = BigInteger().with_variant(Integer(), "sqlite")
+
+resource = Table(
+    "resource",
+    metadata,
+    Column("pk", PK, primary_key=True, autoincrement=True),
+    Column("resource_type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", String(40), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", Text, nullable=False),
+    UniqueConstraint("resource_type", "id", name="uq_resource_type_id"),
+)
+
+resource_version = Table(
+    "resource_version",
+    metadata,
+    Column("seq", PK, primary_key=True, autoincrement=True),
+    Column("resource_pk", BigInteger, nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", String(40), nullable=False),
+    Column("last_updated_ms", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", Text, nullable=True),
+    UniqueConstraint("resource_type", "id", "version_id", name="uq_version"),
+    Index("ix_version_type_seq", "resource_type", "seq"),
+    Index("ix_version_resource", "resource_pk", "version_id"),
+    Index("ix_version_time", "last_updated_ms"),
+)
+
+
+def _index_table(name: str, *columns: Column, indexes: list[tuple[str, ...]]) -> Table:
+    table = Table(
+        name,
+        metadata,
+        Column("resource_pk", BigInteger, nullable=False),
+        Column("resource_type", String(64), nullable=False),
+        Column("param", String(64), nullable=False),
+        *columns,
+        Index(f"ix_{name}_pk", "resource_pk"),
+    )
+    for cols in indexes:
+        Index(f"ix_{name}_{'_'.join(cols)}", *(table.c[c] for c in cols))
+    return table
+
+
+sp_token = _index_table(
+    "sp_token",
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("text", String(255), nullable=True),
+    indexes=[("code", "resource_type", "param", "system")],
+)
+sp_string = _index_table(
+    "sp_string",
+    Column("value", String(255), nullable=False),
+    Column("value_exact", String(255), nullable=False),
+    indexes=[("resource_type", "param", "value")],
+)
+sp_date = _index_table(
+    "sp_date",
+    Column("low", BigInteger, nullable=False),
+    Column("high", BigInteger, nullable=False),
+    indexes=[("resource_type", "param", "low"), ("resource_type", "param", "high")],
+)
+sp_quantity = _index_table(
+    "sp_quantity",
+    Column("value", Float, nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    indexes=[("resource_type", "param", "value")],
+)
+sp_reference = _index_table(
+    "sp_reference",
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(255), nullable=False),
+    indexes=[("target_id", "target_type", "resource_type", "param")],
+)
+sp_uri = _index_table(
+    "sp_uri",
+    Column("value", String(1024), nullable=False),
+    indexes=[("resource_type", "param", "value")],
+)
+# Composite values (Observation code$value and the like): one row per pair taken from the same
+# element, the parts kept in the same shapes as the simple tables above.
+sp_composite = _index_table(
+    "sp_composite",
+    Column("system1", String(255), nullable=True),
+    Column("code1", String(255), nullable=True),
+    Column("system2", String(255), nullable=True),
+    Column("code2", String(255), nullable=True),
+    Column("number2", Float, nullable=True),
+    Column("low2", BigInteger, nullable=True),
+    Column("high2", BigInteger, nullable=True),
+    indexes=[("resource_type", "param", "code1")],
+)
+# Which patients' compartments a resource belongs to; the access policy filters on this.
+compartment = Table(
+    "compartment",
+    metadata,
+    Column("resource_pk", BigInteger, nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Index("ix_compartment_patient", "patient_id", "resource_type", "resource_pk"),
+    Index("ix_compartment_pk", "resource_pk"),
+)
+
+INDEX_TABLES: dict[str, Table] = {
+    "token": sp_token,
+    "string": sp_string,
+    "date": sp_date,
+    "quantity": sp_quantity,
+    "number": sp_quantity,
+    "reference": sp_reference,
+    "uri": sp_uri,
+    "composite": sp_composite,
+}
+ALL_INDEX_TABLES: tuple[Table, ...] = (
+    sp_token, sp_string, sp_date, sp_quantity, sp_reference, sp_uri, sp_composite, compartment,
+)
+
+
+def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    if url.startswith("sqlite"):
+        # NullPool: each unit of work opens its own connection, which SQLite makes cheap and which
+        # keeps WAL readers and the single writer from sharing a connection across threads.
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin (see write_tx).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # A writer takes the database lock up front, so read-then-write sequences (conditional
+            # create, version checks) are serialised instead of failing late with SQLITE_BUSY.
+            mode = "IMMEDIATE" if conn.info.get("write") else "DEFERRED"
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@contextmanager
+def write_tx(engine: Engine) -> Iterator[Connection]:
+    """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL."""
+    with engine.connect() as conn:
+        conn.info["write"] = True
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read_tx(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def is_postgres(conn_or_engine: Connection | Engine) -> bool:
+    return conn_or_engine.dialect.name == "postgresql"
+
+
+def migrations_dir() -> Path:
+    return Path(__file__).parent / "migrations"
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def ping(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,334 @@
+"""Transaction and batch Bundles, and loading files of resources.
+
+A transaction runs every entry in one database transaction (all or nothing) in the order the spec
+gives (DELETE, POST, PUT/PATCH, GET). Before anything is written, each POST is given its id (or
+resolved to the existing resource by ifNoneExist) so that urn:uuid references anywhere in the
+Bundle can be rewritten to the resources they name.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.fhir import jsonio
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.store import FhirStore, Repository, Stored, WriteResult
+from gateway.fhir.validate import is_resource_type, validate
+
+METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+
+# Reads and searches inside a Bundle are answered by the API layer, which owns access checks.
+GetHandler = Callable[[Repository, str], dict[str, Any]]
+
+
+@dataclass
+class EntryPlan:
+    index: int
+    method: str
+    url: str
+    resource: dict[str, Any] | None
+    full_url: str | None
+    if_none_exist: str | None = None
+    if_match: str | None = None
+    resource_type: str = ""
+    resource_id: str | None = None
+    criteria: str | None = None
+
+
+def _split_url(url: str) -> tuple[str, str | None, str | None]:
+    """'Patient/1' -> (Patient, 1, None); 'Patient?x=y' -> (Patient, None, 'x=y')."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    segments = path.split("/") if path else []
+    resource_type = segments[0] if segments else ""
+    resource_id = segments[1] if len(segments) > 1 else None
+    return resource_type, resource_id, parts.query or None
+
+
+def _plan(bundle: dict[str, Any]) -> list[EntryPlan]:
+    plans = []
+    for i, entry in enumerate(bundle.get("entry") or []):
+        request = entry.get("request") or {}
+        method = str(request.get("method", "")).upper()
+        url = request.get("url")
+        if method not in METHOD_ORDER or not isinstance(url, str):
+            raise FhirError(400, f"Bundle.entry[{i}].request needs a method and url", code="invalid",
+                            expression=[f"Bundle.entry[{i}].request"])
+        resource = entry.get("resource")
+        if method in ("POST", "PUT") and not isinstance(resource, dict):
+            raise FhirError(400, f"Bundle.entry[{i}] has no resource to {method}", code="invalid",
+                            expression=[f"Bundle.entry[{i}].resource"])
+        plan = EntryPlan(i, method, url, resource, entry.get("fullUrl"),
+                         request.get("ifNoneExist"), request.get("ifMatch"))
+        plan.resource_type, plan.resource_id, plan.criteria = _split_url(url)
+        if method != "GET" and not is_resource_type(plan.resource_type):
+            raise FhirError(400, f"Bundle.entry[{i}]: unknown resource type in {url!r}", code="invalid")
+        plans.append(plan)
+    return plans
+
+
+def _rewrite_references(value: Any, mapping: dict[str, str], resolve: Callable[[str], str]) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, child in value.items():
+            if key == "reference" and isinstance(child, str):
+                if child in mapping:
+                    child = mapping[child]
+                elif "?" in child and not child.startswith(("http:", "https:", "urn:")):
+                    child = resolve(child)
+                out[key] = child
+            else:
+                out[key] = _rewrite_references(child, mapping, resolve)
+        return out
+    if isinstance(value, list):
+        return [_rewrite_references(v, mapping, resolve) for v in value]
+    return value
+
+
+def _response(result: WriteResult | Stored | None, status: int, base: str) -> dict[str, Any]:
+    response: dict[str, Any] = {"status": STATUS_TEXT.get(status, str(status))}
+    stored = result.stored if isinstance(result, WriteResult) else result
+    if stored is not None:
+        response["location"] = f"{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
+        response["etag"] = stored.etag
+        response["lastModified"] = stored.last_updated
+    return {"response": response}
+
+
+class BundleProcessor:
+    def __init__(self, store: FhirStore, get_handler: GetHandler | None = None) -> None:
+        self.store = store
+        self.get_handler = get_handler
+
+    def process(self, bundle: Any) -> dict[str, Any]:
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise FhirError(400, "POST to the base takes a Bundle", code="invalid")
+        kind = bundle.get("type")
+        if kind == "transaction":
+            return self.transaction(bundle)
+        if kind == "batch":
+            return self.batch(bundle)
+        raise FhirError(400, f"Bundle.type must be transaction or batch, not {kind!r}", code="invalid",
+                        expression=["Bundle.type"])
+
+    # --- transaction: all or nothing ---
+
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        plans = _plan(bundle)
+        for plan in plans:
+            if plan.resource is not None and plan.method in ("POST", "PUT"):
+                try:
+                    validate(plan.resource)
+                except FhirError as exc:
+                    exc.outcome["issue"][0]["diagnostics"] = f"Bundle.entry[{plan.index}]: {exc.diagnostics}"
+                    raise
+        responses: dict[int, dict[str, Any]] = {}
+
+        def run(repo: Repository) -> None:
+            responses.clear()
+            mapping = self._assign_ids(repo, plans)
+
+            def resolve(conditional: str) -> str:
+                rtype, _, criteria = _split_url(conditional)
+                matches = repo.match(rtype, criteria or "")
+                if len(matches) != 1:
+                    raise FhirError(412, f"Conditional reference {conditional!r} matched {len(matches)} "
+                                         "resources", code="invalid")
+                return matches[0].reference
+
+            for plan in sorted(plans, key=lambda p: (METHOD_ORDER[p.method], p.index)):
+                if plan.resource is not None:
+                    plan.resource = _rewrite_references(plan.resource, mapping, resolve)
+                try:
+                    responses[plan.index] = self._execute(repo, plan)
+                except FhirError as exc:
+                    exc.outcome["issue"][0]["diagnostics"] = f"Bundle.entry[{plan.index}]: {exc.diagnostics}"
+                    raise
+
+        self.store.write(run)
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": [responses[p.index] for p in plans],
+        }
+
+    def _assign_ids(self, repo: Repository, plans: list[EntryPlan]) -> dict[str, str]:
+        mapping: dict[str, str] = {}
+        for plan in plans:
+            if plan.method == "POST" and plan.resource is not None:
+                existing: Stored | None = None
+                if plan.if_none_exist:
+                    repo.lock(f"{plan.resource_type}?{plan.if_none_exist}")
+                    matches = repo.match(plan.resource_type, plan.if_none_exist)
+                    if len(matches) > 1:
+                        raise FhirError(412, f"Bundle.entry[{plan.index}]: ifNoneExist matched "
+                                             f"{len(matches)} resources", code="duplicate")
+                    existing = matches[0] if matches else None
+                plan.resource_id = existing.id if existing else str(uuid.uuid4())
+                if existing:
+                    plan.method = "MATCHED"
+                target = f"{plan.resource_type}/{plan.resource_id}"
+            elif plan.method == "PUT" and plan.criteria and plan.resource_id is None:
+                matches = repo.match(plan.resource_type, plan.criteria)
+                if len(matches) > 1:
+                    raise FhirError(412, f"Bundle.entry[{plan.index}]: criteria matched {len(matches)}",
+                                    code="multiple-matches")
+                plan.resource_id = matches[0].id if matches else (plan.resource or {}).get("id") \
+                    or str(uuid.uuid4())
+                target = f"{plan.resource_type}/{plan.resource_id}"
+            elif plan.method == "PUT":
+                target = f"{plan.resource_type}/{plan.resource_id}"
+            else:
+                continue
+            if plan.full_url:
+                mapping[plan.full_url] = target
+        return mapping
+
+    def _execute(self, repo: Repository, plan: EntryPlan) -> dict[str, Any]:
+        base = self.store.base_url
+        if plan.method == "MATCHED":
+            return _response(repo.read(plan.resource_type, plan.resource_id or ""), 200, base)
+        if plan.method == "POST":
+            assert plan.resource is not None
+            result = repo.create(plan.resource, check=False, resource_id=plan.resource_id)
+            return _response(result, 201, base)
+        if plan.method == "PUT":
+            assert plan.resource is not None
+            body = {**plan.resource, "id": plan.resource_id}
+            result = repo.update(plan.resource_type, plan.resource_id or "", body, plan.if_match, check=False)
+            return _response(result, result.status, base)
+        if plan.method == "PATCH":
+            operations = _patch_body(plan)
+            result = repo.patch(plan.resource_type, plan.resource_id or "", operations, plan.if_match)
+            return _response(result, 200, base)
+        if plan.method == "DELETE":
+            if plan.resource_id:
+                repo.delete(plan.resource_type, plan.resource_id)
+            else:
+                repo.conditional_delete(plan.resource_type, plan.criteria or "")
+            return {"response": {"status": "204 No Content"}}
+        if self.get_handler is None:
+            raise FhirError(400, "GET entries are not supported here", code="not-supported")
+        return {"resource": self.get_handler(repo, plan.url), "response": {"status": "200 OK"}}
+
+    # --- batch: every entry on its own ---
+
+    def batch(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        plans = _plan(bundle)
+        entries = []
+        for plan in plans:
+            try:
+                if plan.resource is not None and plan.method in ("POST", "PUT"):
+                    validate(plan.resource)
+
+                def run(repo: Repository, plan: EntryPlan = plan) -> dict[str, Any]:
+                    self._assign_ids(repo, [plan])
+                    return self._execute(repo, plan)
+
+                entries.append(self.store.write(run))
+            except FhirError as exc:
+                entries.append({"response": {"status": str(exc.status), "outcome": exc.outcome}})
+        return {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+
+
+def _patch_body(plan: EntryPlan) -> Any:
+    resource = plan.resource
+    if isinstance(resource, dict) and resource.get("resourceType") == "Binary":
+        import base64
+
+        return jsonio.loads(base64.b64decode(resource.get("data", "")))
+    raise FhirError(400, f"Bundle.entry[{plan.index}]: PATCH needs a Binary with a JSON Patch",
+                    code="invalid")
+
+
+# --- files: `gateway import` and the demo loader ---
+
+def iter_file_resources(path: str) -> Iterator[tuple[str, Any]]:
+    """('bundle', Bundle) for a JSON Bundle file, ('resource', resource) for NDJSON or a resource."""
+    with open(path, encoding="utf-8-sig") as fh:
+        head = fh.read(1)
+        fh.seek(0)
+        if path.endswith(".ndjson") or (head != "{" and head != "["):
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield "resource", jsonio.loads(line)
+                    except ValueError as exc:
+                        raise FhirError(400, f"{path}:{n}: not JSON ({exc})", code="structure") from None
+            return
+        text = fh.read()
+    try:
+        data = jsonio.loads(text)
+    except ValueError:
+        # Not one JSON document: NDJSON without the .ndjson name.
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield "resource", jsonio.loads(line)
+                except ValueError as exc:
+                    raise FhirError(400, f"{path}:{n}: not JSON ({exc})", code="structure") from None
+        return
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        yield "bundle", data
+    else:
+        yield "resource", data
+
+
+def as_transaction(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Resources with ids are PUT (idempotent re-import), the rest POSTed."""
+    entries = []
+    for resource in resources:
+        if resource.get("id"):
+            request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+        else:
+            request = {"method": "POST", "url": resource.get("resourceType", "")}
+        entries.append({"resource": resource, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def import_file(processor: BundleProcessor, path: str, chunk: int = 500,
+                progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Load a Bundle (transaction, batch, collection, searchset) or NDJSON; returns counts."""
+    counts = {"entries": 0, "created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+
+    def tally(response_bundle: dict[str, Any]) -> None:
+        for entry in response_bundle.get("entry", []):
+            status = entry["response"]["status"]
+            counts["entries"] += 1
+            if status.startswith("201"):
+                counts["created"] += 1
+            elif status.startswith("200"):
+                counts["updated"] += 1
+            elif status.startswith("2"):
+                counts["unchanged"] += 1
+            else:
+                counts["failed"] += 1
+        if progress:
+            progress(counts["entries"])
+
+    pending: list[dict[str, Any]] = []
+    for kind, data in iter_file_resources(path):
+        if kind == "bundle":
+            if data.get("type") in ("transaction", "batch"):
+                tally(processor.process(data))
+            else:
+                resources = [e["resource"] for e in data.get("entry", []) if "resource" in e]
+                for start in range(0, len(resources), chunk):
+                    tally(processor.transaction(as_transaction(resources[start:start + chunk])))
+            continue
+        pending.append(data)
+        if len(pending) >= chunk:
+            tally(processor.transaction(as_transaction(pending)))
+            pending = []
+    if pending:
+        tally(processor.transaction(as_transaction(pending)))
+    return counts
+
+
+def criteria_params(criteria: str) -> list[tuple[str, str]]:
+    return parse_qsl(criteria, keep_blank_values=True)

@@ -1,0 +1,390 @@
+"""The versioned FHIR resource store: one repository object that every surface writes through.
+
+Each version's JSON is kept exactly as it will be served (id and meta set at write time), so reads
+return stored text without building a model. Search-index rows and compartment rows describe the
+current version only and are replaced in the same transaction as the write.
+
+    store = FhirStore(engine, base_url)
+    with store.writing() as repo:          # one database transaction
+        result = repo.create(resource)
+    with store.reading() as repo:
+        stored = repo.read("Patient", "123")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+from sqlalchemy import Connection, Engine, and_, delete, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from gateway import db
+from gateway.fhir import jsonio
+from gateway.fhir.dates import instant_ms, now_instant
+from gateway.fhir.indexer import compartment_patients, index_rows
+from gateway.fhir.outcome import FhirError, gone, not_found
+from gateway.fhir.validate import ID_RE, is_resource_type, validate
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One version of a resource as stored; content is the JSON text served for it."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: str
+    deleted: bool
+    content: str | None
+    pk: int = 0
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version_id}"'
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+    def resource(self) -> dict[str, Any]:
+        if self.content is None:
+            raise ValueError("a deleted version has no content")
+        return jsonio.loads(self.content)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: Stored
+    status: int  # 200 updated or matched, 201 created
+    changed: bool = True
+
+
+# Hook for code that must see every committed write (audit, provenance); called with the result.
+WriteListener = Callable[[str, WriteResult], None]
+
+
+def parse_version(value: str | None) -> int | None:
+    """If-Match / version ids: W/"3", "3" and 3 all mean version 3."""
+    if value is None:
+        return None
+    raw = value.strip()
+    if raw.startswith("W/"):
+        raw = raw[2:]
+    raw = raw.strip('"')
+    if not raw.isdigit():
+        raise FhirError(400, f"Not a version: {value!r}", code="invalid")
+    return int(raw)
+
+
+def _lock_key(text_value: str) -> int:
+    return int.from_bytes(hashlib.sha256(text_value.encode()).digest()[:8], "big", signed=True)
+
+
+class Repository:
+    """Store operations on one open connection (one transaction)."""
+
+    def __init__(self, store: FhirStore, conn: Connection) -> None:
+        self.store = store
+        self.conn = conn
+        self.base_url = store.base_url
+
+    # --- reads ---
+
+    def _current_row(self, resource_type: str, resource_id: str, for_update: bool = False) -> Any:
+        query = select(db.resource).where(
+            db.resource.c.resource_type == resource_type, db.resource.c.id == resource_id
+        )
+        if for_update and db.is_postgres(self.conn):
+            query = query.with_for_update()
+        return self.conn.execute(query).first()
+
+    @staticmethod
+    def _stored(row: Any) -> Stored:
+        return Stored(row.resource_type, row.id, row.version_id, row.last_updated, row.deleted,
+                      None if row.deleted else row.content, row.pk)
+
+    def read(self, resource_type: str, resource_id: str) -> Stored:
+        row = self._current_row(resource_type, resource_id)
+        if row is None:
+            raise not_found(resource_type, resource_id)
+        if row.deleted:
+            raise gone(resource_type, resource_id)
+        return self._stored(row)
+
+    def find(self, resource_type: str, resource_id: str) -> Stored | None:
+        """The current version, or None when absent or deleted."""
+        row = self._current_row(resource_type, resource_id)
+        return None if row is None or row.deleted else self._stored(row)
+
+    def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:
+        v = db.resource_version.c
+        row = self.conn.execute(
+            select(db.resource_version).where(
+                v.resource_type == resource_type, v.id == resource_id, v.version_id == version_id
+            )
+        ).first()
+        if row is None:
+            raise FhirError(404, f"{resource_type}/{resource_id} has no version {version_id}", code="not-found")
+        if row.deleted:
+            raise FhirError(410, f"{resource_type}/{resource_id} version {version_id} is a deletion",
+                            code="deleted")
+        return Stored(row.resource_type, row.id, row.version_id, row.last_updated, row.deleted,
+                      row.content, row.resource_pk)
+
+    def read_many(self, pks: list[int]) -> list[Stored]:
+        if not pks:
+            return []
+        rows = self.conn.execute(select(db.resource).where(db.resource.c.pk.in_(pks))).all()
+        by_pk = {r.pk: self._stored(r) for r in rows}
+        return [by_pk[pk] for pk in pks if pk in by_pk]
+
+    # --- writes ---
+
+    def _prepare(self, resource: dict[str, Any], resource_id: str, version_id: int,
+                 check: bool) -> tuple[dict[str, Any], str]:
+        if check:
+            validate(resource)
+        body = dict(resource)
+        body["id"] = resource_id
+        meta = dict(body.get("meta") or {})
+        meta["versionId"] = str(version_id)
+        meta["lastUpdated"] = now_instant()
+        body["meta"] = meta
+        return body, meta["lastUpdated"]
+
+    def _write_index(self, pk: int, body: dict[str, Any]) -> None:
+        for table in db.ALL_INDEX_TABLES:
+            self.conn.execute(delete(table).where(table.c.resource_pk == pk))
+        for param_type, rows in index_rows(body, self.base_url).items():
+            table = db.INDEX_TABLES[param_type]
+            self.conn.execute(insert(table), [{**row, "resource_pk": pk} for row in rows])
+        patients = compartment_patients(body, self.base_url)
+        if patients:
+            self.conn.execute(insert(db.compartment), [
+                {"resource_pk": pk, "resource_type": body["resourceType"], "patient_id": p}
+                for p in sorted(patients)
+            ])
+
+    def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
+                        version_id: int, last_updated: str, method: str, content: str | None) -> None:
+        self.conn.execute(insert(db.resource_version).values(
+            resource_pk=pk, resource_type=resource_type, id=resource_id, version_id=version_id,
+            last_updated=last_updated, last_updated_ms=instant_ms(last_updated), method=method,
+            deleted=body is None, content=content,
+        ))
+
+    def _insert_new(self, resource: dict[str, Any], resource_id: str, method: str, check: bool) -> WriteResult:
+        body, last_updated = self._prepare(resource, resource_id, 1, check)
+        content = jsonio.dumps(body)
+        resource_type = body["resourceType"]
+        pk = self.conn.execute(insert(db.resource).values(
+            resource_type=resource_type, id=resource_id, version_id=1, last_updated=last_updated,
+            deleted=False, content=content,
+        ).returning(db.resource.c.pk)).scalar_one()
+        self._insert_version(pk, body, resource_type, resource_id, 1, last_updated, method, content)
+        self._write_index(pk, body)
+        stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
+        result = WriteResult(stored, 201)
+        self.store.notify("create", result)
+        return result
+
+    def lock(self, key: str) -> None:
+        """Serialise writers that decide on the same key (conditional writes), until commit."""
+        if db.is_postgres(self.conn):
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(key)})
+        # SQLite: the write transaction already holds the database's single write lock.
+
+    def match(self, resource_type: str, criteria: str) -> list[Stored]:
+        from gateway.fhir.search import conditional_matches
+
+        return conditional_matches(self, resource_type, criteria)
+
+    def create(self, resource: dict[str, Any], if_none_exist: str | None = None,
+               check: bool = True, resource_id: str | None = None) -> WriteResult:
+        if check:
+            validate(resource)
+        resource_type = resource["resourceType"]
+        if if_none_exist:
+            self.lock(f"{resource_type}?{if_none_exist}")
+            matches = self.match(resource_type, if_none_exist)
+            if len(matches) == 1:
+                return WriteResult(matches[0], 200, changed=False)
+            if len(matches) > 1:
+                raise FhirError(412, f"If-None-Exist matched {len(matches)} resources", code="duplicate")
+        return self._insert_new(resource, resource_id or str(uuid.uuid4()), "POST", check=False)
+
+    def update(self, resource_type: str, resource_id: str, resource: dict[str, Any],
+               if_match: str | None = None, check: bool = True, method: str = "PUT") -> WriteResult:
+        if check:
+            validate(resource)
+        if resource.get("resourceType") != resource_type:
+            raise FhirError(400, f"resourceType {resource.get('resourceType')!r} does not match the URL "
+                                 f"({resource_type})", code="invalid", expression=["resourceType"])
+        if resource.get("id") != resource_id:
+            raise FhirError(400, f"The body's id {resource.get('id')!r} does not match the URL id "
+                                 f"{resource_id!r}", code="invalid", expression=[f"{resource_type}.id"])
+        if not ID_RE.match(resource_id):
+            raise FhirError(400, f"Invalid id {resource_id!r}", code="invalid")
+        expected = parse_version(if_match)
+        row = self._current_row(resource_type, resource_id, for_update=True)
+        if row is None:
+            if expected is not None:
+                raise FhirError(412, f"{resource_type}/{resource_id} does not exist (If-Match {if_match})",
+                                code="conflict")
+            return self._insert_new(resource, resource_id, method, check=False)
+        if expected is not None and expected != row.version_id:
+            raise FhirError(412, f"Version conflict: {resource_type}/{resource_id} is at version "
+                                 f"{row.version_id}, If-Match gave {expected}", code="conflict")
+        if not row.deleted and _same_content(row.content, resource):
+            return WriteResult(self._stored(row), 200, changed=False)
+        version_id = row.version_id + 1
+        body, last_updated = self._prepare(resource, resource_id, version_id, check=False)
+        content = jsonio.dumps(body)
+        result = self.conn.execute(
+            update(db.resource)
+            .where(db.resource.c.pk == row.pk, db.resource.c.version_id == row.version_id)
+            .values(version_id=version_id, last_updated=last_updated, deleted=False, content=content)
+        )
+        if result.rowcount != 1:
+            raise FhirError(412, f"{resource_type}/{resource_id} changed while updating", code="conflict")
+        self._insert_version(row.pk, body, resource_type, resource_id, version_id, last_updated, method, content)
+        self._write_index(row.pk, body)
+        stored = Stored(resource_type, resource_id, version_id, last_updated, False, content, row.pk)
+        write = WriteResult(stored, 201 if row.deleted else 200)
+        self.store.notify("update", write)
+        return write
+
+    def conditional_update(self, resource_type: str, criteria: str, resource: dict[str, Any],
+                           if_match: str | None = None) -> WriteResult:
+        self.lock(f"{resource_type}?{criteria}")
+        matches = self.match(resource_type, criteria)
+        if len(matches) > 1:
+            raise FhirError(412, f"The criteria matched {len(matches)} resources", code="multiple-matches")
+        if matches:
+            target = matches[0]
+            if resource.get("id") not in (None, target.id):
+                raise FhirError(400, "The body's id does not match the resource the criteria found",
+                                code="invalid")
+            return self.update(resource_type, target.id, {**resource, "id": target.id}, if_match)
+        if resource.get("id"):
+            return self.update(resource_type, resource["id"], resource, if_match)
+        return self.create(resource)
+
+    def patch(self, resource_type: str, resource_id: str, operations: Any,
+              if_match: str | None = None) -> WriteResult:
+        current = self.read(resource_type, resource_id)
+        try:
+            patched = jsonpatch.apply_patch(current.resource(), operations)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
+            raise FhirError(422, f"The JSON Patch cannot be applied: {exc}", code="processing") from None
+        return self.update(resource_type, resource_id, patched,
+                           if_match=if_match or str(current.version_id), method="PATCH")
+
+    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+        """Soft delete: a deletion version, no index rows. Deleting the absent is not an error."""
+        row = self._current_row(resource_type, resource_id, for_update=True)
+        if row is None or row.deleted:
+            return None
+        version_id = row.version_id + 1
+        last_updated = now_instant()
+        self.conn.execute(
+            update(db.resource).where(db.resource.c.pk == row.pk)
+            .values(version_id=version_id, last_updated=last_updated, deleted=True)
+        )
+        self._insert_version(row.pk, None, resource_type, resource_id, version_id, last_updated, "DELETE", None)
+        for table in db.ALL_INDEX_TABLES:
+            self.conn.execute(delete(table).where(table.c.resource_pk == row.pk))
+        stored = Stored(resource_type, resource_id, version_id, last_updated, True, None, row.pk)
+        self.store.notify("delete", WriteResult(stored, 200))
+        return stored
+
+    def conditional_delete(self, resource_type: str, criteria: str) -> list[Stored]:
+        matches = self.match(resource_type, criteria)
+        if len(matches) > 1:
+            raise FhirError(412, f"The criteria matched {len(matches)} resources", code="multiple-matches")
+        return [d for m in matches if (d := self.delete(resource_type, m.id))]
+
+    # --- history ---
+
+    def history(self, resource_type: str | None = None, resource_id: str | None = None,
+                since_ms: int | None = None, before_seq: int | None = None,
+                count: int = 50) -> tuple[list[Stored], int | None]:
+        """Versions newest first; returns (page, cursor for the next page or None)."""
+        v = db.resource_version.c
+        conditions = []
+        if resource_type:
+            conditions.append(v.resource_type == resource_type)
+        if resource_id:
+            if self._current_row(resource_type or "", resource_id) is None:
+                raise not_found(resource_type or "", resource_id)
+            conditions.append(v.id == resource_id)
+        if since_ms is not None:
+            conditions.append(v.last_updated_ms >= since_ms)
+        if before_seq is not None:
+            conditions.append(v.seq < before_seq)
+        rows = self.conn.execute(
+            select(db.resource_version).where(and_(*conditions)).order_by(v.seq.desc()).limit(count + 1)
+        ).all()
+        page = [Stored(r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.content, r.seq)
+                for r in rows[:count]]
+        return page, (rows[count - 1].seq if len(rows) > count else None)
+
+
+def _same_content(stored_content: str, incoming: dict[str, Any]) -> bool:
+    """True when an update would change nothing but meta.versionId and meta.lastUpdated."""
+    current = jsonio.loads(stored_content)
+    new = copy.deepcopy(incoming)
+    for body in (current, new):
+        meta = body.get("meta")
+        if isinstance(meta, dict):
+            meta.pop("versionId", None)
+            meta.pop("lastUpdated", None)
+            if not meta:
+                body.pop("meta")
+    return current == new
+
+
+class FhirStore:
+    def __init__(self, engine: Engine, fhir_base: str = "") -> None:
+        self.engine = engine
+        # Absolute references on this base are indexed as local ones.
+        self.base_url = fhir_base.rstrip("/")
+        self.listeners: list[WriteListener] = []
+
+    def notify(self, action: str, result: WriteResult) -> None:
+        for listener in self.listeners:
+            listener(action, result)
+
+    @contextmanager
+    def writing(self) -> Iterator[Repository]:
+        with db.write_tx(self.engine) as conn:
+            yield Repository(self, conn)
+
+    @contextmanager
+    def reading(self) -> Iterator[Repository]:
+        with db.read_tx(self.engine) as conn:
+            yield Repository(self, conn)
+
+    def write(self, operation: Callable[[Repository], Any], attempts: int = 3) -> Any:
+        """Run a write in its own transaction, retrying when a concurrent insert of the same id won."""
+        for attempt in range(attempts):
+            try:
+                with self.writing() as repo:
+                    return operation(repo)
+            except IntegrityError:
+                if attempt == attempts - 1:
+                    raise FhirError(409, "A concurrent write to the same resource won; retry",
+                                    code="conflict") from None
+        raise AssertionError("unreachable")
+
+
+def known_type(resource_type: str) -> None:
+    if not is_resource_type(resource_type):
+        raise FhirError(404, f"Unknown resource type {resource_type!r}", code="not-supported")
