@@ -1,0 +1,121 @@
+"""Test harness: every app test runs against SQLite and, when it is reachable, PostgreSQL.
+
+Each pytest run creates its own databases (a SQLite file in a temporary folder, a PostgreSQL
+database named gw_test_<random>) and drops them at the end, so runs never collide or leave state
+behind. Tables are emptied before each test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from werkzeug.serving import make_server
+
+from gateway import create_app, db
+from gateway.config import Settings
+
+PG_ADMIN_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_reachable() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL.replace("postgresql://", "postgresql://", 1), connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+BACKENDS = ["sqlite"] + (["postgresql"] if _pg_reachable() else [])
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "gateway.sqlite"
+        url = f"sqlite:///{path}"
+        engine = db.make_engine(url)
+        db.upgrade(engine)
+        engine.dispose()
+        yield url
+        return
+    import psycopg
+
+    name = f"gw_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def empty_tables(engine: Any) -> None:
+    with engine.begin() as conn:
+        for table in reversed(db.metadata.sorted_tables):
+            conn.execute(text(f"DELETE FROM {table.name}"))
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Any) -> Settings:
+    return Settings.from_env(
+        environ={}, database_url=database_url, open_access=True, base_url="http://testserver",
+        instance_path=str(tmp_path), secret_key="test-secret", max_body_bytes=2 * 1024 * 1024,
+    )
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Any]:
+    app = create_app(settings)
+    gateway = app.extensions["gateway"]
+    empty_tables(gateway.engine)
+    yield app
+    gateway.audit.flush()
+    gateway.engine.dispose()
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app: Any) -> Any:
+    return app.extensions["gateway"].store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[str]:
+    """The app over real HTTP on 127.0.0.1 (threaded werkzeug server) at a free port."""
+    port = free_port()
+    settings.base_url = f"http://127.0.0.1:{port}"
+    app = create_app(settings)
+    empty_tables(app.extensions["gateway"].engine)
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield settings.base_url
+    finally:
+        server.shutdown()
+        app.extensions["gateway"].audit.flush()
+        app.extensions["gateway"].engine.dispose()
