@@ -45,7 +45,7 @@ def token_values(value: Any) -> Iterator[tuple[str | None, str | None, str | Non
             for coding in value.get("coding", []):
                 text = coding.get("display") or cc_text
                 yield coding.get("system"), coding.get("code"), normalize(text) if text else None
-            if (cc_text and not value.get("coding")) or cc_text:
+            if cc_text:
                 yield None, None, normalize(cc_text)
         elif "code" in value:
             display = value.get("display")
