@@ -29,7 +29,6 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.pool import NullPool
 
 metadata = MetaData()
 
@@ -162,9 +161,10 @@ ALL_INDEX_TABLES: tuple[Table, ...] = (
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     if url.startswith("sqlite"):
-        # NullPool: each unit of work opens its own connection, which SQLite makes cheap and which
-        # keeps WAL readers and the single writer from sharing a connection across threads.
-        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30, "check_same_thread": False})
+        # A pooled connection serves one thread at a time, so pysqlite's same-thread check can go;
+        # pooling keeps the per-connection PRAGMAs off the request path.
+        engine = create_engine(url, pool_size=16, max_overflow=16,
+                               connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
