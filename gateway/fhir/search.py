@@ -432,6 +432,7 @@ def _base_conditions(resource_type: str, query: Query, restrict: Restriction | N
 def search(repo: Repository, resource_type: str, params: list[tuple[str, str]], *,
            restrict: Restriction | None = None, compartment: str | None = None, strict: bool = False,
            default_count: int = 20, max_count: int = 1000) -> tuple[Query, SearchResult]:
+    repo.flush()
     builder = SearchBuilder(repo, resource_type, strict)
     query = builder.parse(params, default_count, max_count)
     if compartment is not None and resource_type != "Patient" and \
@@ -561,6 +562,7 @@ def everything(repo: Repository, patient_id: str, *, since: str | None = None, t
                count: int = 50, cursor: str | None = None, restrict: Restriction | None = None
                ) -> tuple[list[Stored], list[Stored], str | None]:
     """Patient/$everything: the patient, its compartment, and the non-patient resources they cite."""
+    repo.flush()
     repo.read("Patient", patient_id)
     c = db.compartment.c
     members = select(c.resource_pk).where(c.patient_id == patient_id)

@@ -94,6 +94,9 @@ class Repository:
         self.store = store
         self.conn = conn
         self.base_url = store.base_url
+        # Index rows wait here and go to the database in one executemany per table: before any
+        # search in this transaction (flush) and before commit.
+        self._pending: dict[str, list[dict[str, Any]]] = {}
 
     # --- reads ---
 
@@ -159,18 +162,30 @@ class Repository:
         body["meta"] = meta
         return body, meta["lastUpdated"]
 
-    def _write_index(self, pk: int, body: dict[str, Any]) -> None:
+    def _write_index(self, pk: int, body: dict[str, Any], new: bool) -> None:
+        if not new:
+            self._drop_index(pk)
+        for param_type, rows in index_rows(body, self.base_url).items():
+            table = db.INDEX_TABLES[param_type].name
+            self._pending.setdefault(table, []).extend({**row, "resource_pk": pk} for row in rows)
+        patients = compartment_patients(body, self.base_url)
+        self._pending.setdefault(db.compartment.name, []).extend(
+            {"resource_pk": pk, "resource_type": body["resourceType"], "patient_id": p} for p in sorted(patients)
+        )
+
+    def _drop_index(self, pk: int) -> None:
+        for name, rows in self._pending.items():
+            self._pending[name] = [row for row in rows if row["resource_pk"] != pk]
         for table in db.ALL_INDEX_TABLES:
             self.conn.execute(delete(table).where(table.c.resource_pk == pk))
-        for param_type, rows in index_rows(body, self.base_url).items():
-            table = db.INDEX_TABLES[param_type]
-            self.conn.execute(insert(table), [{**row, "resource_pk": pk} for row in rows])
-        patients = compartment_patients(body, self.base_url)
-        if patients:
-            self.conn.execute(insert(db.compartment), [
-                {"resource_pk": pk, "resource_type": body["resourceType"], "patient_id": p}
-                for p in sorted(patients)
-            ])
+
+    def flush(self) -> None:
+        """Write buffered index rows; searches in this transaction call it first."""
+        tables = {t.name: t for t in db.ALL_INDEX_TABLES}
+        for name, rows in self._pending.items():
+            if rows:
+                self.conn.execute(insert(tables[name]), rows)
+        self._pending = {}
 
     def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
                         version_id: int, last_updated: str, method: str, content: str | None) -> None:
@@ -189,7 +204,7 @@ class Repository:
             deleted=False, content=content,
         ).returning(db.resource.c.pk)).scalar_one()
         self._insert_version(pk, body, resource_type, resource_id, 1, last_updated, method, content)
-        self._write_index(pk, body)
+        self._write_index(pk, body, new=True)
         stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
         result = WriteResult(stored, 201)
         self.store.notify("create", result)
@@ -255,7 +270,7 @@ class Repository:
         if result.rowcount != 1:
             raise FhirError(412, f"{resource_type}/{resource_id} changed while updating", code="conflict")
         self._insert_version(row.pk, body, resource_type, resource_id, version_id, last_updated, method, content)
-        self._write_index(row.pk, body)
+        self._write_index(row.pk, body, new=False)
         stored = Stored(resource_type, resource_id, version_id, last_updated, False, content, row.pk)
         write = WriteResult(stored, 201 if row.deleted else 200)
         self.store.notify("update", write)
@@ -299,8 +314,7 @@ class Repository:
             .values(version_id=version_id, last_updated=last_updated, deleted=True)
         )
         self._insert_version(row.pk, None, resource_type, resource_id, version_id, last_updated, "DELETE", None)
-        for table in db.ALL_INDEX_TABLES:
-            self.conn.execute(delete(table).where(table.c.resource_pk == row.pk))
+        self._drop_index(row.pk)
         stored = Stored(resource_type, resource_id, version_id, last_updated, True, None, row.pk)
         self.store.notify("delete", WriteResult(stored, 200))
         return stored
@@ -365,7 +379,9 @@ class FhirStore:
     @contextmanager
     def writing(self) -> Iterator[Repository]:
         with db.write_tx(self.engine) as conn:
-            yield Repository(self, conn)
+            repo = Repository(self, conn)
+            yield repo
+            repo.flush()
 
     @contextmanager
     def reading(self) -> Iterator[Repository]:
