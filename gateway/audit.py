@@ -51,13 +51,30 @@ class AuditRecord:
     description: str | None = None
 
 
-def audit_event(record: AuditRecord, base_url: str) -> dict[str, Any]:
+def audit_events(record: AuditRecord, base_url: str) -> list[dict[str, Any]]:
+    """One AuditEvent per patient whose data the interaction touched (or one naming no patient).
+
+    An AuditEvent lies in the compartment of every patient it names, and a patient may read their
+    own access log; so one event never names two patients, nor lists the resources or the query of
+    an interaction that reached several.
+    """
     patients: set[str] = set()
     for content in record.contents:
         try:
             patients |= compartment_patients(jsonio.loads(content), base_url)
         except (ValueError, KeyError):
             continue
+    for ref in record.entities:
+        if ref.startswith("Patient/"):
+            patients.add(ref.split("/", 1)[1])
+    if len(patients) <= 1:
+        return [audit_event(record, patients)]
+    shared = AuditRecord(record.interaction, record.agent, record.client_id, record.address, record.outcome,
+                         None, (), (), record.recorded, record.description)
+    return [audit_event(shared, {p}) for p in sorted(patients)]
+
+
+def audit_event(record: AuditRecord, patients: set[str]) -> dict[str, Any]:
     entities: list[dict[str, Any]] = [{"what": {"reference": ref}} for ref in record.entities]
     entities += [
         {"what": {"reference": f"Patient/{p}"},
@@ -165,7 +182,7 @@ class AuditLog:
                 return
 
     def _write(self, batch: list[AuditRecord]) -> None:
-        events = [audit_event(r, self.store.base_url) for r in batch]
+        events = [event for r in batch for event in audit_events(r, self.store.base_url)]
         for attempt in range(3):
             try:
                 with self.store.writing() as repo:

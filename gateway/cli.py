@@ -65,7 +65,10 @@ def import_files(settings: Settings, files: list[str], echo: Any = click.echo) -
         try:
             counts = import_file(processor, path, progress=progress)
         except FhirError as exc:
-            echo(f"{path}: FAILED, nothing from this file was stored: {exc.diagnostics}", err=True)
+            stored = getattr(exc, "stored", 0)
+            what = f"{stored} entries of it were stored before the failure" if stored else \
+                "nothing from this file was stored"
+            echo(f"{path}: FAILED, {what}: {exc.diagnostics}", err=True)
             totals["failed"] += 1
             continue
         totals["files"] += 1

@@ -65,11 +65,12 @@ def outcome_response(exc: FhirError) -> Response:
 def negotiate() -> None:
     fmt = request.args.get("_format")
     if fmt:
-        if fmt.split(";")[0].strip() not in JSON_TYPES:
+        # A literal '+' in a query string arrives as a space (application/fhir json).
+        if fmt.split(";")[0].strip().replace(" ", "+") not in JSON_TYPES:
             raise FhirError(406, f"_format {fmt!r} is not supported; this server speaks JSON",
                             code="not-supported")
     else:
-        accepted = [m for m, _ in request.accept_mimetypes]
+        accepted = [m.split(";")[0].strip() for m, _ in request.accept_mimetypes]
         if accepted and not any(
             m in JSON_TYPES or m in ("*/*", "application/*") for m in accepted
         ):
@@ -77,9 +78,8 @@ def negotiate() -> None:
     if request.method in ("POST", "PUT", "PATCH") and request.content_length != 0:
         mimetype = request.mimetype
         allowed = PATCH_TYPES | JSON_TYPES if request.method == "PATCH" else JSON_TYPES
-        if request.path.endswith("/_search") and mimetype == "application/x-www-form-urlencoded":
-            return
-        if mimetype not in allowed:
+        form_search = request.path.endswith("/_search") and mimetype == "application/x-www-form-urlencoded"
+        if mimetype not in allowed and not form_search:
             raise FhirError(415, f"Unsupported Content-Type {mimetype or '(none)'!r}", code="not-supported")
     if request.path.rstrip("/") not in ("/fhir/metadata",):
         g.principal = access.principal_from_request(request, _settings())
@@ -133,6 +133,10 @@ def _body() -> Any:
     raw = request.get_data(cache=False)
     if not raw:
         raise FhirError(400, "The request has no body", code="invalid")
+    limit = _settings().max_body_bytes
+    if request.content_length is None and len(raw) >= limit:
+        # A chunked body has no Content-Length to refuse up front; werkzeug cuts it at the limit.
+        raise FhirError(413, f"The request body is larger than the limit of {limit} bytes", code="too-costly")
     try:
         return jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -220,7 +224,8 @@ def _searchset(result: SearchResult, params: list[tuple[str, str]], summary: str
         outcome = {"resourceType": "OperationOutcome", "issue": [
             {"severity": "warning", "code": "not-supported", "diagnostics": w} for w in result.warnings]}
         entries.append(f'{{"resource":{jsonio.dumps(outcome)},"search":{{"mode":"outcome"}}}}')
-    links = {"self": _page_url(path, params, None)}
+    current = next((v for k, v in params if k == "_cursor"), None)
+    links = {"self": _page_url(path, params, current)}
     if result.next_cursor:
         links["next"] = _page_url(path, params, result.next_cursor)
     return _bundle("searchset", entries, result.total, links)
@@ -278,6 +283,11 @@ def _bundle_get(repo: Repository, url: str) -> dict[str, Any]:
 @bp.get("/_history")
 def system_history() -> Response:
     return _history(None, None)
+
+
+@bp.get("/<rtype>/_history")
+def type_history(rtype: str) -> Response:
+    return _history(rtype, None)
 
 
 @bp.route("/<rtype>", methods=["GET", "POST", "PUT", "DELETE"])
@@ -450,8 +460,11 @@ def _history(rtype: str | None, rid: str | None) -> Response:
     count = min(int(count_raw), _settings().max_page_size)
     cursor_raw = request.args.get("_cursor")
     before = int(cursor_raw) if cursor_raw and cursor_raw.isdigit() else None
-    with _store().reading() as repo:
-        page, next_cursor = repo.history(rtype, rid, since_ms, before, max(count, 1))
+    if count == 0:
+        page, next_cursor = [], None
+    else:
+        with _store().reading() as repo:
+            page, next_cursor = repo.history(rtype, rid, since_ms, before, count)
     entries = []
     for stored in page:
         url = f"{stored.resource_type}/{stored.id}"
@@ -460,12 +473,13 @@ def _history(rtype: str | None, rid: str | None) -> Response:
             entries.append(f'{{"fullUrl":{full_url},"request":{{"method":"DELETE","url":"{url}"}},'
                            f'"response":{{"status":"410 Gone","lastModified":"{stored.last_updated}"}}}}')
             continue
-        method = "POST" if stored.version_id == 1 else "PUT"
+        method = stored.method or ("POST" if stored.version_id == 1 else "PUT")
         request_url = stored.resource_type if method == "POST" else url
+        status = 201 if stored.version_id == 1 else 200
         entries.append(
             f'{{"fullUrl":{full_url},"resource":{stored.content},'
             f'"request":{{"method":"{method}","url":"{request_url}"}},'
-            f'"response":{{"status":"{201 if method == "POST" else 200}","etag":"W/\\"{stored.version_id}\\"",'
+            f'"response":{{"status":"{status}","etag":"W/\\"{stored.version_id}\\"",'
             f'"lastModified":"{stored.last_updated}"}}}}'
         )
     params = list(request.args.items(multi=True))
@@ -474,12 +488,12 @@ def _history(rtype: str | None, rid: str | None) -> Response:
         links["next"] = _page_url(request.path, params, str(next_cursor))
     _audit("history", entities=(f"{rtype}/{rid}",) if rid else (),
            contents=tuple(s.content for s in page if s.content))
-    return fhir_response(_bundle("history", entries[:count], None, links))
+    return fhir_response(_bundle("history", entries, None, links))
 
 
 def _everything(patient_id: str) -> Response:
     grant = _grant("everything", "Patient")
-    types = request.args.get("_type")
+    types = ",".join(request.args.getlist("_type"))
     count_raw = request.args.get("_count", "50")
     if not count_raw.isdigit() or int(count_raw) == 0:
         raise FhirError(400, "_count must be a positive integer", code="invalid")

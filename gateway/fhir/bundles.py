@@ -19,7 +19,8 @@ from gateway.fhir.outcome import FhirError
 from gateway.fhir.store import FhirStore, Repository, Stored, WriteResult
 from gateway.fhir.validate import is_resource_type, validate
 
-METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+# MATCHED: a POST whose ifNoneExist found the resource; it runs where the POST would have.
+METHOD_ORDER = {"DELETE": 0, "POST": 1, "MATCHED": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
 
 # Reads and searches inside a Bundle are answered by the API layer, which owns access checks.
@@ -142,9 +143,9 @@ class BundleProcessor:
                 return matches[0].reference
 
             for plan in sorted(plans, key=lambda p: (METHOD_ORDER[p.method], p.index)):
-                if plan.resource is not None:
-                    plan.resource = _rewrite_references(plan.resource, mapping, resolve)
                 try:
+                    if plan.resource is not None:
+                        plan.resource = _rewrite_references(plan.resource, mapping, resolve)
                     responses[plan.index] = self._execute(repo, plan)
                 except FhirError as exc:
                     exc.outcome["issue"][0]["diagnostics"] = f"Bundle.entry[{plan.index}]: {exc.diagnostics}"
@@ -174,6 +175,7 @@ class BundleProcessor:
                     plan.method = "MATCHED"
                 target = f"{plan.resource_type}/{plan.resource_id}"
             elif plan.method == "PUT" and plan.criteria and plan.resource_id is None:
+                repo.lock(f"{plan.resource_type}?{plan.criteria}")
                 matches = repo.match(plan.resource_type, plan.criteria)
                 if len(matches) > 1:
                     raise FhirError(412, f"Bundle.entry[{plan.index}]: criteria matched {len(matches)}",
@@ -279,22 +281,43 @@ def iter_file_resources(path: str) -> Iterator[tuple[str, Any]]:
         yield "resource", data
 
 
-def as_transaction(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    """Resources with ids are PUT (idempotent re-import), the rest POSTed."""
-    entries = []
-    for resource in resources:
+def as_transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bundle entries (resource, optional fullUrl) as a transaction: resources with ids are PUT
+    (idempotent re-import), the rest POSTed; fullUrls are kept so urn:uuid references resolve."""
+    out = []
+    for entry in entries:
+        resource = entry["resource"]
         if resource.get("id"):
             request = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
         else:
             request = {"method": "POST", "url": resource.get("resourceType", "")}
-        entries.append({"resource": resource, "request": request})
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        item: dict[str, Any] = {"resource": resource, "request": request}
+        if entry.get("fullUrl"):
+            item["fullUrl"] = entry["fullUrl"]
+        out.append(item)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": out}
+
+
+def _validate_all(path: str) -> None:
+    """Check every resource of a file before anything is written, so a bad one stores nothing."""
+    for kind, data in iter_file_resources(path):
+        if kind == "bundle":
+            for i, entry in enumerate(data.get("entry") or []):
+                if isinstance(entry.get("resource"), dict) and \
+                        (entry.get("request") or {}).get("method", "PUT") in ("POST", "PUT"):
+                    try:
+                        validate(entry["resource"])
+                    except FhirError as exc:
+                        raise FhirError(exc.status, f"Bundle.entry[{i}]: {exc.diagnostics}",
+                                        outcome=exc.outcome) from None
+        else:
+            validate(data)
 
 
 def import_file(processor: BundleProcessor, path: str, chunk: int = 500,
                 progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Load a Bundle (transaction, batch, collection, searchset) or NDJSON; returns counts."""
-    counts = {"entries": 0, "created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+    counts = {"entries": 0, "created": 0, "updated": 0, "failed": 0}
 
     def tally(response_bundle: dict[str, Any]) -> None:
         for entry in response_bundle.get("entry", []):
@@ -302,32 +325,38 @@ def import_file(processor: BundleProcessor, path: str, chunk: int = 500,
             counts["entries"] += 1
             if status.startswith("201"):
                 counts["created"] += 1
-            elif status.startswith("200"):
-                counts["updated"] += 1
             elif status.startswith("2"):
-                counts["unchanged"] += 1
+                counts["updated"] += 1
             else:
                 counts["failed"] += 1
         if progress:
             progress(counts["entries"])
 
+    _validate_all(path)
+    try:
+        _load(processor, path, chunk, tally)
+    except FhirError as exc:
+        exc.stored = counts["entries"]  # type: ignore[attr-defined]
+        raise
+    return counts
+
+
+def _load(processor: BundleProcessor, path: str, chunk: int, tally: Callable[[dict[str, Any]], None]) -> None:
     pending: list[dict[str, Any]] = []
     for kind, data in iter_file_resources(path):
         if kind == "bundle":
             if data.get("type") in ("transaction", "batch"):
                 tally(processor.process(data))
             else:
-                resources = [e["resource"] for e in data.get("entry", []) if "resource" in e]
-                for start in range(0, len(resources), chunk):
-                    tally(processor.transaction(as_transaction(resources[start:start + chunk])))
+                # One transaction: entries may reference each other by fullUrl.
+                tally(processor.transaction(as_transaction([e for e in data.get("entry", []) if "resource" in e])))
             continue
-        pending.append(data)
+        pending.append({"resource": data})
         if len(pending) >= chunk:
             tally(processor.transaction(as_transaction(pending)))
             pending = []
     if pending:
         tally(processor.transaction(as_transaction(pending)))
-    return counts
 
 
 def criteria_params(criteria: str) -> list[tuple[str, str]]:

@@ -15,10 +15,11 @@ def loads(data: str | bytes) -> Any:
     return simplejson.loads(data, use_decimal=True)
 
 
-def dumps(value: Any, pretty: bool = False) -> str:
+def dumps(value: Any, pretty: bool = False, sort_keys: bool = False) -> str:
     if pretty:
-        return simplejson.dumps(value, use_decimal=True, indent=2, ensure_ascii=False)
-    return simplejson.dumps(value, use_decimal=True, separators=(",", ":"), ensure_ascii=False)
+        return simplejson.dumps(value, use_decimal=True, indent=2, ensure_ascii=False, sort_keys=sort_keys)
+    return simplejson.dumps(value, use_decimal=True, separators=(",", ":"), ensure_ascii=False,
+                            sort_keys=sort_keys)
 
 
 def pretty(text: str) -> str:

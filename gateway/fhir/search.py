@@ -23,11 +23,9 @@ from sqlalchemy import (
     case,
     false,
     func,
-    literal,
     not_,
     or_,
     select,
-    true,
 )
 
 from gateway import db
@@ -243,9 +241,12 @@ class SearchBuilder:
             return _quantity_condition(c.value, c.system, c.code, value)
         if param.type == "uri":
             if modifier == "below":
-                return c.value.like(_like_prefix(value) + "%", escape="\\")
+                # An exact, case-sensitive prefix test (SQLite's LIKE ignores case).
+                return func.substr(c.value, 1, len(value)) == value
             if modifier == "above":
-                return literal(value).like(c.value + "%")
+                # Stored URIs that the search value starts with: its prefixes, compared exactly
+                # (a LIKE built from stored values would read their _ and % as wildcards).
+                return c.value.in_({value[:i] for i in range(1, len(value) + 1)})
             return c.value == value
         if param.type == "reference":
             return self._reference_condition(param, modifier, value)
@@ -297,6 +298,8 @@ class SearchBuilder:
             self._unknown(query, f"Chained parameter {name!r} is not supported")
             return None
         if code == "_id":
+            if modifier not in ("", "not"):
+                raise FhirError(400, f"Modifier :{modifier} is not supported on _id", code="not-supported")
             ids = [_unescape(v) for v in split_values(raw_value)]
             cond = R.id.in_(ids)
             return not_(cond) if modifier == "not" else cond
@@ -384,12 +387,10 @@ class SearchBuilder:
                 continue
             param = self.params[code]
             table = db.INDEX_TABLES[param.type]
-            column = {
-                "date": table.c.high if desc else table.c.low, "string": table.c.get("value"),
-                "token": table.c.get("code"), "quantity": table.c.get("value"),
-                "number": table.c.get("value"), "reference": table.c.get("target_id"),
-                "uri": table.c.get("value"),
-            }.get(param.type)
+            if param.type == "date":
+                column = table.c.high if desc else table.c.low
+            else:
+                column = table.c.get({"token": "code", "reference": "target_id"}.get(param.type, "value"))
             if column is None:
                 raise FhirError(400, f"Cannot sort by {code} ({param.type})", code="invalid")
             agg = func.max(column) if desc else func.min(column)
@@ -605,6 +606,3 @@ def everything(repo: Repository, patient_id: str, *, since: str | None = None, t
         included = [s for s in included if s.resource_type in types]
     return page, included, next_cursor
 
-
-def always() -> ColumnElement[bool]:
-    return true()

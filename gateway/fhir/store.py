@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
-from sqlalchemy import Connection, Engine, and_, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway import db
@@ -44,6 +44,7 @@ class Stored:
     deleted: bool
     content: str | None
     pk: int = 0
+    method: str = ""  # the interaction that made this version (history only)
 
     @property
     def etag(self) -> str:
@@ -344,15 +345,19 @@ class Repository:
         if before_seq is not None:
             conditions.append(v.seq < before_seq)
         rows = self.conn.execute(
-            select(db.resource_version).where(and_(*conditions)).order_by(v.seq.desc()).limit(count + 1)
+            select(db.resource_version).where(*conditions).order_by(v.seq.desc()).limit(count + 1)
         ).all()
-        page = [Stored(r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.content, r.seq)
+        page = [Stored(r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.content, r.seq, r.method)
                 for r in rows[:count]]
         return page, (rows[count - 1].seq if len(rows) > count else None)
 
 
 def _same_content(stored_content: str, incoming: dict[str, Any]) -> bool:
-    """True when an update would change nothing but meta.versionId and meta.lastUpdated."""
+    """True when an update would change nothing but meta.versionId and meta.lastUpdated.
+
+    Compared as canonical JSON text, not as values: Decimal("1.5") == Decimal("1.50"), but a
+    change of precision is a change of the record.
+    """
     current = jsonio.loads(stored_content)
     new = copy.deepcopy(incoming)
     for body in (current, new):
@@ -362,7 +367,7 @@ def _same_content(stored_content: str, incoming: dict[str, Any]) -> bool:
             meta.pop("lastUpdated", None)
             if not meta:
                 body.pop("meta")
-    return current == new
+    return jsonio.dumps(current, sort_keys=True) == jsonio.dumps(new, sort_keys=True)
 
 
 class FhirStore:

@@ -26,7 +26,7 @@ def _element_flags(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
             continue
         if extra.get("summary_element_property"):
             summary.add(alias)
-        if extra.get("element_required"):
+        if extra.get("element_required") or info.is_required():
             required.add(alias)
     return frozenset(summary), frozenset(required)
 

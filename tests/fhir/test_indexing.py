@@ -37,12 +37,12 @@ def test_normalize_folds_case_and_accents() -> None:
 def test_period_without_end_is_open() -> None:
     rows = index_rows({"resourceType": "Encounter", "id": "e", "status": "planned", "class": {"code": "AMB"},
                        "period": {"start": "2020-01-01"}})
-    date_rows = [r for r in rows["date"] if r["param"] == "date"]
-    assert date_rows[0]["low"] == date_range("2020-01-01")[0]
-    assert date_rows[0]["high"] == MAX_MS
+    date_row = next(r for r in rows["date"] if r["param"] == "date")
+    assert date_row["low"] == date_range("2020-01-01")[0]
+    assert date_row["high"] == MAX_MS
     rows = index_rows({"resourceType": "Encounter", "id": "e", "status": "planned", "class": {"code": "AMB"},
                        "period": {"end": "2020-01-01"}})
-    assert [r for r in rows["date"] if r["param"] == "date"][0]["low"] == MIN_MS
+    assert next(r for r in rows["date"] if r["param"] == "date")["low"] == MIN_MS
 
 
 def test_token_rows_of_codeable_concept_and_identifier() -> None:
@@ -59,15 +59,15 @@ def test_token_rows_of_codeable_concept_and_identifier() -> None:
     assert (None, None, "hb") in code_rows
     assert ("urn:x", "42", None) in [(r["system"], r["code"], r["text"]) for r in rows["token"]
                                      if r["param"] == "identifier"]
-    quantity = [r for r in rows["quantity"] if r["param"] == "value-quantity"]
-    assert quantity[0]["value"] == 13.5 and quantity[0]["code"] == "g/dL"
+    quantity = next(r for r in rows["quantity"] if r["param"] == "value-quantity")
+    assert quantity["value"] == 13.5 and quantity["code"] == "g/dL"
 
 
 def test_references_on_own_base_are_local() -> None:
     rows = index_rows({"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
                        "subject": {"reference": "http://gw.example/fhir/Patient/p1"}},
                       base_url="http://gw.example/fhir")
-    subject = [r for r in rows["reference"] if r["param"] == "subject"][0]
+    subject = next(r for r in rows["reference"] if r["param"] == "subject")
     assert (subject["target_type"], subject["target_id"]) == ("Patient", "p1")
 
 
