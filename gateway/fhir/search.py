@@ -571,6 +571,9 @@ def everything(repo: Repository, patient_id: str, *, since: str | None = None, t
                                             and_(R.resource_type == "Patient", R.id == patient_id))]
     if types:
         conditions.append(R.resource_type.in_(types))
+    else:
+        # The access log is about the record, not part of it; each $everything would add to it.
+        conditions.append(R.resource_type != "AuditEvent")
     if since:
         try:
             since_value = instant_ms(since)

@@ -1047,10 +1047,18 @@ def test_everything_does_not_show_other_patients_through_audit_events(client: An
                                                                       audit_on: None) -> None:
     get(client, "/fhir/Patient?_id=pA,pB")
     app.extensions["gateway"].audit.flush()
-    bundle = get(client, "/fhir/Patient/pA/$everything")
-    leaks = [r["id"] for r in entries(bundle, "match")
-             if r["resourceType"] == "AuditEvent" and "Patient/pB" in json.dumps(r)]
-    assert leaks == []
+    bundle = get(client, "/fhir/Patient/pA/$everything?_type=AuditEvent")
+    events = [r for r in entries(bundle, "match") if r["resourceType"] == "AuditEvent"]
+    assert events, "the search of both patients is in pA's access log"
+    assert [r["id"] for r in events if "Patient/pB" in json.dumps(r)] == []
+
+
+def test_everything_leaves_out_the_access_log_unless_asked(client: Any, app: Any, two_patients: None,
+                                                          audit_on: None) -> None:
+    get(client, "/fhir/Patient/pA")
+    app.extensions["gateway"].audit.flush()
+    types = {r["resourceType"] for r in entries(get(client, "/fhir/Patient/pA/$everything"), "match")}
+    assert "AuditEvent" not in types and "Patient" in types
 
 
 # --- unknown parameters and modifiers ----------------------------------------------------------
