@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
     app.extensions["gateway"] = Gateway(settings, engine, store, audit)
+    analyzer = db.Analyzer(engine)
+    app.before_request(analyzer.tick)
 
     app.register_blueprint(api.bp)
     api.register_error_handlers(app)

@@ -77,6 +77,9 @@ def import_files(settings: Settings, files: list[str], echo: Any = click.echo) -
         rate = counts["entries"] / max(time.monotonic() - begun, 1e-6)
         echo(f"{path}: {counts['entries']} entries ({counts['created']} created, {counts['updated']} "
              f"updated or unchanged, {counts['failed']} failed) at {rate:.0f}/s")
+    from gateway import db as database
+
+    database.analyze(processor.store.engine)
     elapsed = time.monotonic() - started
     echo(f"imported {totals['entries']} entries from {totals['files']} of {len(files)} files in "
          f"{elapsed:.1f}s: {totals['created']} created, {totals['updated']} updated or unchanged, "

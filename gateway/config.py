@@ -31,6 +31,11 @@ class Settings:
     audit_enabled: bool = True
     upstream_fhir_url: str = ""
     mllp_port: int = 2575
+    mllp_host: str = "127.0.0.1"
+    mllp_read_timeout: int = 60
+    mllp_max_message_bytes: int = 16 * 1024 * 1024
+    # Bearer secret for HL7v2 over HTTP until SMART backend-services tokens exist.
+    hl7_http_secret: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

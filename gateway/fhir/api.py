@@ -318,7 +318,7 @@ def type_level(rtype: str) -> Response:
         return _write_response(result.stored, result.status)
     _grant("delete", rtype)
     deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria))
-    _audit("delete", entities=tuple(d.reference for d in deleted))
+    _audit("delete", entities=tuple(d.reference for d in deleted), contents=tuple(d.content or "" for d in deleted))
     return Response(status=204)
 
 
@@ -366,8 +366,8 @@ def instance(rtype: str, rid: str) -> Response:
         _audit("patch", entities=(result.stored.reference,), contents=(result.stored.content or "",))
         return _write_response(result.stored, result.status)
     _grant("delete", rtype)
-    store.write(lambda repo: repo.delete(rtype, rid))
-    _audit("delete", entities=(f"{rtype}/{rid}",))
+    deleted = store.write(lambda repo: repo.delete(rtype, rid))
+    _audit("delete", entities=(f"{rtype}/{rid}",), contents=(deleted.content or "",) if deleted else ())
     return Response(status=204)
 
 
@@ -487,7 +487,7 @@ def _history(rtype: str | None, rid: str | None) -> Response:
     if next_cursor is not None:
         links["next"] = _page_url(request.path, params, str(next_cursor))
     _audit("history", entities=(f"{rtype}/{rid}",) if rid else (),
-           contents=tuple(s.content for s in page if s.content))
+           contents=tuple(s.content or "" for s in page))
     return fhir_response(_bundle("history", entries, None, links))
 
 

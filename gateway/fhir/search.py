@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     and_,
     case,
+    exists,
     false,
     func,
     not_,
@@ -181,12 +182,39 @@ def _quantity_condition(value_col: Any, system_col: Any, code_col: Any, raw: str
     return cond
 
 
+@dataclass(frozen=True)
+class IndexFilter:
+    """One search parameter as rows of its index table that must (or, negated, must not) exist.
+
+    The planners cannot tell which parameter is selective, so the query says it: the filter with
+    the lowest rank drives (`pk IN (matching rows)`, e.g. patient=123 finds a few dozen rows by
+    index) and every other filter is probed per candidate (`EXISTS (... WHERE resource_pk = pk)`).
+    """
+
+    table: Any
+    where: tuple[ColumnElement[bool], ...]
+    negate: bool = False
+    rank: int = 5
+
+    def driving(self) -> ColumnElement[bool]:
+        return R.pk.in_(select(self.table.c.resource_pk).where(*self.where))
+
+    def probe(self) -> ColumnElement[bool]:
+        found = exists().where(self.table.c.resource_pk == R.pk, *self.where)
+        return not_(found) if self.negate else found
+
+
+# Which filter drives a query: lower is more selective.
+RANKS = {"reference": 0, "token": 2, "uri": 2, "composite": 3, "quantity": 5, "number": 5, "string": 5, "date": 6}
+
+
 @dataclass
 class Query:
     """A parsed search: where-conditions plus the result parameters."""
 
     resource_type: str
     conditions: list[ColumnElement[bool]] = field(default_factory=list)
+    filters: list[IndexFilter] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     count: int = 20
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
@@ -210,12 +238,13 @@ class SearchBuilder:
             raise FhirError(400, message, code="not-supported")
         query.warnings.append(message + " (ignored)")
 
-    def _index_subquery(self, param: SearchParam, code: str, condition: ColumnElement[bool] | None) -> Any:
+    def _filter(self, param: SearchParam, code: str, condition: ColumnElement[bool] | None,
+                negate: bool = False, rank: int | None = None) -> IndexFilter:
         table = db.INDEX_TABLES[param.type]
         where = [table.c.resource_type == self.resource_type, table.c.param == code]
         if condition is not None:
             where.append(condition)
-        return select(table.c.resource_pk).where(*where)
+        return IndexFilter(table, tuple(where), negate, RANKS.get(param.type, 5) if rank is None else rank)
 
     def _value_condition(self, param: SearchParam, modifier: str | None, value: str) -> ColumnElement[bool]:
         table = db.INDEX_TABLES[param.type]
@@ -292,7 +321,7 @@ class SearchBuilder:
             second = c.code2.like(_like_prefix(normalize(raw)) + "%", escape="\\")
         return and_(first, second)
 
-    def _param_condition(self, name: str, raw_value: str, query: Query) -> ColumnElement[bool] | None:
+    def _param_condition(self, name: str, raw_value: str, query: Query) -> ColumnElement[bool] | IndexFilter | None:
         code, _, modifier = name.partition(":")
         if "." in code:
             self._unknown(query, f"Chained parameter {name!r} is not supported")
@@ -317,17 +346,14 @@ class SearchBuilder:
         if modifier == "missing":
             if raw_value not in ("true", "false"):
                 raise FhirError(400, f"{name} takes true or false", code="invalid")
-            present = R.pk.in_(self._index_subquery(param, code, None))
-            return not_(present) if raw_value == "true" else present
+            return self._filter(param, code, None, negate=raw_value == "true", rank=8)
         values = split_values(raw_value)
         if any(v == "" for v in values):
             raise FhirError(400, f"Empty value in {name}", code="invalid")
         value_mod = None if modifier == "not" else modifier
         matching = or_(*(self._value_condition(param, value_mod, v) for v in values))
-        subquery = self._index_subquery(param, code, matching)
-        if modifier == "not":
-            return not_(R.pk.in_(subquery))
-        return R.pk.in_(subquery)
+        rank = 6 if modifier in ("text", "contains") else (3 if modifier == "exact" else None)
+        return self._filter(param, code, matching, negate=modifier == "not", rank=rank)
 
     def parse(self, params: list[tuple[str, str]], settings_count: int = 20, max_count: int = 1000) -> Query:
         query = Query(self.resource_type, count=settings_count)
@@ -337,7 +363,9 @@ class SearchBuilder:
                 self._result_param(query, name, value, max_count)
                 continue
             cond = self._param_condition(name, value, query)
-            if cond is not None:
+            if isinstance(cond, IndexFilter):
+                query.filters.append(cond)
+            elif cond is not None:
                 query.conditions.append(cond)
         return query
 
@@ -417,14 +445,22 @@ class SearchBuilder:
 
 def _base_conditions(resource_type: str, query: Query, restrict: Restriction | None,
                      compartment: str | None) -> list[ColumnElement[bool]]:
-    conditions = [R.resource_type == resource_type, R.deleted == false(), *query.conditions]
+    conditions = [R.deleted == false(), *query.conditions]
+    filters = list(query.filters)
     if compartment is not None:
         if resource_type == "Patient":
             conditions.append(R.id == compartment)
         else:
             c = db.compartment.c
-            conditions.append(R.pk.in_(select(c.resource_pk).where(
-                c.patient_id == compartment, c.resource_type == resource_type)))
+            filters.append(IndexFilter(db.compartment, (c.patient_id == compartment, c.resource_type == resource_type),
+                                       rank=1))
+    candidates = [f for f in filters if not f.negate]
+    driver = min(candidates, key=lambda f: f.rank) if candidates else None
+    conditions += [f.driving() if f is driver else f.probe() for f in filters]
+    if driver is None:
+        # With a driver the index rows already name the type; saying it again here would lead
+        # SQLite to walk every resource of the type instead of fetching the driver's rows.
+        conditions.append(R.resource_type == resource_type)
     if restrict is not None:
         conditions.append(restrict(R.pk))
     return conditions

@@ -68,7 +68,7 @@ def upgrade() -> None:
     sa.Column('high2', sa.BigInteger(), nullable=True)
     )
     with op.batch_alter_table('sp_composite', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_composite_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_composite_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_composite_resource_type_param_code1', ['resource_type', 'param', 'code1'], unique=False)
 
     op.create_table('sp_date',
@@ -79,7 +79,7 @@ def upgrade() -> None:
     sa.Column('high', sa.BigInteger(), nullable=False)
     )
     with op.batch_alter_table('sp_date', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_date_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_date_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_date_resource_type_param_high', ['resource_type', 'param', 'high'], unique=False)
         batch_op.create_index('ix_sp_date_resource_type_param_low', ['resource_type', 'param', 'low'], unique=False)
 
@@ -92,7 +92,7 @@ def upgrade() -> None:
     sa.Column('code', sa.String(length=255), nullable=True)
     )
     with op.batch_alter_table('sp_quantity', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_quantity_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_quantity_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_quantity_resource_type_param_value', ['resource_type', 'param', 'value'], unique=False)
 
     op.create_table('sp_reference',
@@ -103,7 +103,7 @@ def upgrade() -> None:
     sa.Column('target_id', sa.String(length=255), nullable=False)
     )
     with op.batch_alter_table('sp_reference', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_reference_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_reference_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_reference_target_id_target_type_resource_type_param', ['target_id', 'target_type', 'resource_type', 'param'], unique=False)
 
     op.create_table('sp_string',
@@ -114,7 +114,7 @@ def upgrade() -> None:
     sa.Column('value_exact', sa.String(length=255), nullable=False)
     )
     with op.batch_alter_table('sp_string', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_string_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_string_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_string_resource_type_param_value', ['resource_type', 'param', 'value'], unique=False)
 
     op.create_table('sp_token',
@@ -127,7 +127,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('sp_token', schema=None) as batch_op:
         batch_op.create_index('ix_sp_token_code_resource_type_param_system', ['code', 'resource_type', 'param', 'system'], unique=False)
-        batch_op.create_index('ix_sp_token_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_token_pk', ['resource_pk', 'param'], unique=False)
 
     op.create_table('sp_uri',
     sa.Column('resource_pk', sa.BigInteger(), nullable=False),
@@ -136,7 +136,7 @@ def upgrade() -> None:
     sa.Column('value', sa.String(length=1024), nullable=False)
     )
     with op.batch_alter_table('sp_uri', schema=None) as batch_op:
-        batch_op.create_index('ix_sp_uri_pk', ['resource_pk'], unique=False)
+        batch_op.create_index('ix_sp_uri_pk', ['resource_pk', 'param'], unique=False)
         batch_op.create_index('ix_sp_uri_resource_type_param_value', ['resource_type', 'param', 'value'], unique=False)
 
     # ### end Alembic commands ###
