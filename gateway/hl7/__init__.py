@@ -1,0 +1,1 @@
+"""HL7v2 in and out: MLLP transport, tolerant ER7 parsing, ACKs, translation to FHIR, ingest."""

@@ -1,0 +1,373 @@
+"""MLLP (HL7 minimal lower layer protocol) over asyncio: server, blocking client, framing.
+
+A frame is 0x0B, the message, 0x1C 0x0D. python-hl7's hl7.mllp streams are not used: they read with
+StreamReader.readuntil, whose limit is the largest message (64 KiB by default; raising it to 16 MiB
+lets one frame buffer twice that), they refuse a block with bytes before the start character instead
+of dropping them, and they have no read timeout. The framer here is a small state machine fed with
+whatever each read returns, so memory per connection stays at one message plus one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\x0d"
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 60.0
+READ_CHUNK = 64 * 1024
+
+Handler = Callable[[bytes], bytes | None]
+
+
+class FrameTooLarge(Exception):
+    """A frame grew past the configured maximum before its end block arrived."""
+
+
+def frame(message: bytes) -> bytes:
+    return START_BLOCK + message + END_BLOCK
+
+
+class Deframer:
+    """Turns a byte stream into MLLP frames, fed in pieces of any size.
+
+    Bytes outside a frame are dropped (counted in `discarded`). A start block inside a frame means
+    the sender gave up on that frame and began a new one, so the unfinished one is dropped too.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_size = max_size
+        self.discarded = 0
+        self._buffer = bytearray()
+        self._in_frame = False
+        self._scanned = 0  # bytes of the current frame already searched for an end block
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived: a stall now is a stall mid-frame."""
+        return self._in_frame
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer) if self._in_frame else 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; returns the frames they complete, in order. Raises FrameTooLarge."""
+        self._buffer += data
+        frames: list[bytes] = []
+        while True:
+            if not self._in_frame and not self._enter_frame():
+                return frames
+            end = self._buffer.find(END_BLOCK, self._scanned)
+            restart = self._buffer.find(START_BLOCK, self._scanned, end if end >= 0 else len(self._buffer))
+            if restart >= 0:
+                self.discarded += restart
+                del self._buffer[:restart + 1]
+                self._scanned = 0
+                continue
+            if end < 0:
+                self._scanned = max(len(self._buffer) - 1, 0)  # an end block may straddle two reads
+                self._check_size(len(self._buffer))
+                return frames
+            self._check_size(end)
+            frames.append(bytes(self._buffer[:end]))
+            del self._buffer[:end + len(END_BLOCK)]
+            self._in_frame = False
+
+    def _enter_frame(self) -> bool:
+        start = self._buffer.find(START_BLOCK)
+        if start < 0:
+            self.discarded += len(self._buffer)
+            self._buffer.clear()
+            return False
+        self.discarded += start
+        del self._buffer[:start + 1]
+        self._in_frame = True
+        self._scanned = 0
+        return True
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_size:
+            raise FrameTooLarge(f"frame exceeds the maximum of {self.max_size} bytes")
+
+
+class _Connection:
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+        self.busy = False  # a message is being handled or its ACK written: shutdown waits for it
+
+
+class MLLPServer:
+    """Receives MLLP frames on many persistent connections and answers each with the handler's ACK.
+
+    The handler is synchronous (it does blocking database work) and runs in a thread pool; each
+    connection's messages are handled one after another, in order. The handler returns the ACK bytes,
+    or None to have the connection closed. A sender that stalls mid-frame for read_timeout seconds, or
+    that does not read its ACK for write_timeout seconds, is disconnected; so is one that sends a frame
+    over max_message_bytes. idle_timeout (None: never) closes connections quiet between messages.
+    """
+
+    def __init__(self, handler: Handler, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, write_timeout: float | None = None,
+                 idle_timeout: float | None = None, max_workers: int | None = None) -> None:
+        self.handler = handler
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout if write_timeout is not None else read_timeout
+        self.idle_timeout = idle_timeout
+        self.max_message_bytes = max_message_bytes
+        self.port: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mllp-handler")
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        self._stopped: asyncio.Event | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen; port 0 picks a free port, readable from .port afterwards."""
+        self._stopped = asyncio.Event()
+        self._server = await asyncio.start_server(self._accept, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("MLLP listening on %s:%s", host, self.port)
+
+    async def serve_forever(self) -> None:
+        """Wait until shutdown() has finished."""
+        if self._stopped is None:
+            raise RuntimeError("start() the server first")
+        await self._stopped.wait()
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting; messages being handled get their ACK (within the grace period); then close."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            if not connection.busy:
+                connection.task.cancel()  # waiting for bytes: nothing in flight to finish
+        tasks = [connection.task for connection in self._connections]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace_seconds)
+            for task in late:
+                log.warning("MLLP connection still busy after %.1f s of grace; closing it", grace_seconds)
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("MLLP listener on port %s stopped", self.port)
+
+    # --- one connection ---
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.close()
+            return
+        connection = _Connection(asyncio.current_task())  # type: ignore[arg-type]
+        self._connections.add(connection)
+        peer = _peer_name(writer)
+        try:
+            await self._serve(connection, reader, writer, peer)
+        except asyncio.CancelledError:
+            log.debug("MLLP connection from %s closed by shutdown", peer)
+        except (ConnectionError, OSError) as exc:
+            log.info("MLLP connection from %s lost: %s", peer, exc)
+        except Exception:  # a bug here must cost one connection, never the listener
+            log.exception("MLLP connection from %s failed", peer)
+        finally:
+            self._connections.discard(connection)
+            await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close after the last ACK has left; a peer that blocks that for write_timeout is cut off."""
+        writer.close()
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError, OSError):
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+
+    async def _serve(self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: str) -> None:
+        deframer = Deframer(self.max_message_bytes)
+        try:
+            await self._exchange(connection, reader, writer, peer, deframer)
+        finally:
+            if deframer.discarded:
+                log.info("dropped %d bytes outside MLLP frames from %s", deframer.discarded, peer)
+
+    async def _exchange(self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        peer: str, deframer: Deframer) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            chunk = await self._read(reader, deframer, peer)
+            if chunk is None:
+                return
+            try:
+                messages = deframer.feed(chunk)
+            except FrameTooLarge as exc:
+                log.warning("closing MLLP connection from %s: %s", peer, exc)
+                return
+            for message in messages:
+                connection.busy = True
+                ack = await loop.run_in_executor(self._executor, self._handle, message, peer)
+                if ack is None:
+                    log.info("closing MLLP connection from %s: the message was not acknowledged", peer)
+                    return
+                if not await self._write(writer, frame(ack), peer):
+                    return
+                connection.busy = False
+                if self._closing:
+                    return  # later frames of this read were not handled: the sender will resend them
+
+    async def _read(self, reader: asyncio.StreamReader, deframer: Deframer, peer: str) -> bytes | None:
+        """The next bytes, or None when the connection is to end (EOF, or a stall mid-frame)."""
+        timeout = self.read_timeout if deframer.in_frame else self.idle_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await reader.read(READ_CHUNK)
+        except TimeoutError:
+            if deframer.in_frame:
+                log.warning("closing MLLP connection from %s: no bytes for %.1f s in the middle of a frame "
+                            "(%d bytes received)", peer, timeout, deframer.pending)
+            else:
+                log.info("closing idle MLLP connection from %s after %.1f s", peer, timeout)
+            return None
+        if not chunk:
+            if deframer.in_frame:
+                log.warning("MLLP connection from %s closed mid-frame; %d bytes of an unfinished message dropped",
+                            peer, deframer.pending)
+            else:
+                log.debug("MLLP connection from %s closed by the sender", peer)
+            return None
+        return chunk
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes, peer: str) -> bool:
+        writer.write(data)
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await writer.drain()
+        except TimeoutError:
+            log.warning("closing MLLP connection from %s: it has not read its ACK for %.1f s", peer,
+                        self.write_timeout)
+            writer.transport.abort()  # a graceful close would wait for the unread ACK forever
+            return False
+        return True
+
+    def _handle(self, message: bytes, peer: str) -> bytes | None:
+        try:
+            return self.handler(message)
+        except Exception:  # the sender gets no ACK and will resend; the cause is in the log
+            log.exception("MLLP handler failed on a message from %s", peer)
+            return None
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+# --- running in a thread ---
+
+
+class ServerThread:
+    """An MLLPServer on its own event loop in a background thread (tests, the web server process)."""
+
+    def __init__(self, server: MLLPServer, host: str, port: int) -> None:
+        self.server = server
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._grace = 10.0
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(host, port),),
+                                        name=f"mllp-{host}:{port}", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Graceful shutdown (see MLLPServer.shutdown); returns when the thread has ended."""
+        if self._loop is None or self._stop_requested is None or not self._thread.is_alive():
+            return
+        self._grace = grace_seconds
+        self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join()
+
+    async def _main(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        try:
+            await self.server.start(host, port)
+        except Exception as exc:  # e.g. the port is taken: reported to the thread that asked
+            self._error = exc
+            return
+        finally:
+            self._ready.set()
+        await self._stop_requested.wait()
+        await self.server.shutdown(self._grace)
+
+
+def start_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0, **options: float | None
+                    ) -> ServerThread:
+    """Start an MLLPServer (options as its keyword arguments) in a daemon thread; returns once it listens."""
+    return ServerThread(MLLPServer(handler, **options), host, port).start()  # type: ignore[arg-type]
+
+
+# --- client ---
+
+
+def send_messages(host: str, port: int, messages: Iterable[bytes], timeout: float = 30.0,
+                  max_ack_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes]:
+    """Send each message over one persistent connection and return each ACK (unframed), in order.
+
+    timeout applies to connecting and to each ACK. Raises ConnectionError when the server closes the
+    connection before acknowledging a message, TimeoutError when an ACK does not come.
+    """
+    acks: list[bytes] = []
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        deframer = Deframer(max_ack_bytes)
+        for number, message in enumerate(messages, start=1):
+            sock.sendall(frame(message))
+            acks.append(_receive_one(sock, deframer, number, timeout))
+    return acks
+
+
+def _receive_one(sock: socket.socket, deframer: Deframer, number: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no ACK for message {number} within {timeout} s")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(READ_CHUNK)
+        except TimeoutError:
+            raise TimeoutError(f"no ACK for message {number} within {timeout} s") from None
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection before acknowledging message {number}")
+        frames = deframer.feed(chunk)
+        if frames:
+            if len(frames) > 1:  # an MLLP server answers each message once; extra frames are not ours
+                log.warning("the server sent %d frames for message %d; using the first", len(frames), number)
+            return frames[0]
