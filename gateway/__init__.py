@@ -19,26 +19,39 @@ class Gateway:
     engine: Engine
     store: Any
     audit: Any
+    hl7: Any
+
+
+def build_services(settings: Settings) -> Gateway:
+    """The services of one process: the web app, the MLLP listener and the CLI all start here."""
+    from gateway import db
+    from gateway.audit import AuditLog
+    from gateway.fhir.store import FhirStore
+    from gateway.hl7.ingest import Ingestor
+
+    engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
+    store = FhirStore(engine, settings.fhir_base)
+    audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
+    return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit))
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     from gateway import db
-    from gateway.audit import AuditLog
     from gateway.fhir import api
-    from gateway.fhir.store import FhirStore
+    from gateway.hl7 import http as hl7_http
 
     settings = settings or Settings.from_env(**overrides)
     app = Flask(__name__, instance_path=None)
     app.config["SECRET_KEY"] = settings.secret_key
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
-    store = FhirStore(engine, settings.fhir_base)
-    audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
-    app.extensions["gateway"] = Gateway(settings, engine, store, audit)
+    services = build_services(settings)
+    engine = services.engine
+    app.extensions["gateway"] = services
     analyzer = db.Analyzer(engine)
     app.before_request(analyzer.tick)
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(hl7_http.bp)
     api.register_error_handlers(app)
 
     @app.get("/healthz")

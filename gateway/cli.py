@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -106,13 +107,146 @@ def load_demo(settings: Settings) -> None:
         import_files(settings, files)
 
 
+# --- HL7v2 ---
+
+@main.group()
+def hl7() -> None:
+    """HL7v2 messages: send, list, show, reprocess."""
+
+
+@hl7.command("send")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=2575, show_default=True, type=int)
+@click.option("--timeout", default=30.0, show_default=True, type=float)
+def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> None:
+    """Send message files over one MLLP connection and print each ACK."""
+    from gateway.hl7.mllp import send_messages
+
+    payloads = [Path(f).read_bytes() for f in files]
+    acks = send_messages(host, port, payloads, timeout=timeout)
+    codes: dict[str, int] = {}
+    for path, ack in zip(files, acks, strict=True):
+        text = ack.decode("utf-8", "replace")
+        segments = [s for s in text.replace("\n", "\r").split("\r") if s]
+        msa = next((s for s in segments if s.startswith("MSA")), "MSA|??")
+        code = msa.split(msa[3] if len(msa) > 3 else "|")[1] if len(msa) > 4 else "??"
+        codes[code] = codes.get(code, 0) + 1
+        click.echo(f"{path}: {' '.join(s for s in segments if s.startswith(('MSA', 'ERR')))}")
+    click.echo("sent " + str(len(files)) + " messages: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))
+
+
+@hl7.command("list")
+@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate"]))
+@click.option("--limit", default=50, show_default=True, type=int)
+def hl7_list(status: str | None, limit: int) -> None:
+    """The most recent messages (optionally of one status)."""
+    from sqlalchemy import select
+
+    from gateway import build_services
+    from gateway import db as database
+
+    services = build_services(_settings())
+    m = database.hl7_message.c
+    query = select(m.id, m.received_at, m.status, m.message_type, m.control_id, m.sending_app,
+                   m.sending_facility, m.error_code, m.error).order_by(m.id.desc()).limit(limit)
+    if status:
+        query = query.where(m.status == status)
+    with services.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    for r in rows:
+        error = f"  {r.error_code} {r.error}" if r.error else ""
+        click.echo(f"{r.id:>8}  {r.received_at}  {r.status:<10} {r.message_type or '?':<9} {r.control_id or '':<20} "
+                   f"{r.sending_app or ''}|{r.sending_facility or ''}{error}")
+    click.echo(f"{len(rows)} messages" + (f" with status {status}" if status else ""))
+
+
+@hl7.command("show")
+@click.argument("message_id", type=int)
+def hl7_show(message_id: int) -> None:
+    """A message's trace: raw text, ACK, error, and the resources it wrote."""
+    from gateway import build_services
+    from gateway.hl7.ingest import message_trace, summary_json
+
+    trace = message_trace(build_services(_settings()).store, message_id)
+    if trace is None:
+        raise click.ClickException(f"no message {message_id}")
+    click.echo(summary_json(trace))
+
+
+@hl7.command("reprocess")
+@click.argument("message_id", type=int, required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="every failed message, oldest first")
+def hl7_reprocess(message_id: int | None, all_failed: bool) -> None:
+    """Run stored messages through translation again (after a mapping fix)."""
+    from sqlalchemy import select
+
+    from gateway import build_services
+    from gateway import db as database
+
+    if (message_id is None) == (not all_failed):
+        raise click.UsageError("give a message id or --failed")
+    services = build_services(_settings())
+    ids = [message_id] if message_id is not None else []
+    if all_failed:
+        with services.engine.connect() as conn:
+            ids = list(conn.execute(select(database.hl7_message.c.id).where(
+                database.hl7_message.c.status == "failed").order_by(database.hl7_message.c.id)).scalars())
+    tally: dict[str, int] = {}
+    for n, mid in enumerate(ids, 1):
+        try:
+            outcome = services.hl7.reprocess(mid)
+        except KeyError:
+            raise click.ClickException(f"no message {mid}") from None
+        tally[outcome.status] = tally.get(outcome.status, 0) + 1
+        detail = f": {outcome.error}" if outcome.error else ""
+        click.echo(f"[{n}/{len(ids)}] message {mid}: {outcome.status}{detail}")
+    services.audit.close()
+    click.echo(f"reprocessed {len(ids)} messages: " + ", ".join(f"{v} {k}" for k, v in sorted(tally.items())))
+    if tally.get("failed"):
+        sys.exit(1)
+
+
+def start_mllp(settings: Settings, host: str, port: int) -> Any:
+    """The MLLP listener on its own thread and event loop, with its own services."""
+    from gateway import build_services
+    from gateway.hl7.ack import warm_up
+    from gateway.hl7.mllp import start_in_thread
+
+    services = build_services(settings)
+    warm_up()  # validate every version's ACK template now, not on a sender's first message
+    return start_in_thread(lambda raw: services.hl7.handle(raw, "mllp"), host, port,
+                           read_timeout=settings.mllp_read_timeout,
+                           max_message_bytes=settings.mllp_max_message_bytes)
+
+
+@main.command("mllp")
+@click.option("--host", default=None, help="default GATEWAY_MLLP_HOST (127.0.0.1)")
+@click.option("--port", default=None, type=int, help="default GATEWAY_MLLP_PORT (2575)")
+def mllp_command(host: str | None, port: int | None) -> None:
+    """Run the MLLP listener alone (Ctrl-C or SIGTERM stops it after messages in flight)."""
+    import signal
+    import threading
+
+    settings = _settings()
+    listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port)
+    click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    click.echo("MLLP: finishing messages in flight")
+    listener.stop()
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--mllp-port", default=None, type=int, help="MLLP listener port (default 2575; 0 disables it)")
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
 @click.option("--threads", default=8, show_default=True, type=int, help="threads per worker")
 @click.option("--demo", is_flag=True, help="create the schema, load fixtures/ and allow unauthenticated access")
-def serve(host: str, port: int, workers: int, threads: int, demo: bool) -> None:
+def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: int, demo: bool) -> None:
     """Run the gateway (gunicorn)."""
     import os
 
@@ -126,10 +260,15 @@ def serve(host: str, port: int, workers: int, threads: int, demo: bool) -> None:
 
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
+    click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
+    mllp_port = settings.mllp_port if mllp_port is None else mllp_port
+    if mllp_port:
+        click.echo(f"MLLP:      {host}:{mllp_port}")
     if settings.open_access:
         click.echo("WARNING: open access is on: anyone who reaches this port can read and write every "
                    "record. For demos only.")
-    run_gunicorn(host, port, workers, threads)
+    run_gunicorn(host, port, workers, threads,
+                 mllp=(lambda: start_mllp(settings, host, mllp_port)) if mllp_port else None)
 
 
 if __name__ == "__main__":

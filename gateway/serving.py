@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -23,8 +24,23 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         return create_app()
 
 
-def run_gunicorn(host: str, port: int, workers: int, threads: int) -> None:
+def run_gunicorn(host: str, port: int, workers: int, threads: int,
+                 mllp: Callable[[], Any] | None = None) -> None:
+    """Serve HTTP; with `mllp`, the arbiter also runs the MLLP listener (one per server, not per
+    worker) from when it is ready until it exits, stopping it gracefully after messages in flight."""
+    listener: list[Any] = []
+
+    def when_ready(_server: Any) -> None:
+        if mllp is not None:
+            listener.append(mllp())
+
+    def on_exit(_server: Any) -> None:
+        for handle in listener:
+            handle.stop()
+
     GatewayServer({
+        "when_ready": when_ready,
+        "on_exit": on_exit,
         "bind": f"{host}:{port}",
         "workers": workers,
         "threads": threads,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
-from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway import db
@@ -88,6 +88,13 @@ def _lock_key(text_value: str) -> int:
     return int.from_bytes(hashlib.sha256(text_value.encode()).digest()[:8], "big", signed=True)
 
 
+# Read by id is the hottest path: statements built once, so no per-call construction and
+# cache-key work (that was half of a read's time in the handler).
+_CURRENT = select(db.resource).where(
+    db.resource.c.resource_type == bindparam("t"), db.resource.c.id == bindparam("i"))
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+
+
 class Repository:
     """Store operations on one open connection (one transaction)."""
 
@@ -102,12 +109,9 @@ class Repository:
     # --- reads ---
 
     def _current_row(self, resource_type: str, resource_id: str, for_update: bool = False) -> Any:
-        query = select(db.resource).where(
-            db.resource.c.resource_type == resource_type, db.resource.c.id == resource_id
-        )
         if for_update and db.is_postgres(self.conn):
-            query = query.with_for_update()
-        return self.conn.execute(query).first()
+            return self.conn.execute(_CURRENT_FOR_UPDATE, {"t": resource_type, "i": resource_id}).first()
+        return self.conn.execute(_CURRENT, {"t": resource_type, "i": resource_id}).first()
 
     @staticmethod
     def _stored(row: Any) -> Stored:

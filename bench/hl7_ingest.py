@@ -1,0 +1,273 @@
+"""HL7v2 ingest benchmark: the whole pipeline over MLLP beside plain parsing of the same messages.
+
+    python bench/hl7_ingest.py [--messages 20000] [--database sqlite|postgresql] [--memory 100000]
+
+Phases, all in one run on this machine:
+  baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages
+  one        the in-scope corpus messages, repeated with unique control ids, over one MLLP connection:
+             messages/s and resources/s end to end (each ACK is received after its commit)
+  four       the same over four connections at once
+  latency    p50/p99 ACK latency at a steady 100 messages/s
+  memory     (with --memory N) resident memory of the listener every 10% of N messages
+
+The listener is `gateway mllp` in its own process on a fresh database (a temporary SQLite file,
+or a gw_bench_<random> PostgreSQL database that is dropped afterwards). Loopback only; every loop is
+bounded in count and time. Results are printed and written to bench/results/hl7_ingest-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.hl7 import parse  # noqa: E402
+from gateway.hl7.mllp import Deframer, frame  # noqa: E402
+from gateway.hl7.translate import UnsupportedMessage, translate  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "corpus" / "hl7" / "fhir-converter"
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def in_scope_messages() -> list[tuple[str, int]]:
+    """(normalised text, resources it translates to) for every corpus message the gateway maps."""
+    out = []
+    for path in sorted(CORPUS.glob("*.hl7")):
+        text = parse.normalize(parse.decode(path.read_bytes()))
+        try:
+            translation = translate(parse.parse(text))
+        except UnsupportedMessage:
+            continue
+        except Exception:
+            continue
+        out.append((text, len(translation.resources)))
+    return out
+
+
+def with_control_id(text: str, control: str) -> bytes:
+    header = parse.read_header(text)
+    sep = header.separators.field
+    msh, rest = text.split("\r", 1)
+    fields = msh.split(sep)
+    fields[9] = control
+    # Enhanced-mode flags would change the ACK kind; the benchmark wants plain AA round trips.
+    if len(fields) > 15:
+        fields[14:16] = ["", ""]
+    return (sep.join(fields) + "\r" + rest).encode("utf-8")
+
+
+def parse_rates(texts: list[str], seconds: float = 5.0) -> dict[str, float]:
+    import hl7
+    from hl7apy.parser import parse_message
+
+    rates: dict[str, float] = {}
+    for name, fn in (("python-hl7", lambda t: hl7.parse(t)),
+                     ("hl7apy", lambda t: parse_message(t, find_groups=False))):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            fn(texts[done % len(texts)])
+            done += 1
+        rates[name] = done / (time.perf_counter() - started)
+    return rates
+
+
+class Listener:
+    def __init__(self, database: str, workdir: Path) -> None:
+        self.database = database
+        self.workdir = workdir
+        self.pg_name: str | None = None
+        if database == "postgresql":
+            import psycopg
+
+            self.pg_name = f"gw_bench_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.pg_name}"')
+            self.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.pg_name
+        else:
+            self.url = f"sqlite:///{workdir / 'hl7bench.sqlite'}"
+        self.port = _free_port()
+        self.env = {**os.environ, "GATEWAY_DATABASE_URL": self.url, "GATEWAY_MLLP_PORT": str(self.port),
+                    "GATEWAY_INSTANCE_PATH": str(workdir)}
+        subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=self.env, check=True,
+                       capture_output=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp"], env=self.env,
+                                        stdout=(workdir / "mllp.log").open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the MLLP listener did not start")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if self.pg_name:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send_stream(port: int, payloads: list[bytes], latencies: list[float] | None = None,
+                pace: float | None = None, deadline: float | None = None) -> tuple[int, int]:
+    """Send one after another on one connection; returns (ACKed, not AA)."""
+    acked = bad = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        deframer = Deframer()
+        next_at = time.perf_counter()
+        for payload in payloads:
+            if deadline and time.perf_counter() > deadline:
+                break
+            if pace:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                next_at += pace
+            sent = time.perf_counter()
+            sock.sendall(frame(payload))
+            acks: list[bytes] = []
+            while not acks:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("listener closed the connection")
+                acks = deframer.feed(data)
+            if latencies is not None:
+                latencies.append((time.perf_counter() - sent) * 1000)
+            acked += 1
+            if b"|AA|" not in acks[0] and b"|CA|" not in acks[0]:
+                bad += 1
+    return acked, bad
+
+
+def run_connections(port: int, batches: list[list[bytes]], max_seconds: float) -> dict[str, Any]:
+    results: list[tuple[int, int]] = [(0, 0)] * len(batches)
+    deadline = time.perf_counter() + max_seconds
+
+    def worker(i: int) -> None:
+        results[i] = send_stream(port, batches[i], deadline=deadline)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    acked = sum(r[0] for r in results)
+    return {"messages": acked, "not_aa": sum(r[1] for r in results), "seconds": round(elapsed, 2),
+            "messages_per_s": round(acked / elapsed, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20000, help="messages per throughput phase")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--memory", type=int, default=0, help="messages for the memory phase (e.g. 100000)")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="cap per phase")
+    args = parser.parse_args()
+
+    corpus = in_scope_messages()
+    texts = [t for t, _ in corpus]
+    resources_per_message = sum(n for _, n in corpus) / len(corpus)
+    print(f"{len(corpus)} in-scope corpus messages, {resources_per_message:.1f} resources each on average")
+    print("baseline: parsing the same messages ...", flush=True)
+    baseline = parse_rates(texts)
+    for name, rate in baseline.items():
+        print(f"  {name:<11} {rate:9.1f} messages/s (parse only)")
+
+    run_id = uuid.uuid4().hex[:8]
+
+    def payloads(prefix: str, count: int) -> list[bytes]:
+        return [with_control_id(texts[i % len(texts)], f"{run_id}{prefix}{i}") for i in range(count)]
+
+    results: dict[str, Any] = {"database": args.database, "corpus_messages": len(corpus),
+                               "resources_per_message": round(resources_per_message, 2),
+                               "parse_only": {k: round(v, 1) for k, v in baseline.items()}}
+    with tempfile.TemporaryDirectory(prefix="hl7-bench-") as tmp:
+        listener = Listener(args.database, Path(tmp))
+        try:
+            send_stream(listener.port, payloads("w", 20))  # warm-up: imports, compiled maps
+            print(f"one connection: {args.messages} messages ...", flush=True)
+            one = run_connections(listener.port, [payloads("a", args.messages)], args.max_seconds)
+            print(f"four connections: {args.messages} messages ...", flush=True)
+            per = args.messages // 4
+            four = run_connections(listener.port, [payloads(f"b{c}-", per) for c in range(4)], args.max_seconds)
+            for phase in (one, four):
+                phase["resources_per_s"] = round(phase["messages_per_s"] * resources_per_message, 1)
+                phase["vs_python_hl7_parse"] = round(phase["messages_per_s"] / baseline["python-hl7"], 2)
+            print(f"steady 100 messages/s for {args.latency_seconds:.0f}s ...", flush=True)
+            latencies: list[float] = []
+            send_stream(listener.port, payloads("l", int(args.latency_seconds * 100)), latencies, pace=0.01)
+            latencies.sort()
+            latency = {"messages": len(latencies), "p50_ms": round(statistics.median(latencies), 2),
+                       "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2)}
+            memory: list[dict[str, float]] = []
+            if args.memory:
+                step = max(args.memory // 10, 1)
+                print(f"memory over {args.memory} messages ...", flush=True)
+                for k in range(10):
+                    send_stream(listener.port, payloads(f"m{k}-", step))
+                    memory.append({"messages": (k + 1) * step, "rss_mb": round(listener.rss_mb(), 1)})
+                    print(f"  {(k + 1) * step:>7} messages: {memory[-1]['rss_mb']} MB", flush=True)
+        finally:
+            listener.close()
+    results.update({"one_connection": one, "four_connections": four, "latency_at_100_per_s": latency,
+                    "memory": memory})
+    print()
+    print(f"{'phase':<22}{'msg/s':>10}{'res/s':>10}{'vs python-hl7 parse':>22}")
+    for name, phase in (("one connection", one), ("four connections", four)):
+        print(f"{name:<22}{phase['messages_per_s']:>10}{phase['resources_per_s']:>10}"
+              f"{phase['vs_python_hl7_parse']:>21}x   (not AA: {phase['not_aa']})")
+    print(f"ACK latency at 100/s: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+    if memory:
+        print(f"RSS: {memory[0]['rss_mb']} MB after {memory[0]['messages']}, "
+              f"{memory[-1]['rss_mb']} MB after {memory[-1]['messages']}")
+    targets = {
+        "one connection >= 1.0x python-hl7 parse": one["vs_python_hl7_parse"] >= 1.0,
+        "four connections >= 2.0x python-hl7 parse": four["vs_python_hl7_parse"] >= 2.0,
+        "p99 ACK latency <= 50 ms": latency["p99_ms"] <= 50,
+    }
+    for label, ok in targets.items():
+        print(f"  {'PASS' if ok else 'MISS'}  {label}")
+    results["targets"] = {k: ("PASS" if v else "MISS") for k, v in targets.items()}
+    out = ROOT / "bench" / "results" / f"hl7_ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""HL7v2 over HTTP: POST /hl7/v2 runs the same pipeline as MLLP and answers with the ACK.
+
+Senders authenticate with a bearer token: the configured shared secret (GATEWAY_HL7_HTTP_SECRET)
+until SMART backend-services tokens exist. With no secret configured every request is refused,
+unless the whole gateway runs with open access (demo and tests).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, Response, current_app, g, request
+
+from gateway import access
+from gateway.fhir import jsonio
+from gateway.fhir.outcome import FhirError
+from gateway.hl7.ingest import message_trace
+
+bp = Blueprint("hl7", __name__, url_prefix="/hl7")
+
+ER7_TYPES = {"application/hl7-v2", "x-application/hl7-v2+er7", "text/plain"}
+
+
+def _gateway():  # type: ignore[no-untyped-def]
+    return current_app.extensions["gateway"]
+
+
+def _check_sender() -> None:
+    settings = _gateway().settings
+    header = request.headers.get("Authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    if settings.hl7_http_secret and token and hmac.compare_digest(token, settings.hl7_http_secret):
+        return
+    if settings.open_access and not header:
+        return
+    raise FhirError(401, "An HL7 sender must present its bearer token", code="login",
+                    headers={"WWW-Authenticate": 'Bearer realm="hl7"'})
+
+
+@bp.post("/v2")
+def receive() -> Response:
+    _check_sender()
+    if request.mimetype not in ER7_TYPES:
+        return Response(f"Content-Type must be one of {', '.join(sorted(ER7_TYPES))}\n", 415,
+                        content_type="text/plain; charset=utf-8")
+    raw = request.get_data(cache=False)
+    ack = _gateway().hl7.handle(raw, channel="http", peer=request.remote_addr)
+    if ack is None:
+        return Response("No MSH segment could be read; the message was not stored.\n", 400,
+                        content_type="text/plain; charset=utf-8")
+    mimetype = request.mimetype if request.mimetype != "text/plain" else "application/hl7-v2"
+    return Response(ack, 200, content_type=f"{mimetype}; charset=utf-8")
+
+
+@bp.get("/messages/<int:message_id>")
+def trace(message_id: int) -> Response:
+    """The provenance trail of a message: raw text, ACK, error, and every resource it wrote."""
+    g.principal = access.principal_from_request(request, _gateway().settings)
+    access.authorize(g.principal, "read", "Hl7Message")
+    found = message_trace(_gateway().store, message_id)
+    if found is None:
+        raise FhirError(404, f"No HL7 message {message_id}", code="not-found")
+    patient = (f"Patient/{found['patient_id']}",) if found.get("patient_id") else ()
+    _gateway().audit.record("read", g.principal.audit_name, client_id=g.principal.client_id,
+                            address=request.remote_addr, entities=patient,
+                            description=f"HL7 message {message_id}")
+    return Response(jsonio.dumps(found, pretty=True), 200, content_type="application/json; charset=utf-8")

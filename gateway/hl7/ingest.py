@@ -1,0 +1,293 @@
+"""HL7v2 inbound: store the raw message, translate, upsert, then acknowledge.
+
+The order is what makes the gateway safe to send to:
+1. the raw message is committed first (status received), so nothing that reached us is lost;
+2. translation and every resource upsert run in one transaction with the status change to
+   processed and the ACK text; a failure rolls all of it back and marks the message failed;
+3. the ACK goes back only after that commit.
+
+A message whose (MSH-3, MSH-4, MSH-10) and content equal a processed one is a duplicate: it is
+recorded, changes nothing, and gets the stored ACK again. The same control id with other content
+is processed and flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from gateway import db
+from gateway.fhir import jsonio
+from gateway.fhir.dates import date_range, now_instant
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.store import FhirStore, Repository
+from gateway.hl7 import ack as acks
+from gateway.hl7 import parse
+from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, translate
+
+log = logging.getLogger(__name__)
+
+SOURCE_TIME_URL = "urn:fhir-gateway:hl7v2-source-time"
+PROCESSING_IDS = {"P", "T", "D"}
+SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
+M = db.hl7_message.c
+
+
+@dataclass(frozen=True)
+class Outcome:
+    message_id: int
+    status: str
+    ack: str
+    error: str | None = None
+
+
+class Ingestor:
+    def __init__(self, store: FhirStore, base_url: str, audit: Any = None) -> None:
+        self.store = store
+        self.base_url = base_url.rstrip("/")
+        self.audit = audit
+
+    # --- entry points ---
+
+    def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None) -> bytes | None:
+        """MLLP/HTTP handler: raw bytes in, ACK bytes out; None when no MSH can be read."""
+        try:
+            text = parse.normalize(parse.decode(raw))
+            header = parse.read_header(text)
+            return acks.encode_ack(self.receive(text, channel, peer), header)
+        except parse.ParseError as exc:
+            log.warning("closing %s connection from %s: no readable MSH (%s)", channel, peer, exc.reason)
+            return None
+
+    def receive(self, text: str, channel: str, peer: str | None) -> str:
+        """Ingest one message or batch; returns the ACK (a batch ACK for FHS/BHS batches)."""
+        messages = parse.split_batch(text)
+        if len(messages) == 1 and messages[0] == text:
+            return self.receive_one(text, channel, peer).ack
+        outcomes = [self.receive_one(m, channel, peer) for m in messages]
+        return acks.build_batch_ack(text, [o.ack for o in outcomes])
+
+    def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
+        header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
+        content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with self.store.writing() as repo:
+            prior = repo.conn.execute(
+                select(M.id, M.content_hash, M.ack).where(
+                    M.control_id == header.control_id, M.sending_app == header.sending_app,
+                    M.sending_facility == header.sending_facility, M.status == "processed",
+                ).order_by(M.id.desc()).limit(1)
+            ).first()
+            if prior is not None and prior.content_hash == content_hash:
+                message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
+                                          duplicate_of=prior.id, ack=prior.ack)
+                return Outcome(message_id, "duplicate", prior.ack)
+            message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
+                                      flagged=prior is not None)
+        return self.process(message_id, text, header)
+
+    def reprocess(self, message_id: int) -> Outcome:
+        """Run a stored message through translation again (after a mapping fix)."""
+        with self.store.reading() as repo:
+            row = repo.conn.execute(select(M.raw, M.status).where(M.id == message_id)).first()
+        if row is None:
+            raise KeyError(message_id)
+        header = parse.read_header(row.raw)
+        return self.process(message_id, row.raw, header)
+
+    # --- processing ---
+
+    def process(self, message_id: int, text: str, header: parse.Header) -> Outcome:
+        started = time.perf_counter()
+        try:
+            self._check_header(header)
+            translation = translate(parse.parse(text))
+            with self.store.writing() as repo:
+                self._apply(repo, message_id, translation)
+                ack_text = acks.build_ack(header, self._ack_code(header, "A"))
+                repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                    status="processed", ack=ack_text, error=None, error_code=None, error_location=None,
+                    patient_id=translation.patient_id,
+                ))
+            log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
+            self._audit(header, message_id, translation)
+            return Outcome(message_id, "processed", ack_text)
+        except UnsupportedMessage as exc:
+            return self._fail(message_id, header, "R", str(exc), exc.code, exc.location)
+        except (MappingError, parse.ParseError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            return self._fail(message_id, header, "E", reason, exc.code, exc.location)
+        except FhirError as exc:
+            return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None)
+        except Exception as exc:  # the listener must answer every message; the cause is logged
+            log.exception("message %s failed unexpectedly", message_id)
+            return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None)
+
+    def _audit(self, header: parse.Header, message_id: int, translation: Translation) -> None:
+        """The feed writes patient data, so it leaves AuditEvents like any other writer."""
+        if self.audit is None:
+            return
+        sender = "|".join(p for p in (header.sending_app, header.sending_facility) if p) or "unknown sender"
+        self.audit.record("update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
+                          entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
+                          contents=tuple(jsonio.dumps(r) for r in translation.resources),
+                          description=f"HL7 message {message_id} {header.message_code_and_trigger}")
+
+    def _check_header(self, header: parse.Header) -> None:
+        if header.processing_id and header.processing_id[:1] not in PROCESSING_IDS:
+            raise UnsupportedMessage(f"processing id {header.processing_id!r} is not accepted", "202", "MSH-11")
+        if header.version and not header.version.startswith(SUPPORTED_VERSIONS):
+            raise UnsupportedMessage(f"version {header.version!r} is not supported", "203", "MSH-12")
+
+    @staticmethod
+    def _ack_code(header: parse.Header, outcome: str) -> str:
+        """AA/AE/AR, or CA/CE/CR when the sender asked for enhanced-mode accept acknowledgements."""
+        enhanced = bool(header.accept_ack_type or header.app_ack_type)
+        return ("C" if enhanced else "A") + outcome
+
+    def _fail(self, message_id: int, header: parse.Header, outcome: str, reason: str, code: str,
+              location: str | None) -> Outcome:
+        ack_text = acks.build_ack(header, self._ack_code(header, outcome), reason[:80],
+                                  error=(code, location, "E"))
+        with self.store.writing() as repo:
+            repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                status="failed", ack=ack_text, error=reason, error_code=code, error_location=location,
+            ))
+        log.info("message %s failed (%s at %s): %s", message_id, code, location, reason)
+        return Outcome(message_id, "failed", ack_text, reason)
+
+    def _insert(self, repo: Repository, text: str, header: parse.Header, channel: str, peer: str | None,
+                content_hash: str, status: str, **values: Any) -> int:
+        received = now_instant()
+        return repo.conn.execute(insert(db.hl7_message).values(
+            received_at=received, received_ms=date_range(received)[0], channel=channel, peer=peer,
+            sending_app=header.sending_app, sending_facility=header.sending_facility,
+            control_id=header.control_id, message_type=header.message_code_and_trigger, version=header.version,
+            content_hash=content_hash, status=status, raw=text, mrn=parse.first_mrn(text), **values,
+        ).returning(M.id)).scalar_one()
+
+    # --- writing the resources ---
+
+    def _apply(self, repo: Repository, message_id: int, translation: Translation) -> None:
+        source = f"{self.base_url}/hl7/messages/{message_id}"
+        written: list[dict[str, Any]] = []
+        for resource in translation.resources:
+            rtype, rid = resource["resourceType"], resource["id"]
+            existing = repo.find(rtype, rid)
+            current = existing.resource() if existing else None
+            if current is not None and _is_newer(current, translation.source_time):
+                written.append(_written(message_id, rtype, rid, existing.version_id, "skipped-older"))
+                continue
+            body = _merge(current, resource, translation.clears.get(f"{rtype}/{rid}", []))
+            meta = dict(body.get("meta") or {})
+            meta["source"] = source
+            if translation.source_time:
+                extensions = [e for e in meta.get("extension", []) if e.get("url") != SOURCE_TIME_URL]
+                meta["extension"] = [*extensions, {"url": SOURCE_TIME_URL, "valueDateTime": translation.source_time}]
+            body["meta"] = meta
+            result = repo.update(rtype, rid, body)
+            action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
+            written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
+        for old_id, surviving_id in translation.merges:
+            written += merge_patients(repo, message_id, old_id, surviving_id, source)
+        if written:
+            repo.conn.execute(insert(db.hl7_written), written)
+
+
+def _written(message_id: int, rtype: str, rid: str, version: int, action: str) -> dict[str, Any]:
+    return {"message_id": message_id, "resource_type": rtype, "resource_id": rid, "version_id": version,
+            "action": action}
+
+
+def _source_time(resource: dict[str, Any]) -> str | None:
+    for extension in (resource.get("meta") or {}).get("extension", []):
+        if extension.get("url") == SOURCE_TIME_URL:
+            return extension.get("valueDateTime")
+    return None
+
+
+def _is_newer(current: dict[str, Any], incoming_time: str | None) -> bool:
+    """True when the stored resource came from a message newer than this one (out-of-order delivery)."""
+    stored_time = _source_time(current)
+    if not stored_time or not incoming_time:
+        return False
+    try:
+        return date_range(stored_time)[0] > date_range(incoming_time)[0]
+    except ValueError:
+        return False
+
+
+def _merge(current: dict[str, Any] | None, incoming: dict[str, Any], clears: list[str]) -> dict[str, Any]:
+    """v2 update semantics: an element the message leaves empty keeps its value, one it sends as
+    "" (explicit null) is removed, and one it sends replaces what was there."""
+    body = dict(current) if current else {}
+    for key, value in incoming.items():
+        if key != "meta":
+            body[key] = value
+    if current is not None and "meta" in current:
+        body["meta"] = {k: v for k, v in current["meta"].items() if k not in ("versionId", "lastUpdated")}
+    for element in clears:
+        body.pop(element, None)
+    return body
+
+
+def _repoint(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, dict):
+        return {k: (new if k == "reference" and v == old else _repoint(v, old, new)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repoint(v, old, new) for v in value]
+    return value
+
+
+def merge_patients(repo: Repository, message_id: int, old_id: str, surviving_id: str,
+                   source: str) -> list[dict[str, Any]]:
+    """A40: the old record's resources now point at the surviving patient; the two are linked."""
+    written: list[dict[str, Any]] = []
+    old_ref, new_ref = f"Patient/{old_id}", f"Patient/{surviving_id}"
+    repo.flush()
+    pks = [r.resource_pk for r in repo.conn.execute(
+        select(db.compartment.c.resource_pk).where(db.compartment.c.patient_id == old_id)).all()]
+    for stored in repo.read_many(pks):
+        if stored.resource_type == "Patient":
+            continue
+        body = _repoint(stored.resource(), old_ref, new_ref)
+        result = repo.update(stored.resource_type, stored.id, body)
+        written.append(_written(message_id, stored.resource_type, stored.id, result.stored.version_id, "merged"))
+    old = repo.find("Patient", old_id)
+    if old is not None:
+        body = old.resource()
+        links = [link for link in body.get("link", []) if link.get("other", {}).get("reference") != new_ref]
+        body["link"] = [*links, {"other": {"reference": new_ref}, "type": "replaced-by"}]
+        body["active"] = False
+        body.setdefault("meta", {})["source"] = source
+        result = repo.update("Patient", old_id, body)
+        written.append(_written(message_id, "Patient", old_id, result.stored.version_id, "merged"))
+    survivor = repo.find("Patient", surviving_id)
+    if survivor is not None:
+        body = survivor.resource()
+        links = [link for link in body.get("link", []) if link.get("other", {}).get("reference") != old_ref]
+        body["link"] = [*links, {"other": {"reference": old_ref}, "type": "replaces"}]
+        body.setdefault("meta", {})["source"] = source
+        result = repo.update("Patient", surviving_id, body)
+        written.append(_written(message_id, "Patient", surviving_id, result.stored.version_id, "merged"))
+    return written
+
+
+def message_trace(store: FhirStore, message_id: int) -> dict[str, Any] | None:
+    """A stored message with what it wrote: the raw text first, then the resources."""
+    with store.reading() as repo:
+        row = repo.conn.execute(select(db.hl7_message).where(M.id == message_id)).first()
+        if row is None:
+            return None
+        written = repo.conn.execute(select(db.hl7_written).where(db.hl7_written.c.message_id == message_id)).all()
+    trace = {k: v for k, v in row._mapping.items()}
+    trace["written"] = [dict(w._mapping) for w in written]
+    return trace
+
+
+def summary_json(trace: dict[str, Any]) -> str:
+    return jsonio.dumps(trace, pretty=True)

@@ -1,0 +1,198 @@
+"""The ingest pipeline: raw message stored first, translate + upsert in one transaction, ACK after
+commit; duplicates, failures, reprocessing, provenance, HTTP and MLLP receivers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from gateway import db
+from gateway.hl7.mllp import send_messages, start_in_thread
+
+ADT = (
+    "MSH|^~\\&|EPIC|RIVERSIDE|GATEWAY|RIVERSIDE|20261101083000-0500||ADT^A01^ADT_A01|{control}|P|2.5.1\r"
+    "EVN|A01|20261101083000-0500\r"
+    "PID|1||{mrn}^^^RIVERSIDE^MR||{family}^Ana^Maria||19860412|F|||12 Elm St^^Springfield^IL^62701||"
+    "555-0100^PRN^PH~^NET^Internet^ana@example.org\r"
+    "PV1|1|I|4W^401^A^RIVERSIDE||||1234^Attend^Alice^^^Dr\r"
+)
+
+
+def adt(control: str = "CTRL1", mrn: str = "MRN100", family: str = "Lopez", time: str | None = None) -> str:
+    message = ADT.format(control=control, mrn=mrn, family=family)
+    if time:
+        message = message.replace("20261101083000-0500", time)
+    return message
+
+
+def msa(ack: str) -> list[str]:
+    segment = next(s for s in ack.replace("\n", "\r").split("\r") if s.startswith("MSA"))
+    return segment.split("|")
+
+
+def rows(app: Any) -> list[Any]:
+    with app.extensions["gateway"].engine.connect() as conn:
+        return conn.execute(select(db.hl7_message).order_by(db.hl7_message.c.id)).all()
+
+
+def patients(client: Any, **params: str) -> list[dict[str, Any]]:
+    bundle = client.get("/fhir/Patient", query_string=params).get_json()
+    return [e["resource"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == "match"]
+
+
+@pytest.fixture
+def ingest(app: Any) -> Any:
+    return app.extensions["gateway"].hl7
+
+
+def test_adt_is_stored_translated_and_acknowledged(app: Any, client: Any, ingest: Any) -> None:
+    ack = ingest.handle(adt().encode()).decode()
+    assert msa(ack)[1:3] == ["AA", "CTRL1"]
+    (row,) = rows(app)
+    assert (row.status, row.control_id, row.message_type, row.mrn) == ("processed", "CTRL1", "ADT^A01", "MRN100")
+    assert row.ack == ack
+    (patient,) = patients(client, identifier="MRN100")
+    assert patient["name"][0]["family"] == "Lopez"
+    assert patient["meta"]["source"].endswith(f"/hl7/messages/{row.id}")
+
+
+def test_resend_is_a_duplicate_that_changes_nothing(app: Any, client: Any, ingest: Any) -> None:
+    first = ingest.handle(adt().encode()).decode()
+    (patient,) = patients(client, identifier="MRN100")
+    again = ingest.handle(adt().encode()).decode()
+    assert again == first
+    statuses = [r.status for r in rows(app)]
+    assert statuses == ["processed", "duplicate"]
+    assert rows(app)[1].duplicate_of == rows(app)[0].id
+    (same,) = patients(client, identifier="MRN100")
+    assert same["meta"]["versionId"] == patient["meta"]["versionId"]
+
+
+def test_same_control_id_other_content_is_processed_and_flagged(app: Any, client: Any, ingest: Any) -> None:
+    ingest.handle(adt().encode())
+    ack = ingest.handle(adt(family="Lopez-Garcia", time="20261101093000-0500").encode()).decode()
+    assert msa(ack)[1] == "AA"
+    second = rows(app)[1]
+    assert (second.status, second.flagged) == ("processed", True)
+    assert patients(client, identifier="MRN100")[0]["name"][0]["family"] == "Lopez-Garcia"
+
+
+def test_older_message_does_not_overwrite_newer_data(client: Any, ingest: Any) -> None:
+    ingest.handle(adt(control="NEW", family="Newer", time="20261102080000-0500").encode())
+    ack = ingest.handle(adt(control="OLD", family="Older", time="20261101080000-0500").encode()).decode()
+    assert msa(ack)[1] == "AA"
+    assert patients(client, identifier="MRN100")[0]["name"][0]["family"] == "Newer"
+
+
+def test_unsupported_type_is_stored_failed_with_ar(app: Any, ingest: Any) -> None:
+    message = adt().replace("ADT^A01^ADT_A01", "ZZZ^Z99").replace("EVN|A01", "EVN|Z99")
+    ack = ingest.handle(message.encode()).decode()
+    assert msa(ack)[1:3] == ["AR", "CTRL1"]
+    err = next(s for s in ack.split("\r") if s.startswith("ERR"))
+    assert "200" in err or "201" in err
+    (row,) = rows(app)
+    assert row.status == "failed" and row.error_code in ("200", "201") and row.raw.startswith("MSH|")
+
+
+def test_unsupported_processing_id_and_version_get_ar(ingest: Any) -> None:
+    assert msa(ingest.handle(adt().replace("|P|2.5.1", "|X|2.5.1").encode()).decode())[1] == "AR"
+    assert msa(ingest.handle(adt(control="C2").replace("|P|2.5.1", "|P|3.0").encode()).decode())[1] == "AR"
+
+
+def test_enhanced_mode_answers_commit_acks(ingest: Any) -> None:
+    message = adt().replace("|P|2.5.1", "|P|2.5.1|||AL|NE")
+    assert msa(ingest.handle(message.encode()).decode())[1] == "CA"
+
+
+def test_no_msh_closes_without_storing(app: Any, ingest: Any) -> None:
+    assert ingest.handle(b"\x00\x01 not hl7 at all") is None
+    assert ingest.handle(b"PID|1||123") is None
+    assert rows(app) == []
+
+
+def test_failed_message_is_kept_and_reprocessed_after_a_fix(app: Any, client: Any, ingest: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.hl7 import ingest as ingest_module
+    from gateway.hl7.translate import MappingError
+
+    real = ingest_module.translate
+
+    def broken(message: Any) -> Any:
+        raise MappingError("mapping under repair", "207", "PID-5")
+
+    monkeypatch.setattr(ingest_module, "translate", broken)
+    ack = ingest.handle(adt().encode()).decode()
+    assert msa(ack)[1] == "AE"
+    assert "207" in next(s for s in ack.split("\r") if s.startswith("ERR"))
+    (row,) = rows(app)
+    assert (row.status, row.error_location) == ("failed", "PID-5")
+    assert patients(client, identifier="MRN100") == []
+    monkeypatch.setattr(ingest_module, "translate", real)
+    outcome = ingest.reprocess(row.id)
+    assert outcome.status == "processed"
+    assert rows(app)[0].status == "processed"
+    assert len(patients(client, identifier="MRN100")) == 1
+
+
+def test_a_resource_that_fails_validation_rolls_back_the_whole_message(app: Any, client: Any,
+                                                                      ingest: Any) -> None:
+    bad_date = adt().replace("|19860412|", "|19861340|")
+    ack = ingest.handle(bad_date.encode()).decode()
+    assert msa(ack)[1] == "AE"
+    assert rows(app)[0].status == "failed"
+    assert patients(client, identifier="MRN100") == []
+
+
+def test_trace_lists_what_the_message_wrote(app: Any, client: Any, ingest: Any) -> None:
+    ingest.handle(adt().encode())
+    (row,) = rows(app)
+    trace = client.get(f"/hl7/messages/{row.id}").get_json()
+    assert trace["raw"].startswith("MSH|") and trace["status"] == "processed"
+    written = {(w["resource_type"], w["action"]) for w in trace["written"]}
+    assert ("Patient", "created") in written
+
+
+def test_http_receiver_runs_the_same_pipeline(app: Any, client: Any) -> None:
+    response = client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2")
+    assert response.status_code == 200
+    assert msa(response.get_data(as_text=True))[1] == "AA"
+    assert response.mimetype == "application/hl7-v2"
+    assert client.post("/hl7/v2", data=b"{}", content_type="application/json").status_code == 415
+    assert client.post("/hl7/v2", data=b"garbage", content_type="text/plain").status_code == 400
+
+
+def test_http_receiver_requires_the_shared_secret(settings: Any) -> None:
+    from gateway import create_app
+
+    settings.open_access = False
+    settings.hl7_http_secret = "s3cret-for-senders"
+    client = create_app(settings).test_client()
+    assert client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2",
+                       headers=wrong).status_code == 401
+    right = {"Authorization": "Bearer s3cret-for-senders"}
+    response = client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2", headers=right)
+    assert response.status_code == 200 and msa(response.get_data(as_text=True))[1] == "AA"
+
+
+def test_mllp_end_to_end_over_a_real_socket(app: Any, client: Any, ingest: Any) -> None:
+    listener = start_in_thread(lambda raw: ingest.handle(raw, "mllp"))
+    try:
+        acks = send_messages("127.0.0.1", listener.port,
+                             [adt(control=f"M{i}", mrn=f"MRN{i}").encode() for i in range(5)])
+    finally:
+        listener.stop()
+    assert [msa(a.decode())[1:3] for a in acks] == [["AA", f"M{i}"] for i in range(5)]
+    assert len(patients(client, identifier="MRN3")) == 1
+
+
+def test_batch_gets_a_batch_ack_and_every_message_is_processed(app: Any, ingest: Any) -> None:
+    envelope = "|^~\\&|EPIC|RIVERSIDE|GATEWAY|RIVERSIDE|20261101\r"
+    batch = ("FHS" + envelope + "BHS" + envelope
+             + adt(control="B1", mrn="MRN-B1") + adt(control="B2", mrn="MRN-B2") + "BTS|2\rFTS|1\r")
+    ack = ingest.handle(batch.encode()).decode()
+    assert ack.startswith(("FHS", "BHS"))
+    assert [r.status for r in rows(app)] == ["processed", "processed"]
