@@ -373,6 +373,8 @@ class Scope:
         return Scope(self.segment, node, str(field) if field is not None else self.field)
 
     def where(self) -> str:
+        if self.field and "-" in self.field:
+            return self.field  # a rule reading another segment (OBR-7 from an OBX) names it
         return self.segment.where(self.field)
 
 
@@ -784,11 +786,16 @@ class _Run:
         elif isinstance(container[name], dict) and isinstance(value, dict):
             _merge_missing(container[name], value, override)
 
-    def key(self, alternatives: list[list[str]], scope: Scope) -> str | None:
+    def key(self, alternatives: list[Any], scope: Scope) -> str | None:
         """Business key -> id: the first alternative whose required parts are all valued.
         "=text" is a literal part (keeps a placer key apart from a filler key); "path?" may be
         empty and is then left out."""
-        for parts in alternatives:
+        for alternative in alternatives:
+            if isinstance(alternative, dict):
+                if "when" in alternative and not self.test(alternative["when"], scope):
+                    continue
+                alternative = alternative["parts"]
+            parts: list[str] = alternative
             values: list[str] = []
             complete = True
             for part in parts:
@@ -860,16 +867,20 @@ class _Run:
             if spec.get("id_required"):
                 where = spec.get("id_location") or scope.segment.where()
                 raise MappingError(f"{where}: no identifier to key the {rtype} on", "101", where)
+            if spec.get("unkeyed") == "skip":
+                return  # nothing stable to name it by: a new resource per message would only pile up
             rid = make_id([self.value("MSH-10", scope) or "message", scope.segment.name,
                            str(scope.segment.occurrence), rtype])
         key = f"{rtype}/{rid}"
         if key in self.resources and spec.get("on_duplicate_id", "merge") == "suffix" and \
                 self.origin.get(key) == entry["map"]:
-            number = 2
-            while f"{key}-{number}" in self.resources:
+            # the same key twice in one message (the same test twice in a report): the second is
+            # another resource, numbered in message order so a re-send numbers it alike
+            base, number = rid, 2
+            while key in self.resources:
+                rid = make_id([base, str(number)])
+                key = f"{rtype}/{rid}"
                 number += 1
-            rid = make_id([rid, str(number)]) if len(rid) < 60 else make_id([rid, str(number), "dup"])
-            key = f"{rtype}/{rid}"
         resource = self.resources.get(key) or {"resourceType": rtype, "id": rid}
         self.apply(spec.get("rules", []), resource, scope, key)
         if key not in self.resources:

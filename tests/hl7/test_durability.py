@@ -44,16 +44,18 @@ def _start(database_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise AssertionError(f"the MLLP listener did not start: {log.read_text()[-2000:]}")
 
 
-def _stream(port: int, start: int, stop_after: float) -> list[int]:
-    """Send messages one after another until the connection dies; return the ACKed numbers."""
+def _stream(port: int, start: int, count: int, kill_pid: int | None = None) -> list[int]:
+    """Send `count` messages one after another; return the ACKed numbers. With kill_pid, the
+    listener is killed with SIGKILL right after the last message is sent, before its ACK comes,
+    so the kill always lands with a message in flight."""
     acked: list[int] = []
-    deadline = time.monotonic() + stop_after
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         deframer = Deframer()
-        n = start
-        while time.monotonic() < deadline:
+        for n in range(start, start + count):
             try:
                 sock.sendall(frame(MESSAGE.format(n=n).encode()))
+                if kill_pid is not None and n == start + count - 1:
+                    os.kill(kill_pid, signal.SIGKILL)
                 acks: list[bytes] = []
                 while not acks:
                     data = sock.recv(65536)
@@ -64,7 +66,6 @@ def _stream(port: int, start: int, stop_after: float) -> list[int]:
                 return acked
             assert b"MSA|AA|" in acks[0], acks[0]
             acked.append(n)
-            n += 1
     return acked
 
 
@@ -75,23 +76,17 @@ def test_kill_9_mid_stream_loses_no_acknowledged_message(database_url: str, tmp_
     port = free_port()
     log = tmp_path / "mllp.log"
     process = _start(database_url, port, log)
-    killer_delay = 1.5
     try:
-        import threading
-
-        # The first message pays for start-up (models, compiled parameters, mappings): not timed.
-        assert _stream(port, 0, stop_after=0.01) == [0]
-        timer = threading.Timer(killer_delay, lambda: os.kill(process.pid, signal.SIGKILL))
-        timer.start()
-        acked = _stream(port, 1, stop_after=30)
-        timer.join()
+        # The first message pays for start-up (models, compiled parameters, mappings).
+        assert _stream(port, 0, 1) == [0]
+        acked = _stream(port, 1, 21, kill_pid=process.pid)
         process.wait(timeout=10)
         assert process.returncode == -signal.SIGKILL
-        assert len(acked) > 5, f"too few messages before the kill to prove anything: {acked}"
+        assert len(acked) >= 20, acked
 
         process = _start(database_url, port, log)
-        after = _stream(port, 100_000, stop_after=0.5)
-        assert after, "the restarted listener accepts messages again"
+        after = _stream(port, 100_000, 5)
+        assert len(after) == 5, "the restarted listener accepts messages again"
     finally:
         process.kill()
         process.wait(timeout=10)

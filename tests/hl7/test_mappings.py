@@ -155,7 +155,8 @@ def test_segment_maps_reference_what_exists(maps: t.Mappings) -> None:
             get_fhir_model_class(spec["resource"])
         _check_rules(maps, spec.get("rules", []), f"segment map {name}")
         for alternative in spec.get("id", []):
-            assert isinstance(alternative, list) and alternative, f"{name}: id alternatives are lists of parts"
+            parts = alternative["parts"] if isinstance(alternative, dict) else alternative
+            assert isinstance(parts, list) and parts, f"{name}: id alternatives are lists of parts"
 
 
 def _entries(message_map: dict[str, Any]) -> list[dict[str, Any]]:
