@@ -23,7 +23,7 @@ from gateway.fhir.capability import capability_statement
 from gateway.fhir.outcome import FhirError, operation_outcome
 from gateway.fhir.search import SearchResult, everything, search
 from gateway.fhir.searchparams import patient_compartment
-from gateway.fhir.store import FhirStore, Repository, Stored, known_type, parse_version
+from gateway.fhir.store import FhirStore, Repository, Stored, WriteResult, known_type, parse_version
 from gateway.fhir.summary import apply_view
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -309,13 +309,8 @@ def type_level(rtype: str) -> Response:
     if not criteria:
         raise FhirError(405, f"{request.method} on /{rtype} needs search criteria", code="not-supported")
     if request.method == "PUT":
-        resource = _body()
-        _check_type(resource, rtype)
-        _grant("update", rtype)
-        if_match = request.headers.get("If-Match")
-        result = store.write(lambda repo: repo.conditional_update(rtype, criteria, resource, if_match))
-        _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
-        return _write_response(result.stored, result.status)
+        return _put(rtype, lambda repo, resource, if_match: repo.conditional_update(rtype, criteria, resource,
+                                                                                     if_match))
     _grant("delete", rtype)
     deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria))
     _audit("delete", entities=tuple(d.reference for d in deleted), contents=tuple(d.content or "" for d in deleted))
@@ -326,6 +321,17 @@ def type_level(rtype: str) -> Response:
 def type_search(rtype: str) -> Response:
     with _store().reading() as repo:
         return fhir_response(run_search(repo, rtype, _search_params(), f"/fhir/{rtype}", strict=_strict()))
+
+
+def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], WriteResult]) -> Response:
+    """PUT by id or by criteria: body checks, the grant, one write, its audit record."""
+    resource = _body()
+    _check_type(resource, rtype)
+    _grant("update", rtype)
+    if_match = request.headers.get("If-Match")
+    result = _store().write(lambda repo: write(repo, resource, if_match))
+    _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
+    return _write_response(result.stored, result.status)
 
 
 def _check_type(resource: Any, rtype: str) -> None:
@@ -349,13 +355,7 @@ def instance(rtype: str, rid: str) -> Response:
         _audit("read", entities=(stored.reference,), contents=(stored.content or "",))
         return _conditional_get(stored)
     if request.method == "PUT":
-        resource = _body()
-        _check_type(resource, rtype)
-        _grant("update", rtype)
-        if_match = request.headers.get("If-Match")
-        result = store.write(lambda repo: repo.update(rtype, rid, resource, if_match))
-        _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
-        return _write_response(result.stored, result.status)
+        return _put(rtype, lambda repo, resource, if_match: repo.update(rtype, rid, resource, if_match))
     if request.method == "PATCH":
         if request.mimetype not in PATCH_TYPES:
             raise FhirError(415, "PATCH takes application/json-patch+json", code="not-supported")

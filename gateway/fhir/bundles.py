@@ -9,7 +9,7 @@ Bundle can be rewritten to the resources they name.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -256,29 +256,28 @@ def iter_file_resources(path: str) -> Iterator[tuple[str, Any]]:
         head = fh.read(1)
         fh.seek(0)
         if path.endswith(".ndjson") or (head != "{" and head != "["):
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield "resource", jsonio.loads(line)
-                    except ValueError as exc:
-                        raise FhirError(400, f"{path}:{n}: not JSON ({exc})", code="structure") from None
+            yield from _ndjson(fh, path)
             return
         text = fh.read()
     try:
         data = jsonio.loads(text)
     except ValueError:
         # Not one JSON document: NDJSON without the .ndjson name.
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield "resource", jsonio.loads(line)
-                except ValueError as exc:
-                    raise FhirError(400, f"{path}:{n}: not JSON ({exc})", code="structure") from None
+        yield from _ndjson(text.splitlines(), path)
         return
     if isinstance(data, dict) and data.get("resourceType") == "Bundle":
         yield "bundle", data
     else:
         yield "resource", data
+
+
+def _ndjson(lines: Iterable[str], path: str) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield "resource", jsonio.loads(line)
+            except ValueError as exc:
+                raise FhirError(400, f"{path}:{n}: not JSON ({exc})", code="structure") from None
 
 
 def as_transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
