@@ -245,9 +245,14 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
 def write_tx(engine: Engine) -> Iterator[Connection]:
     """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL."""
     with engine.connect() as conn:
+        # info belongs to the pooled DBAPI connection and outlives this checkout: the flag must go
+        # again, or every later read on this connection would take SQLite's write lock.
         conn.info["write"] = True
-        with conn.begin():
-            yield conn
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.info.pop("write", None)
 
 
 @contextmanager
