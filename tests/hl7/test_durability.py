@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, select
 
 from gateway import db
 from gateway.hl7.mllp import Deframer, frame
-from tests.conftest import free_port
+from tests.conftest import empty_tables, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +73,10 @@ def test_kill_9_mid_stream_loses_no_acknowledged_message(database_url: str, tmp_
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path / 'durable.sqlite'}"
         db.upgrade(db.make_engine(database_url))
+    else:
+        engine = db.make_engine(database_url)
+        empty_tables(engine)  # the session's database: earlier tests' messages must not count
+        engine.dispose()
     port = free_port()
     log = tmp_path / "mllp.log"
     process = _start(database_url, port, log)
