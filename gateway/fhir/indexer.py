@@ -7,11 +7,13 @@ text, a Coding has code, an Identifier or ContactPoint has value, and so on.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from gateway import db
 from gateway.fhir.dates import MAX_MS, MIN_MS, date_range
 from gateway.fhir.searchparams import Found, SearchParam, params_for, patient_compartment, reference_type
 
@@ -209,3 +211,13 @@ def compartment_patients(resource: dict[str, Any], base_url: str = "") -> set[st
                 if target_type == "Patient" and "/" not in target_id:
                     patients.add(target_id)
     return patients
+
+
+@functools.cache
+def index_tables_for(resource_type: str) -> tuple[str, ...]:
+    """Names of the index tables a resource of this type can have rows in."""
+    tables = {db.INDEX_TABLES[param.type].name for param in params_for(resource_type).values()
+              if param.type in db.INDEX_TABLES}
+    if resource_type == "Patient" or resource_type in patient_compartment():
+        tables.add(db.compartment.name)
+    return tuple(sorted(tables))

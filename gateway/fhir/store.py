@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway import db
 from gateway.fhir import jsonio
 from gateway.fhir.dates import instant_ms, now_instant
-from gateway.fhir.indexer import compartment_patients, index_rows
+from gateway.fhir.indexer import compartment_patients, index_rows, index_tables_for
 from gateway.fhir.outcome import FhirError, gone, not_found
 from gateway.fhir.validate import ID_RE, is_resource_type, validate
 
@@ -93,6 +93,19 @@ def _lock_key(text_value: str) -> int:
 _CURRENT = select(db.resource).where(
     db.resource.c.resource_type == bindparam("t"), db.resource.c.id == bindparam("i"))
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+# The write path's statements, built once for the same reason.
+_INSERT_RESOURCE = insert(db.resource).returning(db.resource.c.pk)
+_UPDATE_RESOURCE = (
+    update(db.resource)
+    .where(db.resource.c.pk == bindparam("w_pk"), db.resource.c.version_id == bindparam("w_version"))
+    .values(version_id=bindparam("version_id"), last_updated=bindparam("last_updated"),
+            deleted=bindparam("deleted"), content=bindparam("content"))
+)
+_DELETE_INDEX = {
+    table.name: delete(table).where(table.c.resource_pk.in_(bindparam("pks", expanding=True)))
+    for table in db.ALL_INDEX_TABLES
+}
+_INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.resource_version)}
 
 
 class Repository:
@@ -102,9 +115,12 @@ class Repository:
         self.store = store
         self.conn = conn
         self.base_url = store.base_url
-        # Index rows wait here and go to the database in one executemany per table: before any
-        # search in this transaction (flush) and before commit.
+        # Index rows, the index rows they replace and version rows wait here and go to the database
+        # in one statement per table: before any search or history read in this transaction (flush)
+        # and before commit.
         self._pending: dict[str, list[dict[str, Any]]] = {}
+        self._stale: dict[str, set[int]] = {}
+        self._versions: list[dict[str, Any]] = []
 
     # --- reads ---
 
@@ -132,6 +148,7 @@ class Repository:
         return None if row is None or row.deleted else self._stored(row)
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:
+        self.flush()
         v = db.resource_version.c
         row = self.conn.execute(
             select(db.resource_version).where(
@@ -169,7 +186,7 @@ class Repository:
 
     def _write_index(self, pk: int, body: dict[str, Any], new: bool) -> None:
         if not new:
-            self._drop_index(pk)
+            self._drop_index(pk, body["resourceType"])
         for param_type, rows in index_rows(body, self.base_url).items():
             table = db.INDEX_TABLES[param_type].name
             self._pending.setdefault(table, []).extend({**row, "resource_pk": pk} for row in rows)
@@ -178,36 +195,45 @@ class Repository:
             {"resource_pk": pk, "resource_type": body["resourceType"], "patient_id": p} for p in sorted(patients)
         )
 
-    def _drop_index(self, pk: int) -> None:
+    def _drop_index(self, pk: int, resource_type: str) -> None:
+        """Forget the index rows of a resource's previous version: pending ones now, stored ones at
+        flush (one DELETE per table for the whole transaction)."""
         for name, rows in self._pending.items():
-            self._pending[name] = [row for row in rows if row["resource_pk"] != pk]
-        for table in db.ALL_INDEX_TABLES:
-            self.conn.execute(delete(table).where(table.c.resource_pk == pk))
+            if any(row["resource_pk"] == pk for row in rows):
+                self._pending[name] = [row for row in rows if row["resource_pk"] != pk]
+        for name in index_tables_for(resource_type):
+            self._stale.setdefault(name, set()).add(pk)
 
     def flush(self) -> None:
-        """Write buffered index rows; searches in this transaction call it first."""
-        tables = {t.name: t for t in db.ALL_INDEX_TABLES}
+        """Write what this transaction has buffered; searches and history reads call it first."""
+        for name, pks in self._stale.items():
+            if pks:
+                self.conn.execute(_DELETE_INDEX[name], {"pks": sorted(pks)})
+        self._stale = {}
         for name, rows in self._pending.items():
             if rows:
-                self.conn.execute(insert(tables[name]), rows)
+                self.conn.execute(_INSERT[name], rows)
         self._pending = {}
+        if self._versions:
+            self.conn.execute(_INSERT[db.resource_version.name], self._versions)
+            self._versions = []
 
     def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
                         version_id: int, last_updated: str, method: str, content: str | None) -> None:
-        self.conn.execute(insert(db.resource_version).values(
-            resource_pk=pk, resource_type=resource_type, id=resource_id, version_id=version_id,
-            last_updated=last_updated, last_updated_ms=instant_ms(last_updated), method=method,
-            deleted=body is None, content=content,
-        ))
+        self._versions.append({
+            "resource_pk": pk, "resource_type": resource_type, "id": resource_id, "version_id": version_id,
+            "last_updated": last_updated, "last_updated_ms": instant_ms(last_updated), "method": method,
+            "deleted": body is None, "content": content,
+        })
 
     def _insert_new(self, resource: dict[str, Any], resource_id: str, method: str, check: bool) -> WriteResult:
         body, last_updated = self._prepare(resource, resource_id, 1, check)
         content = jsonio.dumps(body)
         resource_type = body["resourceType"]
-        pk = self.conn.execute(insert(db.resource).values(
-            resource_type=resource_type, id=resource_id, version_id=1, last_updated=last_updated,
-            deleted=False, content=content,
-        ).returning(db.resource.c.pk)).scalar_one()
+        pk = self.conn.execute(_INSERT_RESOURCE, {
+            "resource_type": resource_type, "id": resource_id, "version_id": 1, "last_updated": last_updated,
+            "deleted": False, "content": content,
+        }).scalar_one()
         self._insert_version(pk, body, resource_type, resource_id, 1, last_updated, method, content)
         self._write_index(pk, body, new=True)
         stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
@@ -269,8 +295,8 @@ class Repository:
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any],
                if_match: str | None = None, check: bool = True, method: str = "PUT") -> WriteResult:
-        if check:
-            validate(resource)
+        if not isinstance(resource, dict):
+            validate(resource)  # the OperationOutcome for a body that is not a resource
         if resource.get("resourceType") != resource_type:
             raise FhirError(400, f"resourceType {resource.get('resourceType')!r} does not match the URL "
                                  f"({resource_type})", code="invalid", expression=["resourceType"])
@@ -285,20 +311,20 @@ class Repository:
             if expected is not None:
                 raise FhirError(412, f"{resource_type}/{resource_id} does not exist (If-Match {if_match})",
                                 code="conflict")
-            return self._insert_new(resource, resource_id, method, check=False)
+            return self._insert_new(resource, resource_id, method, check=check)
         if expected is not None and expected != row.version_id:
             raise FhirError(412, f"Version conflict: {resource_type}/{resource_id} is at version "
                                  f"{row.version_id}, If-Match gave {expected}", code="conflict")
         if not row.deleted and _same_content(row.content, resource):
+            # Stored content was valid when it was written, so an identical body needs no validation.
             return WriteResult(self._stored(row), 200, changed=False)
         version_id = row.version_id + 1
-        body, last_updated = self._prepare(resource, resource_id, version_id, check=False)
+        body, last_updated = self._prepare(resource, resource_id, version_id, check=check)
         content = jsonio.dumps(body)
-        result = self.conn.execute(
-            update(db.resource)
-            .where(db.resource.c.pk == row.pk, db.resource.c.version_id == row.version_id)
-            .values(version_id=version_id, last_updated=last_updated, deleted=False, content=content)
-        )
+        result = self.conn.execute(_UPDATE_RESOURCE, {
+            "w_pk": row.pk, "w_version": row.version_id, "version_id": version_id,
+            "last_updated": last_updated, "deleted": False, "content": content,
+        })
         if result.rowcount != 1:
             raise FhirError(412, f"{resource_type}/{resource_id} changed while updating", code="conflict")
         self._insert_version(row.pk, body, resource_type, resource_id, version_id, last_updated, method, content)
@@ -344,12 +370,12 @@ class Repository:
             return None
         version_id = row.version_id + 1
         last_updated = now_instant()
-        self.conn.execute(
-            update(db.resource).where(db.resource.c.pk == row.pk)
-            .values(version_id=version_id, last_updated=last_updated, deleted=True)
-        )
+        self.conn.execute(_UPDATE_RESOURCE, {
+            "w_pk": row.pk, "w_version": row.version_id, "version_id": version_id,
+            "last_updated": last_updated, "deleted": True, "content": row.content,
+        })
         self._insert_version(row.pk, None, resource_type, resource_id, version_id, last_updated, "DELETE", None)
-        self._drop_index(row.pk)
+        self._drop_index(row.pk, resource_type)
         stored = Stored(resource_type, resource_id, version_id, last_updated, True, row.content, row.pk)
         self.store.notify("delete", WriteResult(stored, 200))
         return stored
@@ -366,6 +392,7 @@ class Repository:
                 since_ms: int | None = None, before_seq: int | None = None,
                 count: int = 50) -> tuple[list[Stored], int | None]:
         """Versions newest first; returns (page, cursor for the next page or None)."""
+        self.flush()
         v = db.resource_version.c
         conditions = []
         if resource_type:
