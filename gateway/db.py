@@ -33,6 +33,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    select,
     text,
 )
 
@@ -350,38 +352,73 @@ def analyze(engine: Engine) -> None:
     analysis_limit keeps it to milliseconds on a large file. PostgreSQL's autovacuum analyses on
     its own; an explicit ANALYZE after bulk loads just saves waiting for it.
     """
-    with engine.connect() as conn:
+    with write_tx(engine) as conn:  # it writes the statistics tables: queue like any writer
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql("PRAGMA analysis_limit=1000")
-            conn.exec_driver_sql("ANALYZE")
-        else:
-            conn.exec_driver_sql("ANALYZE")
-        conn.commit()
+        conn.exec_driver_sql("ANALYZE")
 
 
 class Analyzer:
-    """Runs analyze() in the background at most every `interval` seconds, when asked by traffic."""
+    """Keeps the planner's statistics in step with the data.
 
-    def __init__(self, engine: Engine, interval: float = 600.0) -> None:
+    Statistics taken while the store was small mislead the planner once it has grown (a date range
+    looks as selective as a resource key, and a search scans every date index row), so a background
+    thread, started by the first request in each process, looks at the highest resource key every
+    `check_every` seconds and runs analyze() when the store has grown by `growth` since the last
+    time, and at least every `interval` seconds while there is traffic.
+    """
+
+    def __init__(self, engine: Engine, interval: float = 600.0, check_every: float = 5.0,
+                 growth: float = 0.25, min_rows: int = 1000) -> None:
         self.engine = engine
         self.interval = interval
-        self._due = 0.0
+        self.check_every = check_every
+        self.growth = growth
+        self.min_rows = min_rows
+        self._thread: threading.Thread | None = None
+        self._pid = 0
         self._lock = threading.Lock()
+        self._analysed_rows = -1
+        self._analysed_at = 0.0
+        self._traffic = threading.Event()
 
     def tick(self) -> None:
-        now = time.monotonic()
-        if now < self._due or not self._lock.acquire(blocking=False):
+        self._traffic.set()
+        if self._thread is not None and self._pid == os.getpid():
             return
-        self._due = now + self.interval
-        threading.Thread(target=self._run, name="analyze", daemon=True).start()
+        with self._lock:  # a thread does not survive gunicorn's fork: one per process
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="analyze", daemon=True)
+                self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            analyze(self.engine)
-        except Exception:  # statistics are an optimisation; a failure must not reach a request
-            logging.getLogger(__name__).exception("ANALYZE failed")
-        finally:
-            self._lock.release()
+    def due(self, rows: int, now: float) -> bool:
+        if self._analysed_rows < 0:
+            return True
+        grown = rows - self._analysed_rows
+        if grown >= self.min_rows and grown >= self._analysed_rows * self.growth:
+            return True
+        return now - self._analysed_at >= self.interval and self._traffic.is_set()
+
+    def check(self) -> bool:
+        """Analyse now if due; True when it did."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(func.coalesce(func.max(resource.c.pk), 0))).scalar_one()
+        now = time.monotonic()
+        if not self.due(rows, now):
+            return False
+        analyze(self.engine)
+        self._analysed_rows, self._analysed_at = rows, now
+        self._traffic.clear()
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.check()
+            except Exception:  # statistics are an optimisation; a failure must not reach a request
+                logging.getLogger(__name__).exception("ANALYZE failed")
+            time.sleep(self.check_every)
 
 
 def ping(engine: Engine) -> bool:
