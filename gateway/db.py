@@ -362,10 +362,10 @@ class Analyzer:
     """Keeps the planner's statistics in step with the data.
 
     Statistics taken while the store was small mislead the planner once it has grown (a date range
-    looks as selective as a resource key, and a search scans every date index row), so a background
-    thread, started by the first request in each process, looks at the highest resource key every
-    `check_every` seconds and runs analyze() when the store has grown by `growth` since the last
-    time, and at least every `interval` seconds while there is traffic.
+    looks as selective as a resource key, and a search walks every date index row), so requests
+    call tick(), which at most every `check_every` seconds looks at the highest resource key in a
+    short-lived thread and runs analyze() when the store has grown by `growth` since the last time,
+    or when `interval` seconds have passed.
     """
 
     def __init__(self, engine: Engine, interval: float = 600.0, check_every: float = 5.0,
@@ -375,22 +375,17 @@ class Analyzer:
         self.check_every = check_every
         self.growth = growth
         self.min_rows = min_rows
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._next_check = 0.0
         self._lock = threading.Lock()
         self._analysed_rows = -1
         self._analysed_at = 0.0
-        self._traffic = threading.Event()
 
     def tick(self) -> None:
-        self._traffic.set()
-        if self._thread is not None and self._pid == os.getpid():
+        now = time.monotonic()
+        if now < self._next_check or not self._lock.acquire(blocking=False):
             return
-        with self._lock:  # a thread does not survive gunicorn's fork: one per process
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="analyze", daemon=True)
-                self._thread.start()
+        self._next_check = now + self.check_every
+        threading.Thread(target=self._run, name="analyze", daemon=True).start()
 
     def due(self, rows: int, now: float) -> bool:
         if self._analysed_rows < 0:
@@ -398,7 +393,7 @@ class Analyzer:
         grown = rows - self._analysed_rows
         if grown >= self.min_rows and grown >= self._analysed_rows * self.growth:
             return True
-        return now - self._analysed_at >= self.interval and self._traffic.is_set()
+        return now - self._analysed_at >= self.interval
 
     def check(self) -> bool:
         """Analyse now if due; True when it did."""
@@ -409,16 +404,15 @@ class Analyzer:
             return False
         analyze(self.engine)
         self._analysed_rows, self._analysed_at = rows, now
-        self._traffic.clear()
         return True
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                self.check()
-            except Exception:  # statistics are an optimisation; a failure must not reach a request
-                logging.getLogger(__name__).exception("ANALYZE failed")
-            time.sleep(self.check_every)
+    def _run(self) -> None:
+        try:
+            self.check()
+        except Exception:  # statistics are an optimisation; a failure must not reach a request
+            logging.getLogger(__name__).exception("ANALYZE failed")
+        finally:
+            self._lock.release()
 
 
 def ping(engine: Engine) -> bool:

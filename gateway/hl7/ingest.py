@@ -189,6 +189,11 @@ class Ingestor:
                 extensions = [e for e in meta.get("extension", []) if e.get("url") != SOURCE_TIME_URL]
                 meta["extension"] = [*extensions, {"url": SOURCE_TIME_URL, "valueDateTime": translation.source_time}]
             body["meta"] = meta
+            if current is not None and _same_data(current, body):
+                # The same data from a message of the same time (a re-send under a new control id):
+                # no new version just to name another message as the source.
+                written.append(_written(message_id, rtype, rid, existing.version_id, "unchanged"))
+                continue
             result = repo.update(rtype, rid, body)
             action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
             written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
@@ -208,6 +213,18 @@ def _source_time(resource: dict[str, Any]) -> str | None:
         if extension.get("url") == SOURCE_TIME_URL:
             return extension.get("valueDateTime")
     return None
+
+
+def _same_data(current: dict[str, Any], incoming: dict[str, Any]) -> bool:
+    """True when the two differ at most in meta.source, versionId and lastUpdated. The source-time
+    extension is compared: data confirmed by a newer message is written, so that an older message
+    arriving later cannot overwrite it."""
+    def canonical(body: dict[str, Any]) -> str:
+        meta = {k: v for k, v in (body.get("meta") or {}).items()
+                if k not in ("source", "versionId", "lastUpdated")}
+        return jsonio.dumps({**body, "meta": meta}, sort_keys=True)
+
+    return canonical(current) == canonical(incoming)
 
 
 def _is_newer(current: dict[str, Any], incoming_time: str | None) -> bool:

@@ -196,3 +196,18 @@ def test_batch_gets_a_batch_ack_and_every_message_is_processed(app: Any, ingest:
     ack = ingest.handle(batch.encode()).decode()
     assert ack.startswith(("FHS", "BHS"))
     assert [r.status for r in rows(app)] == ["processed", "processed"]
+
+
+def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client: Any, ingest: Any) -> None:
+    ingest.handle(adt("CTRL1").encode())
+    (patient,) = patients(client, identifier="MRN100")
+    assert msa(ingest.handle(adt("CTRL2").encode()).decode())[1] == "AA"
+    (again,) = patients(client, identifier="MRN100")
+    assert again["meta"]["versionId"] == patient["meta"]["versionId"]
+    trace = client.get(f"/hl7/messages/{rows(app)[-1].id}").get_json()
+    assert ("Patient", "unchanged") in {(w["resource_type"], w["action"]) for w in trace["written"]}
+    # The same data in a newer message is written: its time now guards against older messages.
+    ingest.handle(adt("CTRL3", time="20261102083000-0500").encode())
+    (latest,) = patients(client, identifier="MRN100")
+    assert int(latest["meta"]["versionId"]) == int(patient["meta"]["versionId"]) + 1
+    assert latest["meta"]["source"].endswith(f"/hl7/messages/{rows(app)[-1].id}")
