@@ -201,7 +201,8 @@ class AuditLog:
         events = [event for r in batch for event in audit_events(r, _patients(r.contents))]
         for attempt in range(3):
             try:
-                with self.store.writing() as repo:
+                # Not durable: records wait in memory before this anyway (see write_tx).
+                with self.store.writing(durable=False) as repo:
                     repo.create_many(events)
                 self.written += len(events)
                 return

@@ -229,6 +229,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            _record.info["synchronous"] = sqlite_synchronous
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
@@ -294,28 +295,42 @@ def _writer_gate(engine: Engine) -> WriterGate | None:
 
 
 @contextmanager
-def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL."""
+def write_tx(engine: Engine, durable: bool = True) -> Iterator[Connection]:
+    """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL.
+
+    durable=False lets the commit return before it reaches the disk (SQLite synchronous=NORMAL,
+    PostgreSQL synchronous_commit off). Such a commit survives the process crashing but not the
+    machine losing power until the next durable commit, which also makes everything before it
+    durable. For writes nobody has been promised yet: a received HL7 message before its ACK
+    (whose commit is durable), audit records (kept in memory until written anyway).
+    """
     gate = _writer_gate(engine)
     if gate is not None:
-        with gate.held(), _write_tx(engine) as conn:
+        with gate.held(), _write_tx(engine, durable) as conn:
             yield conn
     else:
-        with _write_tx(engine) as conn:
+        with _write_tx(engine, durable) as conn:
             yield conn
 
 
 @contextmanager
-def _write_tx(engine: Engine) -> Iterator[Connection]:
+def _write_tx(engine: Engine, durable: bool) -> Iterator[Connection]:
     with engine.connect() as conn:
-        # info belongs to the pooled DBAPI connection and outlives this checkout: the flag must go
+        # info belongs to the pooled DBAPI connection and outlives this checkout: the flags must go
         # again, or every later read on this connection would take SQLite's write lock.
         conn.info["write"] = True
+        relaxed = not durable and conn.info.get("synchronous", "").upper() in ("FULL", "EXTRA")
+        if relaxed:  # outside any transaction, where SQLite allows it
+            conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
         try:
             with conn.begin():
+                if not durable and is_postgres(conn):
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
         finally:
             conn.info.pop("write", None)
+            if relaxed:
+                conn.connection.driver_connection.execute(f"PRAGMA synchronous={conn.info['synchronous']}")
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event, text
 
@@ -113,3 +114,19 @@ def test_writers_queue_on_the_gate_across_threads(tmp_path: Path) -> None:
     assert overlap == []
     assert Path(str(tmp_path / "gate.sqlite") + ".writer-lock").exists()
     engine.dispose()
+
+
+def test_a_write_that_need_not_be_durable_skips_only_its_own_flush(store: Any) -> None:
+    engine = store.engine
+
+    def level(conn: Any) -> str:
+        if db.is_postgres(conn):
+            return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar_one())
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[conn.exec_driver_sql("PRAGMA synchronous").scalar_one()]
+
+    with db.write_tx(engine, durable=False) as conn:
+        assert level(conn) in ("NORMAL", "off")
+    with db.write_tx(engine) as conn:
+        assert level(conn) in ("FULL", "on")
+    with db.read_tx(engine) as conn:
+        assert level(conn) in ("FULL", "on")

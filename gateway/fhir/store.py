@@ -443,8 +443,8 @@ class FhirStore:
             listener(action, result)
 
     @contextmanager
-    def writing(self) -> Iterator[Repository]:
-        with db.write_tx(self.engine) as conn:
+    def writing(self, durable: bool = True) -> Iterator[Repository]:
+        with db.write_tx(self.engine, durable) as conn:
             repo = Repository(self, conn)
             yield repo
             repo.flush()

@@ -75,7 +75,10 @@ class Ingestor:
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
         content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        with self.store.writing() as repo:
+        # Not durable on its own: it must survive the process dying while the message is worked
+        # on (a message that crashes us stays on file); the durable commit that precedes its ACK
+        # takes it to the disk. A duplicate acknowledges data that was made durable before.
+        with self.store.writing(durable=False) as repo:
             prior = repo.conn.execute(
                 select(M.id, M.content_hash, M.ack).where(
                     M.control_id == header.control_id, M.sending_app == header.sending_app,
