@@ -277,6 +277,30 @@ class Segment:
 
 
 _PATH = re.compile(r"^(?:(?P<seg>[A-Z][A-Z0-9]{2})-)?(?P<field>\d+)(?:\[(?P<sel>[^\]]+)\])?(?P<rest>(?:\.\d+)*)$")
+@functools.lru_cache(maxsize=4096)
+def _field_path(path: str) -> tuple[str | None, int, tuple[str, str] | None, tuple[int, ...]]:
+    """'OBX-5[1=CE].2' -> ('OBX', 5, ('1', 'CE'), (2,)): parsed once per distinct path."""
+    match = _PATH.match(path)
+    if not match:
+        raise ValueError(f"bad field path {path!r}")
+    selector = None
+    if match["sel"]:
+        key, _, wanted = match["sel"].partition("=")
+        selector = (key, wanted.upper())
+    rest = tuple(int(index) for index in match["rest"].split(".")[1:])
+    return match["seg"], int(match["field"]), selector, rest
+
+
+@functools.lru_cache(maxsize=4096)
+def _relative_path(path: str) -> tuple[int, ...]:
+    return tuple(int(index) for index in path.split("."))
+
+
+@functools.lru_cache(maxsize=4096)
+def _alternatives(path: str) -> tuple[str, ...]:
+    return tuple(path.split("|"))
+
+
 _DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4}|Z)?$")
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?(?:[+-]\d{4})?$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -406,28 +430,26 @@ class _Run:
 
     def nodes(self, path: str, scope: Scope, every: bool = False) -> list[Node]:
         """The node(s) a path names. `every`: one per repetition of the field."""
-        match = _PATH.match(str(path))
-        if not match:
-            raise ValueError(f"bad field path {path!r}")
-        if scope.node is not None and not match["seg"]:
+        seg, field, selector, rest = _field_path(str(path))
+        if scope.node is not None and not seg:
             node: Node = scope.node
-            for index in str(path).split("."):
-                node = _child(node, int(index))
+            for index in _relative_path(str(path)):
+                node = _child(node, index)
             return [node]
-        segment = self.seen.get(match["seg"]) if match["seg"] else scope.segment
+        segment = self.seen.get(seg) if seg else scope.segment
         if segment is None:
             return []
-        reps = segment.reps(int(match["field"]))
-        if match["sel"]:
-            key, _, wanted = match["sel"].partition("=")
-            reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted.upper()]
+        reps = segment.reps(field)
+        if selector:
+            key, wanted = selector
+            reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted]
         if not every:
             reps = reps[:1]
         found: list[Node] = []
         for rep in reps:
             node = rep
-            for index in match["rest"].split(".")[1:]:
-                node = _child(node, int(index))
+            for index in rest:
+                node = _child(node, index)
             found.append(node)
         return found
 
@@ -521,7 +543,7 @@ class _Run:
         if path is None:
             return [scope.node if scope.node is not None else []]
         every = rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule)
-        for alternative in str(path).split("|"):
+        for alternative in _alternatives(str(path)):
             found = [n for n in self.nodes(alternative, scope, every=every) if not _is_empty(n)]
             if found:
                 return found
