@@ -82,7 +82,7 @@ def negotiate() -> None:
         if mimetype not in allowed and not form_search:
             raise FhirError(415, f"Unsupported Content-Type {mimetype or '(none)'!r}", code="not-supported")
     if request.path.rstrip("/") not in ("/fhir/metadata",):
-        g.principal = access.principal_from_request(request, _settings())
+        g.principal = access.principal_from_request(request, _settings(), current_app.extensions["gateway"].smart)
 
 
 def _audit(interaction: str, *, entities: tuple[str, ...] = (), contents: tuple[str, ...] = (),
@@ -300,7 +300,7 @@ def type_level(rtype: str) -> Response:
     if request.method == "POST":
         resource = _body()
         _check_type(resource, rtype)
-        _grant("create", rtype)
+        access.check_write(_grant("create", rtype), resource, _compartment_of)
         if_none_exist = request.headers.get("If-None-Exist")
         result = store.write(lambda repo: repo.create(resource, if_none_exist=if_none_exist))
         _audit("create", entities=(result.stored.reference,), contents=(result.stored.content or "",))
@@ -310,8 +310,8 @@ def type_level(rtype: str) -> Response:
         raise FhirError(405, f"{request.method} on /{rtype} needs search criteria", code="not-supported")
     if request.method == "PUT":
         return _put(rtype, lambda repo, resource, if_match: repo.conditional_update(rtype, criteria, resource,
-                                                                                     if_match))
-    _grant("delete", rtype)
+                                                                                     if_match), conditional=True)
+    _refuse_restricted(_grant("delete", rtype), "Conditional delete")
     deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria))
     _audit("delete", entities=tuple(d.reference for d in deleted), contents=tuple(d.content or "" for d in deleted))
     return Response(status=204)
@@ -323,11 +323,17 @@ def type_search(rtype: str) -> Response:
         return fhir_response(run_search(repo, rtype, _search_params(), f"/fhir/{rtype}", strict=_strict()))
 
 
-def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], WriteResult]) -> Response:
+def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], WriteResult],
+         rid: str | None = None, conditional: bool = False) -> Response:
     """PUT by id or by criteria: body checks, the grant, one write, its audit record."""
     resource = _body()
     _check_type(resource, rtype)
-    _grant("update", rtype)
+    grant = _grant("update", rtype)
+    if conditional:
+        _refuse_restricted(grant, "Conditional update")
+    access.check_write(grant, resource, _compartment_of)
+    if rid is not None:
+        _check_existing(grant, rtype, rid)
     if_match = request.headers.get("If-Match")
     result = _store().write(lambda repo: write(repo, resource, if_match))
     _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
@@ -355,25 +361,55 @@ def instance(rtype: str, rid: str) -> Response:
         _audit("read", entities=(stored.reference,), contents=(stored.content or "",))
         return _conditional_get(stored)
     if request.method == "PUT":
-        return _put(rtype, lambda repo, resource, if_match: repo.update(rtype, rid, resource, if_match))
+        return _put(rtype, lambda repo, resource, if_match: repo.update(rtype, rid, resource, if_match), rid=rid)
     if request.method == "PATCH":
         if request.mimetype not in PATCH_TYPES:
             raise FhirError(415, "PATCH takes application/json-patch+json", code="not-supported")
         operations = _body()
-        _grant("patch", rtype)
+        # The patched resource is only known inside the write, so a token confined to some patients
+        # cannot be checked against it beforehand: refused rather than checked afterwards.
+        _refuse_restricted(_grant("patch", rtype), "PATCH")
         if_match = request.headers.get("If-Match")
         result = store.write(lambda repo: repo.patch(rtype, rid, operations, if_match))
         _audit("patch", entities=(result.stored.reference,), contents=(result.stored.content or "",))
         return _write_response(result.stored, result.status)
-    _grant("delete", rtype)
+    _check_existing(_grant("delete", rtype), rtype, rid)
     deleted = store.write(lambda repo: repo.delete(rtype, rid))
     _audit("delete", entities=(f"{rtype}/{rid}",), contents=(deleted.content or "",) if deleted else ())
     return Response(status=204)
 
 
-def _grant_restricts(stored: Stored) -> bool:
+def _compartment_of(resource: dict[str, Any]) -> set[str]:
+    from gateway.fhir.indexer import compartment_patients
+
+    return compartment_patients(resource, _fhir_base())
+
+
+def _refuse_restricted(grant: access.Grant, what: str) -> None:
+    if grant.restrict is not None:
+        raise FhirError(403, f"{what} is not available to a token confined to some patients or records",
+                        code="forbidden")
+
+
+def _check_existing(grant: access.Grant, rtype: str, rid: str, missing_ok: bool = True) -> None:
+    """An update, delete or history by id must not touch a resource the grant cannot reach."""
+    if grant.restrict is None:
+        return
+    with _store().reading() as repo:
+        try:
+            stored = repo.read(rtype, rid)
+        except FhirError as exc:
+            if exc.status == 404 and missing_ok:
+                return  # update-as-create: check_write already judged the new content
+            raise FhirError(403, "Access denied", code="forbidden") from None
+    if _grant_restricts(stored, grant):
+        raise FhirError(403, "Access denied", code="forbidden")
+
+
+def _grant_restricts(stored: Stored, grant: access.Grant | None = None) -> bool:
     """True when the grant's restriction excludes this resource (checked with one indexed query)."""
-    grant: access.Grant = access.authorize(g.principal, "read", stored.resource_type)
+    if grant is None:
+        grant = access.authorize(g.principal, "read", stored.resource_type)
     if grant.restrict is None:
         return False
     from sqlalchemy import select
@@ -444,7 +480,12 @@ def instance_sub(rtype: str, rid: str, rest: str) -> Response:
 def _history(rtype: str | None, rid: str | None) -> Response:
     if rtype:
         known_type(rtype)
-    _grant("history", rtype)
+    grant = _grant("history", rtype)
+    if grant.restrict is not None:
+        # Type and system history are not filtered by compartment: confined tokens get instance history only.
+        if rid is None or rtype is None:
+            raise FhirError(403, "History across resources is not available to this token", code="forbidden")
+        _check_existing(grant, rtype, rid, missing_ok=False)
     since = request.args.get("_since")
     since_ms = None
     if since:
@@ -493,6 +534,7 @@ def _history(rtype: str | None, rid: str | None) -> Response:
 
 def _everything(patient_id: str) -> Response:
     grant = _grant("everything", "Patient")
+    access.check_patient(grant, patient_id)
     types = ",".join(request.args.getlist("_type"))
     count_raw = request.args.get("_count", "50")
     if not count_raw.isdigit() or int(count_raw) == 0:

@@ -1,0 +1,91 @@
+"""Provisioning used by the CLI (and tests): clients, launch URLs, proxies with the patient's age."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any
+from urllib.parse import urlencode
+
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from sqlalchemy import Engine, insert, select
+
+from gateway.smart_auth import people
+from gateway.smart_auth.models import oauth_client
+from gateway.smart_auth.people import AuthError, now_ms
+
+DEFAULT_APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access online_access "
+                     "patient/*.cruds user/*.cruds")
+DEFAULT_BACKEND_SCOPE = "system/*.cruds"
+
+
+def register_client(engine: Engine, client_id: str, redirect_uris: list[str], *, public: bool = False,
+                    secret: str | None = None, jwks_url: str | None = None, jwks: dict[str, Any] | None = None,
+                    scope: str | None = None, launch_url: str | None = None) -> dict[str, Any]:
+    kinds = [public, bool(secret), bool(jwks_url), jwks is not None]
+    if sum(kinds) != 1:
+        raise AuthError("choose exactly one of --public, --secret, --jwks-url, --jwks-file")
+    if jwks is not None:
+        try:
+            keyset = KeySet.import_key_set(jwks)
+        except (JoseError, ValueError, TypeError) as exc:
+            raise AuthError(f"the JWKS cannot be read: {exc}") from None
+        if any(not key.kid for key in keyset.keys):
+            raise AuthError("every key in the JWKS needs a kid")
+    client_type = "public" if public else "confidential-symmetric" if secret else "confidential-asymmetric"
+    if scope is None:
+        scope = DEFAULT_APP_SCOPE + (" " + DEFAULT_BACKEND_SCOPE if client_type == "confidential-asymmetric" else "")
+    with engine.begin() as conn:
+        if conn.execute(select(oauth_client.c.client_id).where(oauth_client.c.client_id == client_id)).first():
+            raise AuthError(f"client {client_id!r} exists already")
+        conn.execute(insert(oauth_client).values(
+            client_id=client_id, client_type=client_type, secret_hash=people.hash_secret(secret) if secret else None,
+            redirect_uris=json.dumps(redirect_uris), scope=scope, jwks_url=jwks_url,
+            jwks=json.dumps(jwks) if jwks is not None else None, launch_url=launch_url, created_ms=now_ms()))
+    return {"client_id": client_id, "client_type": client_type, "redirect_uris": redirect_uris, "scope": scope,
+            "jwks_url": jwks_url, "launch_url": launch_url,
+            "token_endpoint_auth_method": {"public": "none", "confidential-symmetric": "client_secret_basic",
+                                           "confidential-asymmetric": "private_key_jwt"}[client_type]}
+
+
+def patient_birth_date(store: Any, patient_id: str) -> str | None:
+    """The Patient's birthDate; AuthError when the store has no such patient."""
+    from gateway.fhir.outcome import FhirError
+
+    try:
+        with store.reading() as repo:
+            resource = json.loads(repo.read("Patient", patient_id).content or "{}")
+    except FhirError:
+        raise AuthError(f"no Patient/{patient_id} in the store") from None
+    return resource.get("birthDate")
+
+
+def grant_proxy(engine: Engine, store: Any, username: str, patient: str, relationship: str,
+                until: date | None = None, today: date | None = None) -> dict[str, Any]:
+    kind, _, patient_id = patient.partition("/")
+    if kind != "Patient" or not patient_id:
+        raise AuthError("--patient must be Patient/ID")
+    return people.grant_proxy(engine, username, patient_id, relationship, patient_birth_date(store, patient_id),
+                              until=until, today=today)
+
+
+def launch_url(smart: Any, client_id: str, patient: str, username: str | None = None,
+               encounter: str | None = None) -> dict[str, Any]:
+    client = smart.query_client(client_id)
+    if client is None:
+        raise AuthError(f"no client {client_id!r}")
+    kind, _, patient_id = patient.partition("/")
+    if kind != "Patient" or not patient_id:
+        raise AuthError("--patient must be Patient/ID")
+    user_id = None
+    if username:
+        user = people.find_user(smart.engine, username)
+        if user is None:
+            raise AuthError(f"no user {username!r}")
+        user_id = user.id
+    encounter_id = encounter.partition("/")[2] if encounter else None
+    launch_id = smart.create_launch(client_id, patient_id, encounter_id, user_id)
+    base = client.launch_url or (client.redirect_uris[0] if client.redirect_uris else "")
+    query = urlencode({"iss": smart.settings.fhir_base, "launch": launch_id})
+    return {"launch": launch_id, "launch_url": f"{base}{'&' if '?' in base else '?'}{query}"}

@@ -1,0 +1,191 @@
+"""Logins and whom they may act for: argon2 passwords, TOTP, lockout, proxy grants.
+
+A login acts for its own Patient record and for every patient it holds a current proxy grant for.
+A grant for a minor ends the day before the 18th birthday whatever the grantor asked for; for a
+patient aged 12 to 17 the proxy is "limited": records labelled confidential stay hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from gateway.smart_auth.models import auth_user, proxy_grant
+
+MAX_FAILURES = 5
+LOCKOUT_MS = 15 * 60 * 1000
+_hasher = PasswordHasher()
+
+
+class AuthError(Exception):
+    """A login, grant or registration that cannot go ahead; the message is safe to show."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def hash_secret(secret: str) -> str:
+    return _hasher.hash(secret)
+
+
+def verify_secret(hashed: str, secret: str) -> bool:
+    try:
+        return _hasher.verify(hashed, secret)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    fhir_user: str
+    totp_secret: str | None
+
+    @property
+    def patient_id(self) -> str | None:
+        kind, _, rid = self.fhir_user.partition("/")
+        return rid if kind == "Patient" else None
+
+
+def _user(row: object) -> User:
+    return User(row.id, row.username, row.fhir_user, row.totp_secret)  # type: ignore[attr-defined]
+
+
+def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_secret: str | None = None) -> User:
+    kind, _, rid = fhir_user.partition("/")
+    if kind != "Patient" or not rid:
+        raise AuthError("--fhir-user must be Patient/ID")
+    if len(password) < 8:
+        raise AuthError("the password needs at least 8 characters")
+    if totp_secret:
+        try:
+            pyotp.TOTP(totp_secret).now()
+        except Exception:
+            raise AuthError("--totp-secret is not a base32 secret") from None
+    with engine.begin() as conn:
+        if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
+            raise AuthError(f"user {username!r} exists already")
+        conn.execute(insert(auth_user).values(
+            username=username, password_hash=hash_secret(password), fhir_user=fhir_user,
+            totp_secret=totp_secret or None, failed_logins=0, created_ms=now_ms()))
+        return _user(conn.execute(select(auth_user).where(auth_user.c.username == username)).one())
+
+
+def get_user(conn: Connection, user_id: int) -> User | None:
+    row = conn.execute(select(auth_user).where(auth_user.c.id == user_id)).first()
+    return _user(row) if row else None
+
+
+def find_user(engine: Engine, username: str) -> User | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(auth_user).where(auth_user.c.username == username)).first()
+    return _user(row) if row else None
+
+
+def check_password(engine: Engine, username: str, password: str) -> User:
+    """The user, or AuthError after counting a failure (five in a row lock the login 15 minutes)."""
+    with engine.begin() as conn:
+        row = conn.execute(select(auth_user).where(auth_user.c.username == username)).first()
+        if row is None:
+            _hasher.hash(password)  # the same work as a real check, so timing does not tell
+            raise AuthError("Unknown username or wrong password")
+        if row.locked_until_ms and row.locked_until_ms > now_ms():
+            raise AuthError("Too many failed attempts; try again later")
+        if not verify_secret(row.password_hash, password):
+            _count_failure(conn, row.id, row.failed_logins)
+            raise AuthError("Unknown username or wrong password")
+        conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
+        return _user(row)
+
+
+def check_otp(engine: Engine, user: User, otp: str) -> None:
+    with engine.begin() as conn:
+        row = conn.execute(select(auth_user).where(auth_user.c.id == user.id)).one()
+        if row.locked_until_ms and row.locked_until_ms > now_ms():
+            raise AuthError("Too many failed attempts; try again later")
+        if not row.totp_secret or not pyotp.TOTP(row.totp_secret).verify(otp.strip(), valid_window=1):
+            _count_failure(conn, row.id, row.failed_logins)
+            raise AuthError("The code is not valid")
+        conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
+
+
+def _count_failure(conn: Connection, user_id: int, failures: int) -> None:
+    failures += 1
+    locked = now_ms() + LOCKOUT_MS if failures >= MAX_FAILURES else None
+    conn.execute(update(auth_user).where(auth_user.c.id == user_id).values(
+        failed_logins=0 if locked else failures, locked_until_ms=locked))
+
+
+# --- proxies ---
+
+def eighteenth_birthday(birth: date) -> date:
+    try:
+        return birth.replace(year=birth.year + 18)
+    except ValueError:  # 29 February
+        return date(birth.year + 18, 3, 1)
+
+
+def age_on(birth: date, day: date) -> int:
+    return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+
+
+def grant_proxy(engine: Engine, username: str, patient_id: str, relationship: str, birth_date: str | None,
+                until: date | None = None, today: date | None = None) -> dict[str, str | None]:
+    """Let `username` act for `patient_id`. A minor's proxy ends the day before the 18th birthday."""
+    today = today or date.today()
+    user = find_user(engine, username)
+    if user is None:
+        raise AuthError(f"no user {username!r}")
+    if user.patient_id == patient_id:
+        raise AuthError("a user acts for their own record without a proxy grant")
+    if birth_date:
+        birth = date.fromisoformat(birth_date[:10])
+        if age_on(birth, today) < 18:
+            adult_day = eighteenth_birthday(birth) - timedelta(days=1)
+            until = min(until, adult_day) if until else adult_day
+    valid_until = until.isoformat() if until else None
+    with engine.begin() as conn:
+        conn.execute(insert(proxy_grant).values(
+            user_id=user.id, patient_id=patient_id, relationship=relationship, birth_date=birth_date,
+            valid_from=today.isoformat(), valid_until=valid_until, created_ms=now_ms()))
+    return {"username": username, "patient": f"Patient/{patient_id}", "relationship": relationship,
+            "valid_from": today.isoformat(), "valid_until": valid_until}
+
+
+def revoke_proxy(engine: Engine, username: str, patient_id: str) -> int:
+    user = find_user(engine, username)
+    if user is None:
+        raise AuthError(f"no user {username!r}")
+    with engine.begin() as conn:
+        result = conn.execute(update(proxy_grant).where(
+            proxy_grant.c.user_id == user.id, proxy_grant.c.patient_id == patient_id,
+            proxy_grant.c.revoked_ms.is_(None)).values(revoked_ms=now_ms()))
+    return result.rowcount
+
+
+def acting_for(conn: Connection, user_id: int, today: date | None = None) -> dict[str, bool]:
+    """Patient id -> limited (True: a proxy of a 12-17 year old, who does not see confidential data)."""
+    today = today or date.today()
+    user = get_user(conn, user_id)
+    if user is None:
+        return {}
+    out: dict[str, bool] = {}
+    day = today.isoformat()
+    rows = conn.execute(select(proxy_grant).where(
+        proxy_grant.c.user_id == user_id, proxy_grant.c.revoked_ms.is_(None), proxy_grant.c.valid_from <= day))
+    for row in rows:
+        if row.valid_until is not None and row.valid_until < day:
+            continue
+        limited = bool(row.birth_date) and 12 <= age_on(date.fromisoformat(row.birth_date[:10]), today) < 18
+        out[row.patient_id] = out.get(row.patient_id, True) and limited
+    if user.patient_id:
+        out[user.patient_id] = False
+    return out
