@@ -11,6 +11,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from sqlalchemy import Engine, insert, select
 
+from gateway.db import write_tx
 from gateway.smart_auth import people
 from gateway.smart_auth.models import oauth_client
 from gateway.smart_auth.people import AuthError, now_ms
@@ -36,7 +37,7 @@ def register_client(engine: Engine, client_id: str, redirect_uris: list[str], *,
     client_type = "public" if public else "confidential-symmetric" if secret else "confidential-asymmetric"
     if scope is None:
         scope = DEFAULT_APP_SCOPE + (" " + DEFAULT_BACKEND_SCOPE if client_type == "confidential-asymmetric" else "")
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         if conn.execute(select(oauth_client.c.client_id).where(oauth_client.c.client_id == client_id)).first():
             raise AuthError(f"client {client_id!r} exists already")
         conn.execute(insert(oauth_client).values(

@@ -14,6 +14,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from sqlalchemy import Engine, insert, select, update
 
+from gateway.db import write_tx
 from gateway.smart_auth.models import signing_key
 from gateway.smart_auth.people import now_ms
 
@@ -21,7 +22,7 @@ from gateway.smart_auth.people import now_ms
 def _new_key(engine: Engine) -> RSAKey:
     kid = secrets.token_urlsafe(12)
     key = RSAKey.generate_key(2048, {"kid": kid, "use": "sig", "alg": "RS256"}, private=True)
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         conn.execute(insert(signing_key).values(kid=kid, private_jwk=json.dumps(key.as_dict(private=True)),
                                                 created_ms=now_ms()))
     return key
@@ -57,7 +58,7 @@ def rotate(engine: Engine) -> str:
     previous = _active_rows(engine)
     key = _new_key(engine)
     if len(previous) > 1:
-        with engine.begin() as conn:
+        with write_tx(engine) as conn:
             conn.execute(update(signing_key).where(signing_key.c.kid.in_([r.kid for r in previous[1:]]))
                          .values(retired_ms=now_ms()))
     return key.kid or ""

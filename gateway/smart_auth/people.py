@@ -16,6 +16,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from gateway.db import write_tx
 from gateway.smart_auth.models import auth_user, proxy_grant
 
 MAX_FAILURES = 5
@@ -70,7 +71,7 @@ def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_
             pyotp.TOTP(totp_secret).now()
         except Exception:
             raise AuthError("--totp-secret is not a base32 secret") from None
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
             raise AuthError(f"user {username!r} exists already")
         conn.execute(insert(auth_user).values(
@@ -92,29 +93,40 @@ def find_user(engine: Engine, username: str) -> User | None:
 
 def check_password(engine: Engine, username: str, password: str) -> User:
     """The user, or AuthError after counting a failure (five in a row lock the login 15 minutes)."""
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         row = conn.execute(select(auth_user).where(auth_user.c.username == username)).first()
         if row is None:
             _hasher.hash(password)  # the same work as a real check, so timing does not tell
-            raise AuthError("Unknown username or wrong password")
-        if row.locked_until_ms and row.locked_until_ms > now_ms():
-            raise AuthError("Too many failed attempts; try again later")
-        if not verify_secret(row.password_hash, password):
+            failure = "Unknown username or wrong password"
+        elif row.locked_until_ms and row.locked_until_ms > now_ms():
+            failure = "Too many failed attempts; try again later"
+        elif not verify_secret(row.password_hash, password):
             _count_failure(conn, row.id, row.failed_logins)
-            raise AuthError("Unknown username or wrong password")
-        conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
-        return _user(row)
+            failure = "Unknown username or wrong password"
+        else:
+            failure = None
+            conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0,
+                                                                                  locked_until_ms=None))
+    # Raised after the commit: the failure count must survive the refusal.
+    if failure:
+        raise AuthError(failure)
+    return _user(row)
 
 
 def check_otp(engine: Engine, user: User, otp: str) -> None:
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         row = conn.execute(select(auth_user).where(auth_user.c.id == user.id)).one()
         if row.locked_until_ms and row.locked_until_ms > now_ms():
-            raise AuthError("Too many failed attempts; try again later")
-        if not row.totp_secret or not pyotp.TOTP(row.totp_secret).verify(otp.strip(), valid_window=1):
+            failure = "Too many failed attempts; try again later"
+        elif not row.totp_secret or not pyotp.TOTP(row.totp_secret).verify(otp.strip(), valid_window=1):
             _count_failure(conn, row.id, row.failed_logins)
-            raise AuthError("The code is not valid")
-        conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
+            failure = "The code is not valid"
+        else:
+            failure = None
+            conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0,
+                                                                                  locked_until_ms=None))
+    if failure:
+        raise AuthError(failure)
 
 
 def _count_failure(conn: Connection, user_id: int, failures: int) -> None:
@@ -152,7 +164,7 @@ def grant_proxy(engine: Engine, username: str, patient_id: str, relationship: st
             adult_day = eighteenth_birthday(birth) - timedelta(days=1)
             until = min(until, adult_day) if until else adult_day
     valid_until = until.isoformat() if until else None
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         conn.execute(insert(proxy_grant).values(
             user_id=user.id, patient_id=patient_id, relationship=relationship, birth_date=birth_date,
             valid_from=today.isoformat(), valid_until=valid_until, created_ms=now_ms()))
@@ -164,7 +176,7 @@ def revoke_proxy(engine: Engine, username: str, patient_id: str) -> int:
     user = find_user(engine, username)
     if user is None:
         raise AuthError(f"no user {username!r}")
-    with engine.begin() as conn:
+    with write_tx(engine) as conn:
         result = conn.execute(update(proxy_grant).where(
             proxy_grant.c.user_id == user.id, proxy_grant.c.patient_id == patient_id,
             proxy_grant.c.revoked_ms.is_(None)).values(revoked_ms=now_ms()))

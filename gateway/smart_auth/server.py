@@ -54,6 +54,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway import access
 from gateway.config import Settings
+from gateway.db import write_tx
 from gateway.smart_auth import keys, people
 from gateway.smart_auth.models import (
     auth_code,
@@ -424,7 +425,7 @@ class SmartAuth:
     def remember_jti(self, client_id: str, jti: str, exp: int) -> bool:
         now = now_ms()
         try:
-            with self.engine.begin() as conn:
+            with write_tx(self.engine) as conn:
                 conn.execute(delete(client_assertion_jti).where(client_assertion_jti.c.expires_ms < now - 3600_000))
                 conn.execute(insert(client_assertion_jti).values(client_id=client_id, jti=str(jti),
                                                                  expires_ms=exp * 1000))
@@ -464,7 +465,7 @@ class SmartAuth:
     def start_grant(self, client_id: str, user: people.User, patient_id: str | None, encounter_id: str | None,
                     scope: str) -> Authorizer:
         grant_id = secrets.token_urlsafe(24)
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             conn.execute(insert(oauth_grant).values(
                 grant_id=grant_id, client_id=client_id, user_id=user.id, scope=scope, patient_id=patient_id,
                 encounter_id=encounter_id, fhir_user=user.fhir_user, created_ms=now_ms()))
@@ -473,7 +474,7 @@ class SmartAuth:
     def save_code(self, code: str, request: OAuth2Request) -> None:
         owner: Authorizer = request.user
         data = request.payload.data
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             conn.execute(update(oauth_grant).where(oauth_grant.c.grant_id == owner.grant_id).values(
                 scope=request.scope))
             conn.execute(insert(auth_code).values(
@@ -485,7 +486,7 @@ class SmartAuth:
                 grant_id=owner.grant_id))
 
     def claim_code(self, code: str, client: Client) -> AuthCode | None:
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             row = conn.execute(select(auth_code).where(auth_code.c.code_hash == digest(code),
                                                        auth_code.c.client_id == client.client_id)).first()
             if row is None:
@@ -546,7 +547,7 @@ class SmartAuth:
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
         owner: Authorizer | None = request.user
         now = now_ms()
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             if owner is None:
                 grant_id = secrets.token_urlsafe(24)
                 conn.execute(insert(oauth_grant).values(grant_id=grant_id, client_id=request.client.client_id,
@@ -563,7 +564,7 @@ class SmartAuth:
                 revoked=False, refresh_used=False))
 
     def claim_refresh_token(self, presented: str, client: Client) -> StoredToken:
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             row = conn.execute(select(oauth_token).where(oauth_token.c.refresh_hash == digest(presented))).first()
             if row is None or row.client_id != client.client_id:
                 raise InvalidGrantError("The refresh token is not valid for this client")
@@ -584,7 +585,7 @@ class SmartAuth:
         return StoredToken(row) if row else None
 
     def revoke_grant(self, grant_id: str) -> None:
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             conn.execute(update(oauth_grant).where(oauth_grant.c.grant_id == grant_id,
                                                    oauth_grant.c.revoked_ms.is_(None)).values(revoked_ms=now_ms()))
             conn.execute(update(oauth_token).where(oauth_token.c.grant_id == grant_id).values(revoked=True))
@@ -655,7 +656,7 @@ class SmartAuth:
                       user_id: int | None = None, seconds: int = 3600) -> str:
         launch_id = secrets.token_urlsafe(24)
         now = now_ms()
-        with self.engine.begin() as conn:
+        with write_tx(self.engine) as conn:
             conn.execute(insert(launch_context).values(
                 launch_id=launch_id, client_id=client_id, patient_id=patient_id, encounter_id=encounter_id,
                 user_id=user_id, created_ms=now, expires_ms=now + seconds * 1000))
