@@ -300,9 +300,7 @@ def proxy_grant(username: str, patient: str, relationship: str, until: str | Non
 @click.option("--patient", required=True, help="Patient/ID")
 def proxy_revoke(username: str, patient: str) -> None:
     """End a login's proxy access to a patient (its tokens stop working)."""
-    from gateway.smart_auth.people import revoke_proxy
-
-    _smart_call(lambda s: {"revoked": revoke_proxy(s.engine, username, patient.partition("/")[2])})
+    _smart_call(lambda s: {"revoked": s.smart.revoke_proxy(username, patient.partition("/")[2])})
 
 
 @main.command("launch")

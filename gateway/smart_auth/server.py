@@ -591,6 +591,12 @@ class SmartAuth:
             conn.execute(update(oauth_token).where(oauth_token.c.grant_id == grant_id).values(revoked=True))
         self.forget_cached()
 
+    def revoke_proxy(self, username: str, patient_id: str) -> int:
+        """End a proxy relationship; this process stops honouring its tokens at once."""
+        ended = people.revoke_proxy(self.engine, username, patient_id)
+        self.forget_cached()
+        return ended
+
     def forget_cached(self) -> None:
         with self._cache_lock:
             self._cache.clear()

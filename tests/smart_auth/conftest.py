@@ -81,7 +81,7 @@ class World:
         header = {"alg": alg, "kid": key.kid, "typ": "JWT", **(headers or {})}
         claims = {"iss": client_id, "sub": client_id, "aud": aud or token_url, "exp": now + exp_in,
                   "iat": now, "jti": jti or uuid.uuid4().hex}
-        return jwt.encode(header, claims, key)
+        return jwt.encode(header, claims, key, algorithms=[alg])
 
 
 # --- an HTTP adapter over the Flask test client or requests ---
@@ -189,7 +189,7 @@ def run_launch(http: Any, params: dict[str, str], verifier: str, username: str =
     reply = http.get("/auth/authorize?" + urlencode(params))
     for _ in range(12):
         if reply.status != 302 and reply.status != 200 and reply.status != 401:
-            return Launch(reply.location or f"status:{reply.status}", verifier, pages + [reply.text])
+            return Launch(reply.location or f"status:{reply.status}", verifier, [*pages, reply.text])
         if reply.status == 302:
             location = reply.location
             if location.startswith(REDIRECT):
