@@ -186,6 +186,9 @@ def check_write(grant: Grant, resource: dict[str, Any], compartment_of: Callable
         return
     rtype = resource.get("resourceType", "")
     owners = compartment_of(resource)
+    labels = (resource.get("meta") or {}).get("security") or []
+    confidential = any(isinstance(x, dict) and x.get("system") == CONFIDENTIALITY and x.get("code") in
+                       CONFIDENTIAL_CODES for x in labels)
     for rule in grant.rules:
         if rule.query or rule.resource_id is not None:
             continue  # granular and fhirUser rules never authorise writes
@@ -193,7 +196,8 @@ def check_write(grant: Grant, resource: dict[str, Any], compartment_of: Callable
             return
         if rtype != "Patient" and rtype not in _compartment_types():
             return
-        reachable = rule.patients - rule.limited
+        # A limited proxy may write into the record, but not anything it could not read back.
+        reachable = rule.patients - rule.limited if confidential else rule.patients
         if owners and owners <= reachable:
             return
     raise FhirError(403, "The resource would fall outside the patients this token may write for",
