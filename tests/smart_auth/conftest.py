@@ -181,12 +181,15 @@ def authorize_params(fhir_base: str, client_id: str = "public-app", scope: str =
     return params, verifier
 
 
-def run_launch(http: Any, params: dict[str, str], verifier: str, username: str = "maria",
+def run_launch(http: Any, params: dict[str, str] | str, verifier: str, username: str = "maria",
                patient: str | None = None, ticked: list[str] | None = None, decision: str = "approve",
                otp: str | None = None) -> Launch:
-    """Drive authorize -> login (-> MFA) (-> picker) -> consent until the app's redirect URI is reached."""
+    """Drive authorize -> login (-> MFA) (-> picker) -> consent until the app's redirect URI is reached.
+
+    `params` are the authorize parameters, or the whole authorize URL an app (fhirclient) built.
+    """
     pages: list[str] = []
-    reply = http.get("/auth/authorize?" + urlencode(params))
+    reply = http.get(params if isinstance(params, str) else "/auth/authorize?" + urlencode(params))
     for _ in range(12):
         if reply.status != 302 and reply.status != 200 and reply.status != 401:
             return Launch(reply.location or f"status:{reply.status}", verifier, [*pages, reply.text])
@@ -240,3 +243,15 @@ def http(app: Any) -> FlaskHttp:
 @pytest.fixture
 def fhir_base(app: Any) -> str:
     return app.extensions["gateway"].settings.fhir_base
+
+
+@pytest.fixture
+def live_world(live_server: str, settings: Any) -> Any:
+    """A gateway over real HTTP, with the demo people and clients registered in its database."""
+    from gateway import build_services
+
+    services = build_services(settings)
+    world = World(services.smart, services.store).setup()
+    yield live_server, world
+    services.audit.close()
+    services.engine.dispose()
