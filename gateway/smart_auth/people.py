@@ -69,8 +69,8 @@ def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_
     if totp_secret:
         try:
             pyotp.TOTP(totp_secret).now()
-        except Exception:
-            raise AuthError("--totp-secret is not a base32 secret") from None
+        except (ValueError, TypeError) as exc:
+            raise AuthError(f"--totp-secret is not usable: {exc}") from None
     with write_tx(engine) as conn:
         if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
             raise AuthError(f"user {username!r} exists already")

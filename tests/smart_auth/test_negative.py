@@ -372,3 +372,24 @@ def test_api_without_or_with_a_bad_token(world: Any, app: Any) -> None:
     assert reply.status_code == 401 and "invalid_token" in reply.headers["WWW-Authenticate"]
     assert client.get("/fhir/metadata").status_code == 200
     assert client.get("/fhir/.well-known/smart-configuration").status_code == 200
+
+
+def test_hl7_over_http_with_a_backend_services_token(world: Any, app: Any, http: Any, fhir_base: str) -> None:
+    from tests.hl7.test_ingest import adt, msa
+
+    app.extensions["gateway"].settings.open_access = False
+    jwks = KeySet([world.rsa]).as_dict(private=False)
+    admin.register_client(world.smart.engine, "ehr-feed", [REDIRECT], jwks=jwks, scope="system/*.c")
+    token_url = fhir_base.removesuffix("/fhir") + "/auth/token"
+    token = http.post("/auth/token", {
+        "grant_type": "client_credentials", "scope": "system/*.c",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": world.assertion("ehr-feed", token_url)}).json()["access_token"]
+    client = app.test_client()
+    sent = client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert sent.status_code == 200 and msa(sent.get_data(as_text=True))[1] == "AA"
+    reader = _backend(http, world, fhir_base).json()["access_token"]  # system/Observation.rs: no create
+    refused = client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2",
+                          headers={"Authorization": f"Bearer {reader}"})
+    assert refused.status_code == 401
