@@ -353,11 +353,10 @@ def instance(rtype: str, rid: str) -> Response:
     known_type(rtype)
     store = _store()
     if request.method == "GET":
-        _grant("read", rtype)
+        grant = _grant("read", rtype)
         with store.reading() as repo:
             stored = repo.read(rtype, rid)
-        if _grant_restricts(stored):
-            raise FhirError(403, "Access denied", code="forbidden")
+        _check_visible(grant, stored)
         _audit("read", entities=(stored.reference,), contents=(stored.content or "",))
         return _conditional_get(stored)
     if request.method == "PUT":
@@ -402,24 +401,12 @@ def _check_existing(grant: access.Grant, rtype: str, rid: str, missing_ok: bool 
             if exc.status == 404 and missing_ok:
                 return  # update-as-create: check_write already judged the new content
             raise FhirError(403, "Access denied", code="forbidden") from None
-    if _grant_restricts(stored, grant):
+    _check_visible(grant, stored)
+
+
+def _check_visible(grant: access.Grant, stored: Stored) -> None:
+    if not access.visible(grant, stored.resource_type, stored.id, stored.content or "{}", _fhir_base()):
         raise FhirError(403, "Access denied", code="forbidden")
-
-
-def _grant_restricts(stored: Stored, grant: access.Grant | None = None) -> bool:
-    """True when the grant's restriction excludes this resource (checked with one indexed query)."""
-    if grant is None:
-        grant = access.authorize(g.principal, "read", stored.resource_type)
-    if grant.restrict is None:
-        return False
-    from sqlalchemy import select
-
-    from gateway import db
-
-    with _store().reading() as repo:
-        row = repo.conn.execute(select(db.resource.c.pk).where(db.resource.c.pk == stored.pk,
-                                                               grant.restrict(db.resource.c.pk))).first()
-    return row is None
 
 
 def _conditional_get(stored: Stored) -> Response:
@@ -452,15 +439,14 @@ def instance_sub(rtype: str, rid: str, rest: str) -> Response:
         if len(segments) == 1:
             return _history(rtype, rid)
         if len(segments) == 2:
-            _grant("vread", rtype)
+            grant = _grant("vread", rtype)
             try:
                 version = int(segments[1])
             except ValueError:
                 raise FhirError(404, f"No version {segments[1]!r}", code="not-found") from None
             with _store().reading() as repo:
                 stored = repo.vread(rtype, rid, version)
-            if _grant_restricts(stored):
-                raise FhirError(403, "Access denied", code="forbidden")
+            _check_visible(grant, stored)
             _audit("vread", entities=(stored.reference,), contents=(stored.content or "",))
             return fhir_response(stored.content or "", 200, _resource_headers(stored))
     if rtype == "Patient" and segments == ["$everything"]:
