@@ -365,10 +365,14 @@ def mllp_command(host: str | None, port: int | None) -> None:
 def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: int, demo: bool) -> None:
     """Run the gateway (gunicorn)."""
     import os
+    import secrets
 
     if demo:
         os.environ["GATEWAY_OPEN_ACCESS"] = "1"
         os.environ.setdefault("GATEWAY_BASE_URL", f"http://{host}:{port}")
+    # Every worker must sign and check login sessions and CSRF tokens with the same key: without a
+    # configured one, pick it here, before the workers fork, rather than one per worker.
+    os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))
     settings = _settings()
     if demo:
         load_demo(settings)

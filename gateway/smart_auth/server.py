@@ -597,6 +597,29 @@ class SmartAuth:
         self.forget_cached()
         return ended
 
+    def apps_of(self, user_id: int) -> list[dict[str, Any]]:
+        """The authorizations a user has given that can still produce or use a token."""
+        now = now_ms()
+        live = select(oauth_token.c.grant_id).where(
+            oauth_token.c.revoked.is_(False),
+            (oauth_token.c.expires_ms > now) | ((oauth_token.c.refresh_expires_ms > now) &
+                                                oauth_token.c.refresh_used.is_(False)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(oauth_grant).where(
+                oauth_grant.c.user_id == user_id, oauth_grant.c.revoked_ms.is_(None),
+                oauth_grant.c.grant_id.in_(live)).order_by(oauth_grant.c.created_ms.desc())).all()
+        return [{"grant_id": r.grant_id, "client_id": r.client_id, "scope": r.scope, "patient_id": r.patient_id,
+                 "created_ms": r.created_ms} for r in rows]
+
+    def revoke_app(self, user_id: int, grant_id: str) -> bool:
+        """A user withdraws one app's access (only their own authorizations)."""
+        with self.engine.connect() as conn:
+            owner = conn.execute(select(oauth_grant.c.user_id).where(oauth_grant.c.grant_id == grant_id)).scalar()
+        if owner != user_id:
+            return False
+        self.revoke_grant(grant_id)
+        return True
+
     def forget_cached(self) -> None:
         with self._cache_lock:
             self._cache.clear()

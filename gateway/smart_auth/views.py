@@ -23,6 +23,7 @@ PENDING = "smart_authz"
 USER = "smart_uid"
 MFA_USER = "smart_mfa_uid"
 PATIENT = "smart_patient"
+NEXT = "smart_next"
 SINGLE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state", "aud", "launch",
                  "code_challenge", "code_challenge_method")
 
@@ -122,15 +123,17 @@ def login() -> Response:
         except people.AuthError as exc:
             error = str(exc)
         else:
-            pending = session.get(PENDING)
-            session.clear()
+            pending, after = session.get(PENDING), session.get(NEXT)
+            session.clear()  # a fresh session at login: nothing chosen before it carries over
             if pending is not None:
                 session[PENDING] = pending
+            if after is not None:
+                session[NEXT] = after
             if user.totp_secret:
                 session[MFA_USER] = user.id
                 return redirect(url_for(".mfa"))
             session[USER] = user.id
-            return redirect(url_for(".resume"))
+            return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("login.html", 200 if error is None else 401, form=form, error=error)
 
 
@@ -153,7 +156,7 @@ def mfa() -> Response:
         else:
             session.pop(MFA_USER, None)
             session[USER] = user.id
-            return redirect(url_for(".resume"))
+            return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("mfa.html", 200 if error is None else 401, form=form, error=error)
 
 
@@ -217,6 +220,20 @@ def _finish(owner: Any, granted: str) -> Response:
     except OAuth2Error as error:
         return _oauth_error(error)
     return redirect(location)
+
+
+@bp.route("/apps", methods=["GET", "POST"])
+def apps() -> Response:
+    """The apps holding access to what the user may see, each revocable with one click."""
+    user = _user()
+    if user is None:
+        session[NEXT] = url_for(".apps")
+        return redirect(url_for(".login"))
+    form = CsrfOnlyForm()
+    if form.validate_on_submit():
+        _smart().revoke_app(user.id, request.form.get("grant_id", ""))
+        return redirect(url_for(".apps"))
+    return _page("apps.html", form=form, apps=_smart().apps_of(user.id))
 
 
 @bp.post("/logout")

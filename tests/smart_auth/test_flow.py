@@ -184,3 +184,31 @@ def test_discovery_documents(world: Any, http: Any, fhir_base: str) -> None:
     assert uris["authorize"] == body["authorization_endpoint"] and uris["token"] == body["token_endpoint"]
     token_cors = http.post("/auth/token", {}, {"Origin": "http://app.example"})
     assert token_cors.headers.get("Access-Control-Allow-Origin") in ("*", "http://app.example")
+
+
+def test_patient_sees_connected_apps_and_revokes_one(world: Any, http: Any, fhir_base: str) -> None:
+    from tests.smart_auth.conftest import csrf
+
+    params, verifier = authorize_params(fhir_base)
+    launch = run_launch(http, params, verifier, "maria", patient="Patient/sofia-garcia")
+    token = exchange(http, launch).json()
+    bearer = _bearer(token["access_token"])
+    assert http.get("/fhir/Patient/sofia-garcia", bearer).status == 200
+    page = http.get("/auth/apps")
+    assert page.status == 200 and "public-app" in page.text and "Patient/sofia-garcia" in page.text
+    import re
+
+    grant_id = re.search(r'name="grant_id" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    from gateway.smart_auth import people
+
+    linda = people.find_user(world.smart.engine, "linda")
+    assert linda is not None and world.smart.revoke_app(linda.id, grant_id) is False
+    assert http.get("/fhir/Patient/sofia-garcia", bearer).status == 200
+    done = http.post("/auth/apps", {"csrf_token": csrf(page.text), "grant_id": grant_id})
+    assert done.status == 302
+    assert http.get("/fhir/Patient/sofia-garcia", bearer).status == 401
+    assert "No app holds access now" in http.get("/auth/apps").text
+    # Another user cannot revoke what is not theirs, and must sign in to see the page at all.
+    from tests.smart_auth.conftest import FlaskHttp
+
+    assert FlaskHttp(http.client.application.test_client()).get("/auth/apps").location.endswith("/auth/login")
