@@ -146,6 +146,7 @@ class AuthCode(AuthorizationCodeMixin):
 @dataclass
 class StoredToken(TokenMixin):
     row: Any
+    is_refresh: bool = False  # found by its refresh token rather than its access token
 
     def check_client(self, client: Client) -> bool:
         return self.row.client_id == client.client_id
@@ -580,9 +581,11 @@ class SmartAuth:
     def find_token(self, presented: str) -> StoredToken | None:
         h = digest(presented)
         with self.engine.connect() as conn:
-            row = conn.execute(select(oauth_token).where(oauth_token.c.access_hash == h)).first() or \
-                conn.execute(select(oauth_token).where(oauth_token.c.refresh_hash == h)).first()
-        return StoredToken(row) if row else None
+            row = conn.execute(select(oauth_token).where(oauth_token.c.access_hash == h)).first()
+            if row is not None:
+                return StoredToken(row)
+            row = conn.execute(select(oauth_token).where(oauth_token.c.refresh_hash == h)).first()
+        return StoredToken(row, is_refresh=True) if row else None
 
     def revoke_grant(self, grant_id: str) -> None:
         with write_tx(self.engine) as conn:
@@ -661,9 +664,10 @@ class SmartAuth:
             grant = conn.execute(select(oauth_grant).where(oauth_grant.c.grant_id == row.grant_id)).first()
             acting = people.acting_for(conn, grant.user_id) if grant and grant.user_id is not None else None
             user = people.get_user(conn, grant.user_id) if grant and grant.user_id is not None else None
-        is_refresh = token.row.refresh_hash is not None and token.row.expires_ms <= now_ms()
-        expires_ms = row.refresh_expires_ms if is_refresh else row.expires_ms
-        alive = (grant is not None and grant.revoked_ms is None and not row.revoked and (expires_ms or 0) > now_ms()
+        expires_ms = row.refresh_expires_ms if token.is_refresh else row.expires_ms
+        spent = token.is_refresh and row.refresh_used
+        alive = (grant is not None and grant.revoked_ms is None and not row.revoked and not spent
+                 and (expires_ms or 0) > now_ms()
                  and access.principal_from_token(client_id=row.client_id, scope=row.scope,
                                                  patient_id=grant.patient_id, fhir_user=grant.fhir_user,
                                                  acting_for=acting, backend=grant.user_id is None) is not None)

@@ -221,6 +221,16 @@ def test_introspection(launched: Any, http: Any, fhir_base: str) -> None:
     assert body["exp"] > time.time()
     invalid = http.post("/auth/introspect", {"token": "nonsense", "client_id": "public-app"})
     assert invalid.status == 200 and invalid.json() == {"active": False}
+    # A refresh token is active until it is used, then only its successor is.
+    refresh = {"token": token["refresh_token"], "token_type_hint": "refresh_token", "client_id": "public-app"}
+    assert http.post("/auth/introspect", refresh).json()["active"] is True
+    rotated = http.post("/auth/token", {"grant_type": "refresh_token", "refresh_token": token["refresh_token"],
+                                        "client_id": "public-app"}).json()
+    assert http.post("/auth/introspect", refresh).json() == {"active": False}
+    assert http.post("/auth/introspect", {**refresh, "token": rotated["refresh_token"]}).json()["active"] is True
+    # Another client may not look at this client's tokens.
+    other = http.post("/auth/introspect", {"token": rotated["access_token"], "client_id": "other-app"})
+    assert other.json() == {"active": False}
 
 
 def test_revocation_stops_the_token_at_once(launched: Any, http: Any) -> None:
