@@ -378,6 +378,16 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
         load_demo(settings)
     from gateway.serving import run_gunicorn
 
+    if demo:
+        from gateway import build_services
+        from gateway.smart_auth.admin import load_demo_logins
+
+        services = build_services(settings)
+        for line in load_demo_logins(services.engine, services.store, settings.base_url):
+            click.echo(f"Demo:      {line}")
+        services.audit.close()
+        services.engine.dispose()
+
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")

@@ -90,3 +90,33 @@ def launch_url(smart: Any, client_id: str, patient: str, username: str | None = 
     base = client.launch_url or (client.redirect_uris[0] if client.redirect_uris else "")
     query = urlencode({"iss": smart.settings.fhir_base, "launch": launch_id})
     return {"launch": launch_id, "launch_url": f"{base}{'&' if '?' in base else '?'}{query}"}
+
+
+DEMO_PASSWORD = "demo-password"
+DEMO_LOGINS = (  # username, own record, proxies (patient, relationship)
+    ("maria", "Patient/maria-garcia", (("Patient/sofia-garcia", "MTH"), ("Patient/daniel-garcia", "MTH"))),
+    ("daniel", "Patient/daniel-garcia", ()),
+    ("robert", "Patient/robert-chen", ()),
+    ("linda", "Patient/linda-chen", (("Patient/robert-chen", "CHILD"),)),
+)
+DEMO_CLIENT = "demo-app"
+
+
+def load_demo_logins(engine: Engine, store: Any, base_url: str) -> list[str]:
+    """The demo family's logins and a public demo client (idempotent); lines to print."""
+    lines = []
+    for username, fhir_user, proxies in DEMO_LOGINS:
+        if people.find_user(engine, username) is None:
+            people.add_user(engine, username, DEMO_PASSWORD, fhir_user)
+            for patient, relationship in proxies:
+                grant_proxy(engine, store, username, patient, relationship)
+        acts_for = ", ".join(p for p, _ in proxies)
+        lines.append(f"{username} / {DEMO_PASSWORD}: {fhir_user}" + (f", acts for {acts_for}" if acts_for else ""))
+    with engine.connect() as conn:
+        known = conn.execute(select(oauth_client.c.client_id).where(oauth_client.c.client_id == DEMO_CLIENT)).first()
+    if known is None:
+        register_client(engine, DEMO_CLIENT, ["http://localhost:9000/callback", "http://127.0.0.1:9000/callback"],
+                        public=True)
+    lines.append(f"SMART client {DEMO_CLIENT} (public, redirect http://localhost:9000/callback); "
+                 f"discovery at {base_url}/fhir/.well-known/smart-configuration")
+    return lines

@@ -62,3 +62,16 @@ def test_smart_provisioning_commands(app: Any, settings: Any, tmp_path: Path) ->
     assert launched["launch_url"].startswith("http://app.example/launch?iss=")
     assert f"launch={launched['launch']}" in launched["launch_url"]
     assert app.extensions["gateway"].smart.launch_for(launched["launch"], "cli-app").patient_id == "daniel-garcia"
+
+
+def test_demo_logins_are_idempotent(app: Any) -> None:
+    from gateway.smart_auth.admin import load_demo_logins
+    from gateway.smart_auth.people import check_password
+
+    services = app.extensions["gateway"]
+    load_family(services.store)
+    first = load_demo_logins(services.engine, services.store, "http://127.0.0.1:8080")
+    second = load_demo_logins(services.engine, services.store, "http://127.0.0.1:8080")
+    assert first == second and any(line.startswith("maria / demo-password") for line in first)
+    assert check_password(services.engine, "linda", "demo-password").fhir_user == "Patient/linda-chen"
+    assert services.smart.query_client("demo-app") is not None
