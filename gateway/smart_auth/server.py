@@ -464,13 +464,14 @@ class SmartAuth:
         return dict(headers)["Location"]
 
     def start_grant(self, client_id: str, user: people.User, patient_id: str | None, encounter_id: str | None,
-                    scope: str) -> Authorizer:
+                    scope: str, fhir_user: str | None = None) -> Authorizer:
         grant_id = secrets.token_urlsafe(24)
+        fhir_user = fhir_user or user.fhir_user
         with write_tx(self.engine) as conn:
             conn.execute(insert(oauth_grant).values(
                 grant_id=grant_id, client_id=client_id, user_id=user.id, scope=scope, patient_id=patient_id,
-                encounter_id=encounter_id, fhir_user=user.fhir_user, created_ms=now_ms()))
-        return Authorizer(user.id, user.username, user.fhir_user, patient_id, encounter_id, grant_id)
+                encounter_id=encounter_id, fhir_user=fhir_user, created_ms=now_ms()))
+        return Authorizer(user.id, user.username, fhir_user, patient_id, encounter_id, grant_id)
 
     def save_code(self, code: str, request: OAuth2Request) -> None:
         owner: Authorizer = request.user
@@ -512,7 +513,8 @@ class SmartAuth:
         if user is None or (row.patient_id is not None and row.patient_id not in acting):
             # The relationship behind the launch has ended: nothing more is issued from it.
             raise InvalidGrantError("The user may no longer act for this patient")
-        return Authorizer(user.id, user.username, user.fhir_user, row.patient_id, row.encounter_id, grant_id, nonce)
+        return Authorizer(user.id, user.username, row.fhir_user or user.fhir_user, row.patient_id, row.encounter_id,
+                          grant_id, nonce)
 
     # tokens
     def generate_token(self, grant_type: str, client: Client, user: Authorizer | None = None,

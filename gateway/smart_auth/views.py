@@ -201,8 +201,9 @@ def consent() -> Response:
         granted = launch.granted_scopes(request.form.getlist("scope"), pending["scope"])
         if not granted:
             return _finish(None, "nothing granted")
+        fhir_user = launch.fhir_user_for(current_app.extensions["gateway"].store, user, context.patient_id)
         owner = _smart().start_grant(pending["args"]["client_id"], user, context.patient_id, context.encounter_id,
-                                     granted)
+                                     granted, fhir_user)
         return _finish(owner, granted)
     client = _smart().query_client(pending["args"].get("client_id", ""))
     return _page("consent.html", form=form, client_id=client.client_id if client else "?",

@@ -40,8 +40,9 @@ def test_standalone_launch_parent_picks_child(world: Any, http: Any, fhir_base: 
     assert http.get("/fhir/Patient/sofia-garcia", _bearer(token["access_token"])).status == 200
     assert http.get("/fhir/Patient/robert-chen", _bearer(token["access_token"])).status == 403
     assert http.get("/fhir/Patient/daniel-garcia", _bearer(token["access_token"])).status == 403
-    # The fhirUser resource (Maria's own Patient) is readable with the token it came with; her data is not.
-    assert http.get("/fhir/Patient/maria-garcia", _bearer(token["access_token"])).status == 200
+    # Acting for Sofia, Maria is the RelatedPerson her own record links to; her own record is not in reach.
+    assert http.get("/fhir/RelatedPerson/maria-garcia-mother-of-sofia", _bearer(token["access_token"])).status == 200
+    assert http.get("/fhir/Patient/maria-garcia", _bearer(token["access_token"])).status == 403
     assert http.get("/fhir/Observation/maria-garcia-hba1c-2026-11-10", _bearer(token["access_token"])).status == 403
 
     # id_token: RS256, signed by a key published in the JWKS, with fhirUser.
@@ -49,7 +50,7 @@ def test_standalone_launch_parent_picks_child(world: Any, http: Any, fhir_base: 
     header = json.loads(base64.urlsafe_b64decode(token["id_token"].split(".")[0] + "=="))
     assert header["alg"] == "RS256"
     claims = jwt.decode(token["id_token"], jwks, algorithms=["RS256"]).claims
-    assert claims["fhirUser"] == f"{fhir_base}/Patient/maria-garcia"
+    assert claims["fhirUser"] == f"{fhir_base}/RelatedPerson/maria-garcia-mother-of-sofia"
     assert claims["aud"] == "public-app" and claims["iss"] == fhir_base
 
 
@@ -212,3 +213,16 @@ def test_patient_sees_connected_apps_and_revokes_one(world: Any, http: Any, fhir
     from tests.smart_auth.conftest import FlaskHttp
 
     assert FlaskHttp(http.client.application.test_client()).get("/auth/apps").location.endswith("/auth/login")
+
+
+def test_fhir_user_resource_is_readable_with_its_token(world: Any, http: Any, fhir_base: str) -> None:
+    params, verifier = authorize_params(fhir_base, scope="launch/patient patient/Observation.rs openid fhirUser")
+    launch = run_launch(http, params, verifier, "maria", patient="Patient/maria-garcia")
+    token = exchange(http, launch).json()
+    claims = jwt.decode(token["id_token"], KeySet.import_key_set(http.get("/auth/jwks").json()),
+                        algorithms=["RS256"]).claims
+    assert claims["fhirUser"] == f"{fhir_base}/Patient/maria-garcia"
+    # Only Observations were granted, yet the fhirUser resource itself is readable; others are not.
+    assert http.get("/fhir/Patient/maria-garcia", _bearer(token["access_token"])).status == 200
+    assert http.get("/fhir/Patient/sofia-garcia", _bearer(token["access_token"])).status == 403
+    assert http.get("/fhir/Patient?_id=maria-garcia", _bearer(token["access_token"])).status == 403
