@@ -63,6 +63,8 @@ def outcome_response(exc: FhirError) -> Response:
 
 @bp.before_request
 def negotiate() -> None:
+    if request.method == "OPTIONS":
+        return  # a CORS preflight carries no credentials and reaches no data; Flask answers it
     fmt = request.args.get("_format")
     if fmt:
         # A literal '+' in a query string arrives as a space (application/fhir json).

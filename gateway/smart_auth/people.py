@@ -8,8 +8,10 @@ patient aged 12 to 17 the proxy is "limited": records labelled confidential stay
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import Any
 
 import pyotp
 from argon2 import PasswordHasher
@@ -97,16 +99,10 @@ def check_password(engine: Engine, username: str, password: str) -> User:
         row = conn.execute(select(auth_user).where(auth_user.c.username == username)).first()
         if row is None:
             _hasher.hash(password)  # the same work as a real check, so timing does not tell
-            failure = "Unknown username or wrong password"
-        elif row.locked_until_ms and row.locked_until_ms > now_ms():
-            failure = "Too many failed attempts; try again later"
-        elif not verify_secret(row.password_hash, password):
-            _count_failure(conn, row.id, row.failed_logins)
-            failure = "Unknown username or wrong password"
+            failure: str | None = "Unknown username or wrong password"
         else:
-            failure = None
-            conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0,
-                                                                                  locked_until_ms=None))
+            failure = _judge(conn, row, lambda: verify_secret(row.password_hash, password),
+                             "Unknown username or wrong password")
     # Raised after the commit: the failure count must survive the refusal.
     if failure:
         raise AuthError(failure)
@@ -116,17 +112,21 @@ def check_password(engine: Engine, username: str, password: str) -> User:
 def check_otp(engine: Engine, user: User, otp: str) -> None:
     with write_tx(engine) as conn:
         row = conn.execute(select(auth_user).where(auth_user.c.id == user.id)).one()
-        if row.locked_until_ms and row.locked_until_ms > now_ms():
-            failure = "Too many failed attempts; try again later"
-        elif not row.totp_secret or not pyotp.TOTP(row.totp_secret).verify(otp.strip(), valid_window=1):
-            _count_failure(conn, row.id, row.failed_logins)
-            failure = "The code is not valid"
-        else:
-            failure = None
-            conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0,
-                                                                                  locked_until_ms=None))
+        failure = _judge(conn, row, lambda: bool(row.totp_secret) and pyotp.TOTP(row.totp_secret).verify(
+            otp.strip(), valid_window=1), "The code is not valid")
     if failure:
         raise AuthError(failure)
+
+
+def _judge(conn: Connection, row: Any, passes: Callable[[], bool], refusal: str) -> str | None:
+    """One attempt at a locked-out-able check: None when it passes, else the message to show."""
+    if row.locked_until_ms and row.locked_until_ms > now_ms():
+        return "Too many failed attempts; try again later"
+    if not passes():
+        _count_failure(conn, row.id, row.failed_logins)
+        return refusal
+    conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
+    return None
 
 
 def _count_failure(conn: Connection, user_id: int, failures: int) -> None:

@@ -103,14 +103,21 @@ def resume() -> Response:
     user = _user()
     if user is None:
         return redirect(url_for(".login"))
-    try:
-        context = launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
-                                         pending["scope"], user, session.get(PATIENT))
-    except launch.LaunchError as exc:
-        return _finish(None, str(exc))
+    context = _context(pending, user, session.get(PATIENT))
+    if not isinstance(context, launch.PatientContext):
+        return context
     if context.choices:
         return redirect(url_for(".patient"))
     return redirect(url_for(".consent"))
+
+
+def _context(pending: dict[str, Any], user: people.User, chosen: str | None) -> launch.PatientContext | Response:
+    """The launch's patient context, or the redirect that refuses the app when there can be none."""
+    try:
+        return launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
+                                      pending["scope"], user, chosen)
+    except launch.LaunchError as exc:
+        return _finish(None, str(exc))
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -187,11 +194,9 @@ def consent() -> Response:
     pending, user = _pending(), _user()
     if pending is None or user is None:
         return redirect(url_for(".resume"))
-    try:
-        context = launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
-                                         pending["scope"], user, session.get(PATIENT))
-    except launch.LaunchError as exc:
-        return _finish(None, str(exc))
+    context = _context(pending, user, session.get(PATIENT))
+    if not isinstance(context, launch.PatientContext):
+        return context
     if context.choices:
         return redirect(url_for(".patient"))
     form = CsrfOnlyForm()

@@ -163,7 +163,7 @@ def test_login_form_needs_csrf_token(world: Any, http: Any, fhir_base: str) -> N
     assert reply.status != 302
 
 
-def test_discovery_documents(world: Any, http: Any, fhir_base: str) -> None:
+def test_discovery_documents(world: Any, http: Any, fhir_base: str, app: Any) -> None:
     conf = http.get("/fhir/.well-known/smart-configuration")
     assert conf.status == 200
     body = conf.json()
@@ -183,6 +183,12 @@ def test_discovery_documents(world: Any, http: Any, fhir_base: str) -> None:
     security = metadata["rest"][0]["security"]
     uris = {e["url"]: e["valueUri"] for e in security["extension"][0]["extension"]}
     assert uris["authorize"] == body["authorization_endpoint"] and uris["token"] == body["token_endpoint"]
+    app.extensions["gateway"].settings.open_access = False  # a preflight must pass without credentials
+    preflight = http.client.options("/fhir/Observation/x", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["Access-Control-Allow-Origin"]
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
     token_cors = http.post("/auth/token", {}, {"Origin": "http://app.example"})
     assert token_cors.headers.get("Access-Control-Allow-Origin") in ("*", "http://app.example")
 
