@@ -72,6 +72,8 @@ BACKEND_TOKEN_SECONDS = 300
 ASSERTION_MAX_AHEAD = 300
 OFFLINE_REFRESH_SECONDS = 90 * 24 * 3600
 ONLINE_REFRESH_SECONDS = 12 * 3600
+JWKS_KEEP = 300
+JWKS_MIN_REFETCH = 10
 TOKEN_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 
 
@@ -316,9 +318,6 @@ class SmartIntrospection(IntrospectionEndpoint):
             return {"active": False}
         return self.server.smart.introspect(token)
 
-    def introspect_token(self, token: StoredToken) -> dict[str, Any]:
-        return self.server.smart.introspect(token)
-
 
 class SmartRevocation(RevocationEndpoint):
     CLIENT_AUTH_METHODS = TOKEN_AUTH_METHODS
@@ -382,6 +381,7 @@ class SmartAuth:
         self.server.register_endpoint(SmartRevocation)
         self._cache: dict[str, tuple[access.Principal, float]] = {}
         self._cache_lock = threading.Lock()
+        # JWKS URL -> (fetched at, key set), monotonic seconds.
         self._jwks_cache: dict[str, tuple[float, KeySet]] = {}
 
     # endpoints
@@ -412,7 +412,10 @@ class SmartAuth:
         if not client.jwks_url:
             return None
         cached = self._jwks_cache.get(client.jwks_url)
-        if cached and not refresh and cached[0] > time.monotonic():
+        age = time.monotonic() - cached[0] if cached else None
+        # Keys are kept 5 minutes; an unknown kid refetches, but at most every 10 seconds, so
+        # assertions with made-up kids cannot turn the server into a fetcher of someone's URL.
+        if cached and age is not None and (age < JWKS_MIN_REFETCH or (not refresh and age < JWKS_KEEP)):
             return cached[1]
         try:
             response = requests.get(client.jwks_url, timeout=5)
@@ -420,7 +423,7 @@ class SmartAuth:
             keyset = KeySet.import_key_set(response.json())
         except (requests.RequestException, ValueError, JoseError):
             return None
-        self._jwks_cache[client.jwks_url] = (time.monotonic() + 300, keyset)
+        self._jwks_cache[client.jwks_url] = (time.monotonic(), keyset)
         return keyset
 
     def remember_jti(self, client_id: str, jti: str, exp: int) -> bool:

@@ -339,7 +339,8 @@ def test_client_assertion_refusals(world: Any, http: Any, fhir_base: str, case: 
 
 
 @responses.activate
-def test_private_key_jwt_with_a_jwks_url_and_key_rotation(world: Any, http: Any, fhir_base: str) -> None:
+def test_private_key_jwt_with_a_jwks_url_and_key_rotation(world: Any, http: Any, fhir_base: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     jwks_url = "https://app.example/.well-known/jwks.json"
     first = RSAKey.generate_key(2048, {"kid": "k1"}, private=True)
     second = RSAKey.generate_key(2048, {"kid": "k2"}, private=True)
@@ -356,9 +357,19 @@ def test_private_key_jwt_with_a_jwks_url_and_key_rotation(world: Any, http: Any,
                                          "client_assertion": assertion})
 
     assert ask(first, jku=jwks_url).status == 200
-    # The client rotates its keys: an unknown kid makes the server fetch the JWKS again.
+    assert len(responses.calls) == 1
+    # The client rotates its keys. An unknown kid within 10 seconds of the last fetch is refused
+    # without fetching again (made-up kids must not make the server hammer the URL)...
     responses.replace(responses.GET, jwks_url, json=KeySet([first, second]).as_dict(private=False))
+    assert ask(second).status in (400, 401)
+    assert len(responses.calls) == 1
+    # ...and after that, it makes the server fetch the JWKS again.
+    from gateway.smart_auth import server
+
+    monkeypatch.setattr(server, "JWKS_MIN_REFETCH", 0)
     assert ask(second).status == 200
+    assert len(responses.calls) == 2
+    assert ask(first).status == 200 and len(responses.calls) == 2  # known kids use the kept set
 
 
 def test_jwks_rotation_keeps_the_previous_key_published(world: Any, http: Any) -> None:
