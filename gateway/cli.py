@@ -303,6 +303,32 @@ def proxy_revoke(username: str, patient: str) -> None:
     _smart_call(lambda s: {"revoked": s.smart.revoke_proxy(username, patient.partition("/")[2])})
 
 
+@main.command("activation-code")
+@click.option("--patient", required=True, help="Patient/ID whose owner may sign up with the code")
+def activation_code(patient: str) -> None:
+    """Issue a single-use sign-up code (valid 45 days) and print it."""
+    from datetime import UTC, datetime
+
+    from gateway import build_services
+    from gateway.smart_auth.admin import patient_birth_date
+    from gateway.smart_auth.people import AuthError, issue_activation_code
+
+    kind, _, patient_id = patient.partition("/")
+    services = build_services(_settings())
+    try:
+        if kind != "Patient" or not patient_id:
+            raise AuthError("--patient must be Patient/ID")
+        patient_birth_date(services.store, patient_id)  # refuses a patient the store does not have
+        code, expires = issue_activation_code(services.engine, patient_id)
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.audit.close()
+    click.echo(code)
+    click.echo(f"valid until {datetime.fromtimestamp(expires / 1000, UTC).isoformat(timespec='minutes')}",
+               err=True)
+
+
 @main.command("launch")
 @click.option("--client-id", required=True)
 @click.option("--patient", required=True, help="Patient/ID in context")

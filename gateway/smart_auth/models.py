@@ -143,3 +143,15 @@ signing_key = Table(
     Column("created_ms", BigInteger, nullable=False),
     Column("retired_ms", BigInteger, nullable=True),
 )
+
+# Sign-up codes: one patient each, single use, 45 days.
+activation_code = Table(
+    "activation_code",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("used_ms", BigInteger, nullable=True),
+    Column("user_id", BigInteger, nullable=True),
+)

@@ -7,6 +7,9 @@ patient aged 12 to 17 the proxy is "limited": records labelled confidential stay
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +22,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from gateway.db import write_tx
-from gateway.smart_auth.models import auth_user, proxy_grant
+from gateway.smart_auth.models import activation_code, auth_user, proxy_grant
 
+ACTIVATION_DAYS = 45
 MAX_FAILURES = 5
 LOCKOUT_MS = 15 * 60 * 1000
 _hasher = PasswordHasher()
@@ -201,3 +205,49 @@ def acting_for(conn: Connection, user_id: int, today: date | None = None) -> dic
     if user.patient_id:
         out[user.patient_id] = False
     return out
+
+
+# --- sign-up with an activation code ---
+
+def _code_digest(code: str) -> str:
+    return hashlib.sha256(code.replace("-", "").strip().upper().encode()).hexdigest()
+
+
+def issue_activation_code(engine: Engine, patient_id: str, days: int = ACTIVATION_DAYS) -> tuple[str, int]:
+    """A single-use sign-up code for one patient's record, and when it expires (epoch ms)."""
+    raw = base64.b32encode(secrets.token_bytes(10)).decode()  # 16 letters and digits, 80 bits
+    code = "-".join(raw[i:i + 4] for i in range(0, 16, 4))
+    now = now_ms()
+    expires = now + days * 24 * 3600 * 1000
+    with write_tx(engine) as conn:
+        conn.execute(insert(activation_code).values(code_hash=_code_digest(code), patient_id=patient_id,
+                                                    created_ms=now, expires_ms=expires))
+    return code, expires
+
+
+def sign_up(engine: Engine, code: str, username: str, password: str) -> User:
+    """Create the login the code was issued for; the code is spent only when the login is created."""
+    if len(password) < 8:
+        raise AuthError("the password needs at least 8 characters")
+    if not username.strip():
+        raise AuthError("choose a username")
+    with write_tx(engine) as conn:
+        row = conn.execute(select(activation_code).where(activation_code.c.code_hash == _code_digest(code))).first()
+        if row is None or row.used_ms is not None or row.expires_ms <= now_ms():
+            failure: str | None = "This activation code is not valid (used, expired or mistyped)"
+        elif conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
+            failure = "That username is taken"
+        else:
+            failure = None
+            conn.execute(insert(auth_user).values(
+                username=username, password_hash=hash_secret(password), fhir_user=f"Patient/{row.patient_id}",
+                failed_logins=0, created_ms=now_ms()))
+            user_row = conn.execute(select(auth_user).where(auth_user.c.username == username)).one()
+            claimed = conn.execute(update(activation_code).where(
+                activation_code.c.code_hash == row.code_hash, activation_code.c.used_ms.is_(None)).values(
+                used_ms=now_ms(), user_id=user_row.id)).rowcount
+            if claimed != 1:
+                raise AuthError("This activation code has just been used")  # rolls the new login back
+    if failure:
+        raise AuthError(failure)
+    return _user(user_row)

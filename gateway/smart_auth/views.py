@@ -33,6 +33,12 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired()])
 
 
+class SignUpForm(FlaskForm):
+    activation_code = StringField("Activation code", validators=[DataRequired()])
+    username = StringField("Username", validators=[DataRequired()])
+    password = PasswordField("Password", validators=[DataRequired()])
+
+
 class OtpForm(FlaskForm):
     otp = StringField("Code from your authenticator app", validators=[DataRequired()])
 
@@ -142,6 +148,27 @@ def login() -> Response:
             session[USER] = user.id
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("login.html", 200 if error is None else 401, form=form, error=error)
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup() -> Response:
+    """First sign-in with the activation code the practice handed out; then on as after a login."""
+    form = SignUpForm()
+    error = None
+    if form.validate_on_submit():
+        try:
+            user = people.sign_up(_smart().engine, form.activation_code.data or "", form.username.data or "",
+                                  form.password.data or "")
+        except people.AuthError as exc:
+            error = str(exc)
+        else:
+            pending, after = session.get(PENDING), session.get(NEXT)
+            session.clear()
+            if pending is not None:
+                session[PENDING] = pending
+            session[USER] = user.id
+            return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
+    return _page("signup.html", 200 if error is None else 400, form=form, error=error)
 
 
 @bp.route("/mfa", methods=["GET", "POST"])

@@ -75,3 +75,17 @@ def test_demo_logins_are_idempotent(app: Any) -> None:
     assert first == second and any(line.startswith("maria / demo-password") for line in first)
     assert check_password(services.engine, "linda", "demo-password").fhir_user == "Patient/linda-chen"
     assert services.smart.query_client("demo-app") is not None
+
+
+def test_activation_code_command(app: Any, settings: Any, tmp_path: Path) -> None:
+    from gateway.smart_auth.people import sign_up
+
+    load_family(app.extensions["gateway"].store)
+    runner = CliRunner(env={"GATEWAY_DATABASE_URL": settings.database_url, "GATEWAY_INSTANCE_PATH": str(tmp_path)})
+    result = runner.invoke(main, ["activation-code", "--patient", "Patient/linda-chen"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    code = result.stdout.strip()
+    assert len(code) == 19 and code.count("-") == 3
+    assert sign_up(app.extensions["gateway"].engine, code, "linda", "long password").fhir_user == "Patient/linda-chen"
+    missing = runner.invoke(main, ["activation-code", "--patient", "Patient/nobody"])
+    assert missing.exit_code != 0

@@ -232,3 +232,31 @@ def test_fhir_user_resource_is_readable_with_its_token(world: Any, http: Any, fh
     assert http.get("/fhir/Patient/maria-garcia", _bearer(token["access_token"])).status == 200
     assert http.get("/fhir/Patient/sofia-garcia", _bearer(token["access_token"])).status == 403
     assert http.get("/fhir/Patient?_id=maria-garcia", _bearer(token["access_token"])).status == 403
+
+
+def test_sign_up_with_an_activation_code(world: Any, http: Any, fhir_base: str, monkeypatch: Any) -> None:
+    from gateway.smart_auth import people
+    from tests.smart_auth.conftest import csrf
+
+    code, expires = people.issue_activation_code(world.smart.engine, "sofia-garcia")
+    assert 44 * 86400_000 < expires - people.now_ms() <= 45 * 86400_000
+    page = http.get("/auth/signup").text
+    form = {"csrf_token": csrf(page), "activation_code": code.lower(), "username": "sofia",
+            "password": "a long enough password"}
+    done = http.post("/auth/signup", form)
+    assert done.status == 302
+    user = people.check_password(world.smart.engine, "sofia", "a long enough password")
+    assert user.fhir_user == "Patient/sofia-garcia"
+    # Single use.
+    again = FlaskHttp(http.client.application.test_client())
+    page = again.get("/auth/signup").text
+    reply = again.post("/auth/signup", {**form, "csrf_token": csrf(page), "username": "sofia2"})
+    assert reply.status == 400 and "not valid" in reply.text
+    assert people.find_user(world.smart.engine, "sofia2") is None
+    # Expired after 45 days.
+    late, _ = people.issue_activation_code(world.smart.engine, "daniel-garcia")
+    real = people.now_ms
+    monkeypatch.setattr(people, "now_ms", lambda: real() + 45 * 86400_000 + 1000)
+    reply = again.post("/auth/signup", {**form, "csrf_token": csrf(page), "activation_code": late,
+                                        "username": "daniel2"})
+    assert reply.status == 400 and people.find_user(world.smart.engine, "daniel2") is None

@@ -1,4 +1,4 @@
-"""smart auth: clients, users, proxy grants, launch contexts, codes, grants, tokens, keys
+"""smart auth: clients, users, proxy grants, launch contexts, codes, grants, tokens, keys, sign-up codes
 
 Revision ID: 0003
 Revises: 0002
@@ -118,6 +118,15 @@ def upgrade() -> None:
     sa.Column('expires_ms', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('client_id', 'jti')
     )
+    op.create_table('activation_code',
+    sa.Column('code_hash', sa.String(length=64), nullable=False),
+    sa.Column('patient_id', sa.String(length=64), nullable=False),
+    sa.Column('created_ms', sa.BigInteger(), nullable=False),
+    sa.Column('expires_ms', sa.BigInteger(), nullable=False),
+    sa.Column('used_ms', sa.BigInteger(), nullable=True),
+    sa.Column('user_id', sa.BigInteger(), nullable=True),
+    sa.PrimaryKeyConstraint('code_hash')
+    )
     op.create_table('signing_key',
     sa.Column('kid', sa.String(length=64), nullable=False),
     sa.Column('private_jwk', sa.Text(), nullable=False),
@@ -129,6 +138,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('signing_key')
+    op.drop_table('activation_code')
     op.drop_table('client_assertion_jti')
     op.drop_index('ix_oauth_token_grant', table_name='oauth_token')
     op.drop_table('oauth_token')
