@@ -41,6 +41,13 @@ class Settings:
     # (revocations in the same process take effect at once; in other processes within this time).
     access_token_seconds: int = 3600
     token_cache_seconds: int = 5
+    # Outgoing mail (password reset links). Without a host no mail is sent and reset is unavailable.
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "no-reply@localhost"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

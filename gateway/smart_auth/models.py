@@ -155,3 +155,13 @@ activation_code = Table(
     Column("used_ms", BigInteger, nullable=True),
     Column("user_id", BigInteger, nullable=True),
 )
+
+# Password reset links: single use, one hour.
+password_reset = Table(
+    "password_reset",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("used_ms", BigInteger, nullable=True),
+)

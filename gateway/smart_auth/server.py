@@ -55,7 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway import access
 from gateway.config import Settings
 from gateway.db import write_tx
-from gateway.smart_auth import keys, people
+from gateway.smart_auth import keys, people, reset
 from gateway.smart_auth.models import (
     auth_code,
     client_assertion_jti,
@@ -381,6 +381,7 @@ class SmartAuth:
         self.server.register_endpoint(SmartRevocation)
         self._cache: dict[str, tuple[access.Principal, float]] = {}
         self._cache_lock = threading.Lock()
+        self.mailer = reset.smtp_mailer(settings)
         # JWKS URL -> (fetched at, key set), monotonic seconds.
         self._jwks_cache: dict[str, tuple[float, KeySet]] = {}
 

@@ -14,7 +14,7 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired
 
-from gateway.smart_auth import keys, launch, people
+from gateway.smart_auth import keys, launch, people, reset
 from gateway.smart_auth.server import SmartAuth
 
 bp = Blueprint("smart_auth", __name__, url_prefix="/auth", template_folder="templates")
@@ -37,6 +37,14 @@ class SignUpForm(FlaskForm):
     activation_code = StringField("Activation code", validators=[DataRequired()])
     username = StringField("Username", validators=[DataRequired()])
     password = PasswordField("Password", validators=[DataRequired()])
+
+
+class ResetRequestForm(FlaskForm):
+    username = StringField("Username", validators=[DataRequired()])
+
+
+class NewPasswordForm(FlaskForm):
+    password = PasswordField("New password", validators=[DataRequired()])
 
 
 class OtpForm(FlaskForm):
@@ -169,6 +177,38 @@ def signup() -> Response:
             session[USER] = user.id
             return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
     return _page("signup.html", 200 if error is None else 400, form=form, error=error)
+
+
+@bp.route("/reset", methods=["GET", "POST"])
+def reset_request() -> Response:
+    smart = _smart()
+    if smart.mailer is None:
+        return _page("error.html", message="Password reset by email is not set up here; please ask your care team.")
+    form = ResetRequestForm()
+    if form.validate_on_submit():
+        reset.request_reset(smart.engine, current_app.extensions["gateway"].store, smart.mailer,
+                            smart.settings.base_url, form.username.data or "")
+        # The same answer whether or not the login exists.
+        return _page("error.html", message="If that login exists and has an email address, a link is on its way. "
+                                           "It works once, within an hour.")
+    return _page("reset.html", form=form)
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+def reset_password(token: str) -> Response:
+    smart = _smart()
+    if not reset.reset_is_valid(smart.engine, token):
+        return _error_page("This reset link is not valid any more; ask for a new one.")
+    form = NewPasswordForm()
+    error = None
+    if form.validate_on_submit():
+        try:
+            reset.complete_reset(smart.engine, token, form.password.data or "")
+        except people.AuthError as exc:
+            error = str(exc)
+        else:
+            return _page("error.html", message="Your password is changed. You can sign in with it now.")
+    return _page("new_password.html", 200 if error is None else 400, form=form, error=error, token=token)
 
 
 @bp.route("/mfa", methods=["GET", "POST"])

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pyotp
+import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -260,3 +261,30 @@ def test_sign_up_with_an_activation_code(world: Any, http: Any, fhir_base: str, 
     reply = again.post("/auth/signup", {**form, "csrf_token": csrf(page), "activation_code": late,
                                         "username": "daniel2"})
     assert reply.status == 400 and people.find_user(world.smart.engine, "daniel2") is None
+
+
+def test_password_reset_through_an_emailed_link(world: Any, http: Any) -> None:
+    import re
+
+    from gateway.smart_auth import people
+    from tests.smart_auth.conftest import PASSWORD, csrf
+
+    sent: list[tuple[str, str, str]] = []
+    world.smart.mailer = lambda to, subject, body: sent.append((to, subject, body))
+    page = http.get("/auth/reset").text
+    told = http.post("/auth/reset", {"csrf_token": csrf(page), "username": "maria"})
+    unknown = http.post("/auth/reset", {"csrf_token": csrf(page), "username": "nobody-here"})
+    assert told.status == unknown.status == 200
+    assert re.sub(r"\s+", " ", told.text) == re.sub(r"\s+", " ", unknown.text)  # no hint who has a login
+    assert len(sent) == 1 and sent[0][0] == "maria.garcia@example.org"
+    link = re.search(r"http://\S+/auth/reset/(\S+)", sent[0][2])
+    assert link is not None
+    path = "/auth/reset/" + link.group(1)
+    form = http.get(path).text
+    assert 'id="new-password-form"' in form
+    done = http.post(path, {"csrf_token": csrf(form), "password": "a brand new password"})
+    assert done.status == 200 and "password is changed" in done.text
+    assert people.check_password(world.smart.engine, "maria", "a brand new password").username == "maria"
+    with pytest.raises(people.AuthError):
+        people.check_password(world.smart.engine, "maria", PASSWORD)
+    assert http.get(path).status == 400  # single use

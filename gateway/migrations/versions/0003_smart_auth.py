@@ -1,4 +1,4 @@
-"""smart auth: clients, users, proxy grants, launch contexts, codes, grants, tokens, keys, sign-up codes
+"""smart auth: clients, users, proxy grants, launch contexts, codes, grants, tokens, keys, sign-up codes, password resets
 
 Revision ID: 0003
 Revises: 0002
@@ -127,6 +127,13 @@ def upgrade() -> None:
     sa.Column('user_id', sa.BigInteger(), nullable=True),
     sa.PrimaryKeyConstraint('code_hash')
     )
+    op.create_table('password_reset',
+    sa.Column('token_hash', sa.String(length=64), nullable=False),
+    sa.Column('user_id', sa.BigInteger(), nullable=False),
+    sa.Column('expires_ms', sa.BigInteger(), nullable=False),
+    sa.Column('used_ms', sa.BigInteger(), nullable=True),
+    sa.PrimaryKeyConstraint('token_hash')
+    )
     op.create_table('signing_key',
     sa.Column('kid', sa.String(length=64), nullable=False),
     sa.Column('private_jwk', sa.Text(), nullable=False),
@@ -139,6 +146,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('signing_key')
     op.drop_table('activation_code')
+    op.drop_table('password_reset')
     op.drop_table('client_assertion_jti')
     op.drop_index('ix_oauth_token_grant', table_name='oauth_token')
     op.drop_table('oauth_token')
