@@ -382,6 +382,7 @@ class SmartAuth:
         self._cache: dict[str, tuple[access.Principal, float]] = {}
         self._cache_lock = threading.Lock()
         self.mailer = reset.smtp_mailer(settings)
+        self.limiter = people.FailureLimiter()
         # JWKS URL -> (fetched at, key set), monotonic seconds.
         self._jwks_cache: dict[str, tuple[float, KeySet]] = {}
 

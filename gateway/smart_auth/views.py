@@ -78,6 +78,22 @@ def _oauth_error(error: OAuth2Error) -> Response:
     return _error_page(f"{error.error}: {error.description or ''}")
 
 
+TOO_MANY = "Too many failed attempts from your address; try again in a few minutes"
+
+
+def _attempt(check: Any) -> tuple[Any, str | None]:
+    """Run one sign-in style check unless this address failed too often: (result, error)."""
+    limiter = _smart().limiter
+    address = request.remote_addr or "?"
+    if limiter.blocked(address):
+        return None, TOO_MANY
+    try:
+        return check(), None
+    except people.AuthError as exc:
+        limiter.failed(address)
+        return None, str(exc)
+
+
 def _pending() -> dict[str, Any] | None:
     return session.get(PENDING)
 
@@ -139,11 +155,9 @@ def login() -> Response:
     form = LoginForm()
     error = None
     if form.validate_on_submit():
-        try:
-            user = people.check_password(_smart().engine, form.username.data or "", form.password.data or "")
-        except people.AuthError as exc:
-            error = str(exc)
-        else:
+        user, error = _attempt(lambda: people.check_password(_smart().engine, form.username.data or "",
+                                                                   form.password.data or ""))
+        if error is None:
             pending, after = session.get(PENDING), session.get(NEXT)
             session.clear()  # a fresh session at login: nothing chosen before it carries over
             if pending is not None:
@@ -164,12 +178,9 @@ def signup() -> Response:
     form = SignUpForm()
     error = None
     if form.validate_on_submit():
-        try:
-            user = people.sign_up(_smart().engine, form.activation_code.data or "", form.username.data or "",
-                                  form.password.data or "")
-        except people.AuthError as exc:
-            error = str(exc)
-        else:
+        user, error = _attempt(lambda: people.sign_up(_smart().engine, form.activation_code.data or "",
+                                                            form.username.data or "", form.password.data or ""))
+        if error is None:
             pending, after = session.get(PENDING), session.get(NEXT)
             session.clear()
             if pending is not None:
@@ -221,13 +232,11 @@ def mfa() -> Response:
     if form.validate_on_submit():
         with _smart().engine.connect() as conn:
             user = people.get_user(conn, user_id)
-        try:
-            if user is None:
-                raise people.AuthError("Unknown user")
-            people.check_otp(_smart().engine, user, form.otp.data or "")
-        except people.AuthError as exc:
-            error = str(exc)
-        else:
+        if user is None:
+            session.clear()
+            return redirect(url_for(".login"))
+        _, error = _attempt(lambda: people.check_otp(_smart().engine, user, form.otp.data or ""))
+        if error is None:
             session.pop(MFA_USER, None)
             session[USER] = user.id
             return redirect(session.pop(NEXT, None) or url_for(".resume"))

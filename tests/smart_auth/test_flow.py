@@ -288,3 +288,17 @@ def test_password_reset_through_an_emailed_link(world: Any, http: Any) -> None:
     with pytest.raises(people.AuthError):
         people.check_password(world.smart.engine, "maria", PASSWORD)
     assert http.get(path).status == 400  # single use
+
+
+def test_one_address_failing_on_many_logins_is_slowed(world: Any, http: Any, fhir_base: str) -> None:
+    from tests.smart_auth.conftest import csrf
+
+    world.smart.limiter.limit = 3
+    page = http.get("/auth/login").text
+    for username in ("maria", "linda", "robert"):
+        reply = http.post("/auth/login", {"csrf_token": csrf(page), "username": username, "password": "wrong-pass"})
+        assert reply.status == 401 and "Unknown username or wrong password" in reply.text
+    # Right password, but this address has failed too often: refused without even checking it.
+    reply = http.post("/auth/login", {"csrf_token": csrf(page), "username": "daniel",
+                                      "password": "correct horse battery"})
+    assert reply.status == 401 and "from your address" in reply.text
