@@ -36,7 +36,7 @@ def build_services(settings: Settings) -> Gateway:
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
     return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit),
-                   SmartAuth(engine, settings))
+                   SmartAuth(engine, settings, store))
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:

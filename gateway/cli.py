@@ -300,7 +300,11 @@ def proxy_grant(username: str, patient: str, relationship: str, until: str | Non
 @click.option("--patient", required=True, help="Patient/ID")
 def proxy_revoke(username: str, patient: str) -> None:
     """End a login's proxy access to a patient (its tokens stop working)."""
-    _smart_call(lambda s: {"revoked": s.smart.revoke_proxy(username, patient.partition("/")[2])})
+    def action(s: Any) -> dict[str, Any]:
+        consents = s.smart.revoke_proxy(username, patient.partition("/")[2])
+        return {"revoked": len(consents), "consents": [f"Consent/{c}" for c in consents]}
+
+    _smart_call(action)
 
 
 @main.command("activation-code")

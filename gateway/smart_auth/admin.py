@@ -12,7 +12,7 @@ from joserfc.jwk import KeySet
 from sqlalchemy import Engine, insert, select
 
 from gateway.db import write_tx
-from gateway.smart_auth import people
+from gateway.smart_auth import people, proxies
 from gateway.smart_auth.models import oauth_client
 from gateway.smart_auth.people import AuthError, now_ms
 
@@ -64,11 +64,21 @@ def patient_birth_date(store: Any, patient_id: str) -> str | None:
 
 def grant_proxy(engine: Engine, store: Any, username: str, patient: str, relationship: str,
                 until: date | None = None, today: date | None = None) -> dict[str, Any]:
+    """The grant (policy), then its FHIR record: RelatedPerson and Consent with the same period."""
     kind, _, patient_id = patient.partition("/")
     if kind != "Patient" or not patient_id:
         raise AuthError("--patient must be Patient/ID")
-    return people.grant_proxy(engine, username, patient_id, relationship, patient_birth_date(store, patient_id),
-                              until=until, today=today)
+    user = people.find_user(engine, username)
+    if user is None:
+        raise AuthError(f"no user {username!r}")
+    if user.patient_id == patient_id:
+        raise AuthError("a user acts for their own record without a proxy grant")
+    birth_date = patient_birth_date(store, patient_id)
+    planned = people.proxy_period(birth_date, until, today)
+    related_id, consent_id = proxies.record_proxy(store, user, patient_id, relationship, *planned)
+    granted = people.grant_proxy(engine, username, patient_id, relationship, birth_date, until=until, today=today,
+                                 related_person=related_id, consent_id=consent_id)
+    return {**granted, "related_person": f"RelatedPerson/{related_id}", "consent": f"Consent/{consent_id}"}
 
 
 def launch_url(smart: Any, client_id: str, patient: str, username: str | None = None,
@@ -105,12 +115,12 @@ DEMO_CLIENT = "demo-app"
 def load_demo_logins(engine: Engine, store: Any, base_url: str) -> list[str]:
     """The demo family's logins and a public demo client (idempotent); lines to print."""
     lines = []
-    for username, fhir_user, proxies in DEMO_LOGINS:
+    for username, fhir_user, cared_for in DEMO_LOGINS:
         if people.find_user(engine, username) is None:
             people.add_user(engine, username, DEMO_PASSWORD, fhir_user)
-            for patient, relationship in proxies:
+            for patient, relationship in cared_for:
                 grant_proxy(engine, store, username, patient, relationship)
-        acts_for = ", ".join(p for p, _ in proxies)
+        acts_for = ", ".join(p for p, _ in cared_for)
         lines.append(f"{username} / {DEMO_PASSWORD}: {fhir_user}" + (f", acts for {acts_for}" if acts_for else ""))
     with engine.connect() as conn:
         known = conn.execute(select(oauth_client.c.client_id).where(oauth_client.c.client_id == DEMO_CLIENT)).first()

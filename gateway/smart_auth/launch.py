@@ -11,8 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.fhir.outcome import FhirError
-from gateway.smart_auth import people
+from gateway.smart_auth import people, proxies
 from gateway.smart_auth.scopes import ResourceScope, is_within, narrowing_options, parse_scope, parse_scopes
 
 
@@ -74,27 +73,20 @@ def _label(store: Any, patient_id: str, is_self: bool) -> str:
     return f"{name} (you)" if is_self else name
 
 
-def fhir_user_for(store: Any, user: people.User, patient_id: str | None) -> str:
+def fhir_user_for(smart: Any, store: Any, user: people.User, patient_id: str | None) -> str:
     """The Patient when acting for self; the RelatedPerson when acting for someone else.
 
-    The RelatedPerson is the one the user's own Patient links to (Patient.link, as the demo data
-    records a parent) whose patient is the one in context; without such a record, the Patient.
+    That RelatedPerson is the one the user's own Patient links to (as the demo data records a
+    parent), else the one written when the proxy grant was made; without either, the Patient.
     """
-    if patient_id is None or patient_id == user.patient_id or user.patient_id is None:
+    if patient_id is None or patient_id == user.patient_id:
         return user.fhir_user
-    try:
-        with store.reading() as repo:
-            own = json.loads(repo.read("Patient", user.patient_id).content or "{}")
-            for link in own.get("link") or []:
-                kind, _, rid = ((link.get("other") or {}).get("reference") or "").partition("/")
-                if kind != "RelatedPerson" or not rid:
-                    continue
-                related = json.loads(repo.read("RelatedPerson", rid).content or "{}")
-                if (related.get("patient") or {}).get("reference") == f"Patient/{patient_id}":
-                    return f"RelatedPerson/{rid}"
-    except FhirError:
-        pass  # no own record or a dangling link: the user's Patient stands for them
-    return user.fhir_user
+    with store.reading() as repo:
+        linked = proxies.linked_related_person(repo, user, patient_id)
+    if linked is None:
+        with smart.engine.connect() as conn:
+            linked = people.proxy_record(conn, user.id, patient_id)
+    return f"RelatedPerson/{linked}" if linked else user.fhir_user
 
 
 def consent_options(scope: str) -> list[str]:

@@ -51,6 +51,9 @@ proxy_grant = Table(
     # The patient's birth date, copied at grant time: it decides the 12-17 confidentiality rule
     # on every request without reading the Patient resource.
     Column("birth_date", String(10), nullable=True),
+    # The FHIR record of the relationship: the proxy as a RelatedPerson, the grant as a Consent.
+    Column("related_person", String(64), nullable=True),
+    Column("consent_id", String(64), nullable=True),
     Column("valid_from", String(10), nullable=False),
     Column("valid_until", String(10), nullable=True),
     Column("revoked_ms", BigInteger, nullable=True),

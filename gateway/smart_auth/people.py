@@ -184,37 +184,53 @@ def age_on(birth: date, day: date) -> int:
 
 
 def grant_proxy(engine: Engine, username: str, patient_id: str, relationship: str, birth_date: str | None,
-                until: date | None = None, today: date | None = None) -> dict[str, str | None]:
+                until: date | None = None, today: date | None = None, related_person: str | None = None,
+                consent_id: str | None = None) -> dict[str, str | None]:
     """Let `username` act for `patient_id`. A minor's proxy ends the day before the 18th birthday."""
-    today = today or date.today()
     user = find_user(engine, username)
     if user is None:
         raise AuthError(f"no user {username!r}")
     if user.patient_id == patient_id:
         raise AuthError("a user acts for their own record without a proxy grant")
+    valid_from, valid_until = proxy_period(birth_date, until, today)
+    with write_tx(engine) as conn:
+        conn.execute(insert(proxy_grant).values(
+            user_id=user.id, patient_id=patient_id, relationship=relationship, birth_date=birth_date,
+            valid_from=valid_from, valid_until=valid_until, related_person=related_person,
+            consent_id=consent_id, created_ms=now_ms()))
+    return {"username": username, "patient": f"Patient/{patient_id}", "relationship": relationship,
+            "valid_from": valid_from, "valid_until": valid_until}
+
+
+def proxy_period(birth_date: str | None, until: date | None, today: date | None = None) -> tuple[str, str | None]:
+    """(first day, last day or None) of a grant made today; a minor's ends before the 18th birthday."""
+    today = today or date.today()
     if birth_date:
         birth = date.fromisoformat(birth_date[:10])
         if age_on(birth, today) < 18:
             adult_day = eighteenth_birthday(birth) - timedelta(days=1)
             until = min(until, adult_day) if until else adult_day
-    valid_until = until.isoformat() if until else None
-    with write_tx(engine) as conn:
-        conn.execute(insert(proxy_grant).values(
-            user_id=user.id, patient_id=patient_id, relationship=relationship, birth_date=birth_date,
-            valid_from=today.isoformat(), valid_until=valid_until, created_ms=now_ms()))
-    return {"username": username, "patient": f"Patient/{patient_id}", "relationship": relationship,
-            "valid_from": today.isoformat(), "valid_until": valid_until}
+    return today.isoformat(), until.isoformat() if until else None
 
 
-def revoke_proxy(engine: Engine, username: str, patient_id: str) -> int:
+def revoke_proxy(engine: Engine, username: str, patient_id: str) -> list[str]:
+    """End a login's proxy grants for a patient; returns the ids of their Consent records."""
     user = find_user(engine, username)
     if user is None:
         raise AuthError(f"no user {username!r}")
+    current = (proxy_grant.c.user_id == user.id, proxy_grant.c.patient_id == patient_id,
+               proxy_grant.c.revoked_ms.is_(None))
     with write_tx(engine) as conn:
-        result = conn.execute(update(proxy_grant).where(
-            proxy_grant.c.user_id == user.id, proxy_grant.c.patient_id == patient_id,
-            proxy_grant.c.revoked_ms.is_(None)).values(revoked_ms=now_ms()))
-    return result.rowcount
+        consents = list(conn.execute(select(proxy_grant.c.consent_id).where(*current)).scalars())
+        conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms()))
+    return [c for c in consents if c]
+
+
+def proxy_record(conn: Connection, user_id: int, patient_id: str) -> str | None:
+    """The RelatedPerson recorded for a login's current grant for a patient, if any."""
+    return conn.execute(select(proxy_grant.c.related_person).where(
+        proxy_grant.c.user_id == user_id, proxy_grant.c.patient_id == patient_id,
+        proxy_grant.c.revoked_ms.is_(None)).order_by(proxy_grant.c.id.desc())).scalar()
 
 
 def acting_for(conn: Connection, user_id: int, today: date | None = None) -> dict[str, bool]:

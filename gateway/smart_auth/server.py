@@ -55,7 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway import access
 from gateway.config import Settings
 from gateway.db import write_tx
-from gateway.smart_auth import keys, people, reset
+from gateway.smart_auth import keys, people, proxies, reset
 from gateway.smart_auth.models import (
     auth_code,
     client_assertion_jti,
@@ -367,9 +367,10 @@ class StoredAuthorizationRequest(OAuth2Request):
 class SmartAuth:
     """Everything the SMART views, the CLI and the FHIR API's token check call."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, store: Any = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.store = store  # for the FHIR record of proxy relationships (Consent)
         self.server = SmartServer(query_client=self.query_client, save_token=self.save_token)
         self.server.smart = self
         self.server.register_token_generator("default", self.generate_token)
@@ -601,11 +602,14 @@ class SmartAuth:
             conn.execute(update(oauth_token).where(oauth_token.c.grant_id == grant_id).values(revoked=True))
         self.forget_cached()
 
-    def revoke_proxy(self, username: str, patient_id: str) -> int:
-        """End a proxy relationship; this process stops honouring its tokens at once."""
-        ended = people.revoke_proxy(self.engine, username, patient_id)
+    def revoke_proxy(self, username: str, patient_id: str) -> list[str]:
+        """End a proxy relationship; this process stops honouring its tokens at once. Returns the
+        ids of the Consents it marked inactive."""
+        consents = people.revoke_proxy(self.engine, username, patient_id)
         self.forget_cached()
-        return ended
+        if self.store is not None:
+            proxies.end_consents(self.store, consents)
+        return consents
 
     def apps_of(self, user_id: int) -> list[dict[str, Any]]:
         """The authorizations a user has given that can still produce or use a token."""

@@ -282,7 +282,7 @@ def consent() -> Response:
         granted = launch.granted_scopes(request.form.getlist("scope"), pending["scope"])
         if not granted:
             return _finish(None, "nothing granted")
-        fhir_user = launch.fhir_user_for(current_app.extensions["gateway"].store, user, context.patient_id)
+        fhir_user = launch.fhir_user_for(_smart(), current_app.extensions["gateway"].store, user, context.patient_id)
         owner = _smart().start_grant(pending["args"]["client_id"], user, context.patient_id, context.encounter_id,
                                      granted, fhir_user)
         return _finish(owner, granted)

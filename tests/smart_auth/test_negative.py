@@ -414,3 +414,58 @@ def test_hl7_over_http_with_a_backend_services_token(world: Any, app: Any, http:
     refused = client.post("/hl7/v2", data=adt().encode(), content_type="application/hl7-v2",
                           headers={"Authorization": f"Bearer {reader}"})
     assert refused.status_code == 401
+
+
+def test_proxy_grants_are_recorded_as_related_person_and_consent(world: Any, http: Any, fhir_base: str) -> None:
+    import json as _json
+
+    from gateway.smart_auth import people
+
+    def read(rtype: str, rid: str) -> dict[str, Any]:
+        with world.store.reading() as repo:
+            return _json.loads(repo.read(rtype, rid).content)
+
+    with world.smart.engine.connect() as conn:
+        linda = people.find_user(world.smart.engine, "linda")
+        maria = people.find_user(world.smart.engine, "maria")
+        assert linda is not None and maria is not None
+        carer = people.proxy_record(conn, linda.id, "robert-chen")
+        # Maria's own Patient already links to her RelatedPerson for Sofia: it is reused.
+        assert people.proxy_record(conn, maria.id, "sofia-garcia") == "maria-garcia-mother-of-sofia"
+    assert carer is not None
+    related = read("RelatedPerson", carer)
+    assert related["patient"]["reference"] == "Patient/robert-chen"
+    assert related["name"][0]["family"] == "Chen"  # copied from Linda's own record
+    from sqlalchemy import select
+
+    from gateway.smart_auth.models import proxy_grant
+
+    with world.smart.engine.connect() as conn:
+        consent_id = conn.execute(select(proxy_grant.c.consent_id).where(
+            proxy_grant.c.user_id == linda.id)).scalar_one()
+    consent = read("Consent", consent_id)
+    assert consent["status"] == "active" and consent["patient"]["reference"] == "Patient/robert-chen"
+    assert consent["provision"]["actor"][0]["reference"]["reference"] == f"RelatedPerson/{carer}"
+    assert "start" in consent["provision"]["period"]
+    daniel = read("Consent", _consent_of(world, maria.id, "daniel-garcia"))
+    assert daniel["provision"]["period"]["end"] == "2029-05-09"  # ends before Daniel turns 18
+
+    # Linda acting for her father is that RelatedPerson.
+    params, verifier = authorize_params(fhir_base, scope="launch/patient patient/*.rs openid fhirUser")
+    launch = run_launch(http, params, verifier, "linda", patient="Patient/robert-chen")
+    token = exchange(http, launch).json()
+    body = http.post("/auth/introspect", {"token": token["access_token"], "client_id": "public-app"}).json()
+    assert body["fhirUser"] == f"{fhir_base}/RelatedPerson/{carer}"
+
+    assert world.smart.revoke_proxy("linda", "robert-chen") == [consent_id]
+    assert read("Consent", consent_id)["status"] == "inactive"
+
+
+def _consent_of(world: Any, user_id: int, patient_id: str) -> str:
+    from sqlalchemy import select
+
+    from gateway.smart_auth.models import proxy_grant
+
+    with world.smart.engine.connect() as conn:
+        return conn.execute(select(proxy_grant.c.consent_id).where(
+            proxy_grant.c.user_id == user_id, proxy_grant.c.patient_id == patient_id)).scalar_one()

@@ -48,6 +48,8 @@ def upgrade() -> None:
     sa.Column('patient_id', sa.String(length=64), nullable=False),
     sa.Column('relationship', sa.String(length=32), nullable=False),
     sa.Column('birth_date', sa.String(length=10), nullable=True),
+    sa.Column('related_person', sa.String(length=64), nullable=True),
+    sa.Column('consent_id', sa.String(length=64), nullable=True),
     sa.Column('valid_from', sa.String(length=10), nullable=False),
     sa.Column('valid_until', sa.String(length=10), nullable=True),
     sa.Column('revoked_ms', sa.BigInteger(), nullable=True),
