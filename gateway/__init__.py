@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, jsonify
+from flask_cors import CORS
 from sqlalchemy import Engine
 
 from gateway.config import Settings
@@ -20,6 +21,7 @@ class Gateway:
     store: Any
     audit: Any
     hl7: Any
+    smart: Any
 
 
 def build_services(settings: Settings) -> Gateway:
@@ -28,22 +30,30 @@ def build_services(settings: Settings) -> Gateway:
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
+    from gateway.smart_auth.server import SmartAuth
 
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
-    return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit))
+    return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit),
+                   SmartAuth(engine, settings, store))
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     from gateway import db
     from gateway.fhir import api
     from gateway.hl7 import http as hl7_http
+    from gateway.smart_auth import discovery as smart_discovery
+    from gateway.smart_auth import views as smart_views
 
     settings = settings or Settings.from_env(**overrides)
     app = Flask(__name__, instance_path=None)
     app.config["SECRET_KEY"] = settings.secret_key
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.config["SESSION_COOKIE_SECURE"] = settings.base_url.startswith("https://")
+    app.config["WTF_CSRF_TIME_LIMIT"] = 3600
     services = build_services(settings)
     engine = services.engine
     app.extensions["gateway"] = services
@@ -52,6 +62,15 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
 
     app.register_blueprint(api.bp)
     app.register_blueprint(hl7_http.bp)
+    app.register_blueprint(smart_views.bp)
+    app.register_blueprint(smart_discovery.bp)
+    # Apps call the API, token and discovery endpoints from browsers on other origins with bearer
+    # tokens (never cookies), so any origin may; the login and consent pages get no CORS at all.
+    CORS(app, resources={r"/fhir/*": {}, r"/auth/token": {}, r"/auth/introspect": {}, r"/auth/revoke": {},
+                         r"/auth/jwks": {}}, origins="*", supports_credentials=False,
+         allow_headers=["Authorization", "Content-Type", "Accept", "Prefer", "If-Match", "If-None-Match",
+                        "If-None-Exist", "If-Modified-Since"],
+         expose_headers=["Location", "ETag", "Last-Modified", "Content-Location", "WWW-Authenticate"])
     api.register_error_handlers(app)
 
     @app.get("/healthz")

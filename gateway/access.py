@@ -2,38 +2,76 @@
 
 Every FHIR interaction asks `authorize(principal, interaction, resource_type)` and gets back either
 an exception (401/403) or a Grant whose `restrict` condition is added to every query the
-interaction runs. Anything not explicitly allowed is refused.
+interaction runs (matches, _include/_revinclude, totals, $everything). Anything not explicitly
+allowed is refused.
 
-Callers so far: a trusted in-process caller (CLI, HL7 ingest, the audit writer) and, only when
-GATEWAY_OPEN_ACCESS is switched on, an anonymous HTTP caller with full access (demo and tests).
-Bearer tokens from the SMART authorization server arrive with the SMART work; until then an HTTP
-request without open access is answered 401.
+Callers: a trusted in-process caller (CLI, HL7 ingest, the audit writer); an anonymous HTTP caller
+with full access only when GATEWAY_OPEN_ACCESS is switched on (demo and tests); and bearer tokens
+from the SMART authorization server (gateway.smart_auth), turned into a Principal here by
+`principal_from_token`. A token Principal carries Rules, one per granted resource scope, each
+confined to the patients the scope reaches:
+- patient/ scopes: the launch patient, while the login may still act for that patient;
+- user/ scopes: every patient the login may act for now (itself and current proxy grants);
+- system/ scopes (backend services): every patient.
+For a proxy of a patient aged 12 to 17 the rule is "limited": resources labelled confidential
+(meta.security R or V) stay hidden.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import Any, Protocol
 
 from flask import Request
+from sqlalchemy import ColumnElement, and_, exists, false, not_, or_, select, true
 
+from gateway import db
 from gateway.config import Settings
+from gateway.fhir.indexer import compartment_patients, param_rows
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import Restriction
+from gateway.fhir.searchparams import params_for, patient_compartment
+from gateway.smart_auth.scopes import INTERACTION_LETTER, parse_scopes
 
 INTERACTIONS = frozenset({
     "read", "vread", "search", "history", "create", "update", "patch", "delete", "everything",
 })
+READ_FAMILY = frozenset({"read", "vread", "search", "history", "everything"})
+CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+CONFIDENTIAL_CODES = ("R", "V")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one granted scope allows: letters on a type, for some patients (None: all)."""
+
+    resource_type: str  # a type or "*"
+    letters: frozenset[str]
+    patients: frozenset[str] | None
+    limited: frozenset[str] = frozenset()
+    query: tuple[tuple[str, str | None, str], ...] = ()
+    resource_id: str | None = None  # the fhirUser rule: exactly one resource
+
+    def covers(self, resource_type: str | None) -> bool:
+        if resource_type is None:
+            return self.resource_type == "*" and self.patients is None and not self.query
+        return self.resource_type in ("*", resource_type)
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "system" (trusted, in-process), "open" (anonymous under open access)
+    kind: str  # "system" (trusted, in-process), "open" (anonymous under open access), "user", "backend"
     subject: str
     client_id: str | None = None
     # None: every patient; otherwise the ids whose compartments this principal may reach.
     patients: frozenset[str] | None = None
     interactions: frozenset[str] = field(default=INTERACTIONS)
+    # None: no scope limits (system, open); otherwise what the token's scopes grant.
+    rules: tuple[Rule, ...] | None = None
+    fhir_user: str | None = None
 
     @property
     def audit_name(self) -> str:
@@ -44,29 +82,90 @@ class Principal:
 class Grant:
     principal: Principal
     restrict: Restriction | None = None
+    rules: tuple[Rule, ...] = ()  # the rules that allow the interaction itself
+    visible_rules: tuple[Rule, ...] = ()  # the rules `restrict` is built from
 
 
 SYSTEM = Principal(kind="system", subject="gateway")
 
 
-def principal_from_request(request: Request, settings: Settings) -> Principal:
+class TokenResolver(Protocol):
+    def principal_for(self, access_token: str) -> Principal | None: ...
+
+
+def _unauthorized(message: str, error: str | None = None) -> FhirError:
+    challenge = f'Bearer realm="fhir", error="{error}"' if error else 'Bearer realm="fhir"'
+    return FhirError(401, message, code="login", headers={"WWW-Authenticate": challenge})
+
+
+def principal_from_request(request: Request, settings: Settings, tokens: TokenResolver | None = None) -> Principal:
     authorization = request.headers.get("Authorization", "")
     if authorization:
-        # No token issuer exists yet, so no token can be valid: refuse rather than ignore it.
-        raise FhirError(401, "The bearer token is not valid", code="login",
-                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        scheme, _, token = authorization.partition(" ")
+        principal = tokens.principal_for(token.strip()) if tokens and scheme.lower() == "bearer" and token else None
+        if principal is None:
+            raise _unauthorized("The bearer token is not valid", "invalid_token")
+        return principal
     if settings.open_access:
         return Principal(kind="open", subject="anonymous")
-    raise FhirError(401, "Authentication is required", code="login",
-                    headers={"WWW-Authenticate": 'Bearer realm="fhir"'})
+    raise _unauthorized("Authentication is required")
+
+
+def principal_from_token(*, client_id: str, scope: str, patient_id: str | None, fhir_user: str | None,
+                         acting_for: Mapping[str, bool] | None, backend: bool = False) -> Principal | None:
+    """The Principal a token stands for now, or None when it no longer stands for anything.
+
+    `acting_for` is patient id -> limited for the login behind the token (None for a backend
+    client). A patient-context token whose patient the login may no longer act for is dead.
+    """
+    scopes = parse_scopes(scope)
+    if acting_for is not None and patient_id is not None and patient_id not in acting_for:
+        return None
+    everyone = frozenset(acting_for or ())
+    limited_all = frozenset(p for p, limited in (acting_for or {}).items() if limited)
+    rules: list[Rule] = []
+    for s in scopes.resources:
+        if s.context == "system":
+            if not backend:
+                continue
+            rules.append(Rule(s.resource_type, s.letters, None, query=s.query))
+        elif backend:
+            continue
+        elif s.context == "patient":
+            if patient_id is None:
+                continue
+            limited = frozenset({patient_id}) & limited_all
+            rules.append(Rule(s.resource_type, s.letters, frozenset({patient_id}), limited, s.query))
+        else:
+            rules.append(Rule(s.resource_type, s.letters, everyone, limited_all, s.query))
+    if fhir_user and not backend and scopes.has("fhirUser"):
+        ftype, _, fid = fhir_user.partition("/")
+        rules.append(Rule(ftype, frozenset("r"), None, resource_id=fid))
+    patients: frozenset[str] | None = frozenset().union(
+        *(r.patients for r in rules if r.patients is not None and r.resource_id is None))
+    if any(r.patients is None and r.resource_id is None for r in rules):
+        patients = None
+    subject = fhir_user or f"Device/{client_id}"
+    return Principal(kind="backend" if backend else "user", subject=subject, client_id=client_id,
+                     patients=patients, rules=tuple(rules), fhir_user=fhir_user)
 
 
 def authorize(principal: Principal, interaction: str, resource_type: str | None) -> Grant:
     if interaction not in INTERACTIONS or interaction not in principal.interactions:
         raise FhirError(403, f"{interaction} is not permitted", code="forbidden")
-    if principal.kind in ("system", "open") and principal.patients is None:
-        return Grant(principal)
-    raise FhirError(403, "Access denied", code="forbidden")
+    if principal.rules is None:
+        if principal.kind in ("system", "open") and principal.patients is None:
+            return Grant(principal)
+        raise FhirError(403, "Access denied", code="forbidden")
+    letter = INTERACTION_LETTER[interaction]
+    covering = tuple(r for r in principal.rules if letter in r.letters and r.covers(resource_type))
+    if not covering:
+        what = resource_type or "the whole server"
+        raise FhirError(403, f"The token's scopes do not allow {interaction} on {what}", code="forbidden")
+    # Reads may include resources of other types: those must be readable under some rule too.
+    visible = tuple(r for r in principal.rules if r.letters & {"r", "s"}) if interaction in READ_FAMILY \
+        else covering
+    return Grant(principal, _restriction(visible), covering, visible)
 
 
 def allowed(principal: Principal, interaction: str, resource_type: str | None) -> bool:
@@ -77,5 +176,171 @@ def allowed(principal: Principal, interaction: str, resource_type: str | None) -
     return True
 
 
+def check_patient(grant: Grant, patient_id: str) -> None:
+    """Refuse an operation on one patient's whole record ($everything) the principal cannot reach."""
+    patients = grant.principal.patients
+    if grant.restrict is not None and patients is not None and patient_id not in patients:
+        raise FhirError(403, "Access denied", code="forbidden")
+
+
+def check_write(grant: Grant, resource: dict[str, Any], compartment_of: Callable[[dict[str, Any]], set[str]]) -> None:
+    """A write must land inside the compartments its rules reach (not another patient's record)."""
+    if grant.restrict is None:
+        return
+    rtype = resource.get("resourceType", "")
+    owners = compartment_of(resource)
+    labels = (resource.get("meta") or {}).get("security") or []
+    confidential = any(isinstance(x, dict) and x.get("system") == CONFIDENTIALITY and x.get("code") in
+                       CONFIDENTIAL_CODES for x in labels)
+    for rule in grant.rules:
+        if rule.query or rule.resource_id is not None:
+            continue  # granular and fhirUser rules never authorise writes
+        if rule.patients is None:
+            return
+        if rtype != "Patient" and rtype not in _compartment_types():
+            return
+        # A limited proxy may write into the record, but not anything it could not read back.
+        reachable = rule.patients - rule.limited if confidential else rule.patients
+        if owners and owners <= reachable:
+            return
+    raise FhirError(403, "The resource would fall outside the patients this token may write for",
+                    code="forbidden")
+
+
+def visible(grant: Grant, resource_type: str, resource_id: str, content: str | dict[str, Any],
+            base_url: str = "") -> bool:
+    """The decision `grant.restrict` makes in SQL, for one resource already in hand: no query.
+
+    Reads and writes by id use it; it evaluates the same rules over the same derived values the
+    index tables hold (compartment_patients and param_rows are what the store indexes with), and a
+    test checks the two agree on every resource of the demo data.
+    """
+    if grant.restrict is None:
+        return True
+    resource = json.loads(content) if isinstance(content, str) else content
+    owners: set[str] | None = None
+    for rule in grant.visible_rules:
+        if rule.resource_type not in ("*", resource_type):
+            continue
+        if rule.resource_id is not None:
+            if resource_id == rule.resource_id:
+                return True
+            continue
+        if rule.query and not all(_token_admits(resource_type, q, resource, base_url) for q in rule.query):
+            continue
+        if rule.patients is None or resource_type not in _compartment_types():
+            return True
+        if owners is None:
+            owners = compartment_patients(resource, base_url)
+        if owners & (rule.patients - rule.limited):
+            return True
+        if owners & rule.limited and not _labelled_confidential(resource_type, resource, base_url):
+            return True
+    return False
+
+
+def _token_admits(resource_type: str, query: tuple[str, str | None, str], resource: dict[str, Any],
+                  base_url: str) -> bool:
+    name, system, code = query
+    param = params_for(resource_type).get(name)
+    if param is None or param.type != "token":
+        return False
+    return any(row["code"] == code and (system is None or row["system"] == system)
+               for row in param_rows(param, resource, base_url))
+
+
+def _labelled_confidential(resource_type: str, resource: dict[str, Any], base_url: str) -> bool:
+    param = params_for(resource_type).get("_security")
+    return param is not None and any(row["system"] == CONFIDENTIALITY and row["code"] in CONFIDENTIAL_CODES
+                                     for row in param_rows(param, resource, base_url))
+
+
 def describe(principal: Principal) -> dict[str, Any]:
     return {"kind": principal.kind, "subject": principal.subject, "client_id": principal.client_id}
+
+
+# --- rules -> SQL ---
+
+@cache
+def _compartment_types() -> frozenset[str]:
+    return frozenset(patient_compartment()) | {"Patient"}
+
+
+def _restriction(rules: tuple[Rule, ...]) -> Restriction | None:
+    if any(r.resource_type == "*" and r.patients is None and not r.query and r.resource_id is None for r in rules):
+        return None
+
+    def restrict(pk: Any) -> ColumnElement[bool]:
+        groups: dict[tuple[frozenset[str] | None, frozenset[str], str | None], list[Rule]] = {}
+        for rule in rules:
+            groups.setdefault((rule.patients, rule.limited, rule.resource_id), []).append(rule)
+        conditions = [and_(_types(group, pk), _patients(patients, limited, pk), _single(group[0], pk))
+                      for (patients, limited, _), group in groups.items()]
+        return or_(*conditions) if conditions else false()
+
+    return restrict
+
+
+def _resource_where(pk: Any, *conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+    r = db.resource.alias("acl_resource")
+    where = [r.c.pk == pk]
+    for build in conditions:
+        where.append(build(r) if callable(build) else build)
+    return exists(select(1).select_from(r).where(*where))
+
+
+def _types(rules: list[Rule], pk: Any) -> ColumnElement[bool]:
+    plain = {r.resource_type for r in rules if not r.query}
+    if "*" in plain:
+        return true()
+    conditions = []
+    if plain:
+        conditions.append(_resource_where(pk, lambda r: r.c.resource_type.in_(sorted(plain))))
+    for rule in rules:
+        if rule.query:
+            conditions.append(and_(_resource_where(pk, lambda r, t=rule.resource_type: r.c.resource_type == t),
+                                   *(_token_match(rule.resource_type, q, pk) for q in rule.query)))
+    return or_(*conditions) if conditions else false()
+
+
+def _token_match(resource_type: str, query: tuple[str, str | None, str], pk: Any) -> ColumnElement[bool]:
+    name, system, code = query
+    param = params_for(resource_type).get(name)
+    if param is None or param.type != "token":
+        return false()  # a granular scope this server cannot evaluate grants nothing
+    t = db.sp_token.alias("acl_token")
+    where = [t.c.resource_pk == pk, t.c.param == name, t.c.code == code]
+    if system is not None:
+        where.append(t.c.system == system)
+    return exists(select(1).select_from(t).where(*where))
+
+
+def _in_compartment(patients: frozenset[str], pk: Any) -> ColumnElement[bool]:
+    c = db.compartment.alias("acl_compartment")
+    return exists(select(1).select_from(c).where(c.c.resource_pk == pk, c.c.patient_id.in_(sorted(patients))))
+
+
+def _confidential(pk: Any) -> ColumnElement[bool]:
+    t = db.sp_token.alias("acl_security")
+    return exists(select(1).select_from(t).where(t.c.resource_pk == pk, t.c.param == "_security",
+                                                 t.c.system == CONFIDENTIALITY,
+                                                 t.c.code.in_(CONFIDENTIAL_CODES)))
+
+
+def _patients(patients: frozenset[str] | None, limited: frozenset[str], pk: Any) -> ColumnElement[bool]:
+    if patients is None:
+        return true()
+    full = patients - limited
+    conditions = [_resource_where(pk, lambda r: r.c.resource_type.not_in(sorted(_compartment_types())))]
+    if full:
+        conditions.append(_in_compartment(full, pk))
+    if limited:
+        conditions.append(and_(_in_compartment(limited, pk), not_(_confidential(pk))))
+    return or_(*conditions)
+
+
+def _single(rule: Rule, pk: Any) -> ColumnElement[bool]:
+    if rule.resource_id is None:
+        return true()
+    return _resource_where(pk, lambda r: r.c.resource_type == rule.resource_type,
+                           lambda r: r.c.id == rule.resource_id)

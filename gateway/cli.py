@@ -210,6 +210,152 @@ def hl7_reprocess(message_id: int | None, all_failed: bool) -> None:
         sys.exit(1)
 
 
+# --- SMART clients, users, proxies, launches ---
+
+def _smart_call(action: Any) -> None:
+    """Run a provisioning action with the app's services and print its JSON (AuthError -> exit 1)."""
+    import json
+
+    from gateway import build_services
+    from gateway.smart_auth.people import AuthError
+
+    services = build_services(_settings())
+    try:
+        result = action(services)
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.audit.close()
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.group()
+def client() -> None:
+    """SMART client registrations."""
+
+
+@client.command("add")
+@click.option("--client-id", required=True)
+@click.option("--redirect-uri", "redirect_uris", multiple=True, required=True, help="repeat for several")
+@click.option("--public", is_flag=True, help="a public client (no secret; PKCE only)")
+@click.option("--secret", default=None, help="a confidential symmetric client's secret")
+@click.option("--jwks-url", default=None, help="a confidential asymmetric client's JWKS URL")
+@click.option("--jwks-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a confidential asymmetric client's JWKS (public keys, each with a kid)")
+@click.option("--scope", default=None, help="the scopes the client may be granted (default: all patient/ and "
+                                            "user/ scopes; system/ too for JWKS clients)")
+@click.option("--launch-url", default=None, help="where `gateway launch` sends the EHR launch")
+def client_add(client_id: str, redirect_uris: tuple[str, ...], public: bool, secret: str | None,
+               jwks_url: str | None, jwks_file: str | None, scope: str | None, launch_url: str | None) -> None:
+    """Register a SMART client; prints its registration as JSON."""
+    import json
+
+    from gateway.smart_auth.admin import register_client
+
+    jwks = json.loads(Path(jwks_file).read_text()) if jwks_file else None
+    _smart_call(lambda s: register_client(s.engine, client_id, list(redirect_uris), public=public, secret=secret,
+                                          jwks_url=jwks_url, jwks=jwks, scope=scope, launch_url=launch_url))
+
+
+@main.group()
+def user() -> None:
+    """Logins for patients and their proxies."""
+
+
+@user.command("add")
+@click.option("--username", required=True)
+@click.option("--password", required=True)
+@click.option("--fhir-user", required=True, help="the user's own record, Patient/ID")
+@click.option("--totp-secret", default=None, help="enrol in MFA with this base32 secret")
+def user_add(username: str, password: str, fhir_user: str, totp_secret: str | None) -> None:
+    """Create a login (argon2-hashed password, optional TOTP)."""
+    from gateway.smart_auth.people import add_user
+
+    def action(s: Any) -> dict[str, Any]:
+        created = add_user(s.engine, username, password, fhir_user, totp_secret)
+        return {"username": created.username, "fhir_user": created.fhir_user, "mfa": bool(created.totp_secret)}
+
+    _smart_call(action)
+
+
+@main.group()
+def proxy() -> None:
+    """Proxy access: parents, caregivers."""
+
+
+@proxy.command("grant")
+@click.option("--username", required=True)
+@click.option("--patient", required=True, help="Patient/ID the user may act for")
+@click.option("--relationship", required=True, help="v3 RoleCode, e.g. MTH, FTH, GUARD, CHILD, CAREGIVER")
+@click.option("--until", default=None, help="last day (YYYY-MM-DD); a minor's proxy ends before 18 anyway")
+def proxy_grant(username: str, patient: str, relationship: str, until: str | None) -> None:
+    """Let a login act for another patient."""
+    from datetime import date
+
+    from gateway.smart_auth.admin import grant_proxy
+
+    last = date.fromisoformat(until) if until else None
+    _smart_call(lambda s: grant_proxy(s.engine, s.store, username, patient, relationship, until=last))
+
+
+@proxy.command("revoke")
+@click.option("--username", required=True)
+@click.option("--patient", required=True, help="Patient/ID")
+def proxy_revoke(username: str, patient: str) -> None:
+    """End a login's proxy access to a patient (its tokens stop working)."""
+    def action(s: Any) -> dict[str, Any]:
+        consents = s.smart.revoke_proxy(username, patient.partition("/")[2])
+        return {"revoked": len(consents), "consents": [f"Consent/{c}" for c in consents]}
+
+    _smart_call(action)
+
+
+@main.command("activation-code")
+@click.option("--patient", required=True, help="Patient/ID whose owner may sign up with the code")
+def activation_code(patient: str) -> None:
+    """Issue a single-use sign-up code (valid 45 days) and print it."""
+    from datetime import UTC, datetime
+
+    from gateway import build_services
+    from gateway.smart_auth.admin import patient_birth_date
+    from gateway.smart_auth.people import AuthError, issue_activation_code
+
+    kind, _, patient_id = patient.partition("/")
+    services = build_services(_settings())
+    try:
+        if kind != "Patient" or not patient_id:
+            raise AuthError("--patient must be Patient/ID")
+        patient_birth_date(services.store, patient_id)  # refuses a patient the store does not have
+        code, expires = issue_activation_code(services.engine, patient_id)
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.audit.close()
+    click.echo(code)
+    click.echo(f"valid until {datetime.fromtimestamp(expires / 1000, UTC).isoformat(timespec='minutes')}",
+               err=True)
+
+
+@main.command("launch")
+@click.option("--client-id", required=True)
+@click.option("--patient", required=True, help="Patient/ID in context")
+@click.option("--user", "username", default=None, help="the login the launch is meant for")
+@click.option("--encounter", default=None, help="Encounter/ID in context")
+def launch_command(client_id: str, patient: str, username: str | None, encounter: str | None) -> None:
+    """Create an EHR launch context and print the app's launch URL (launch_url?iss=...&launch=...)."""
+    from gateway.smart_auth.admin import launch_url
+
+    _smart_call(lambda s: launch_url(s.smart, client_id, patient, username, encounter))
+
+
+@main.command("rotate-signing-key")
+def rotate_signing_key() -> None:
+    """Sign id_tokens with a new key; the previous key stays in the JWKS for tokens already out."""
+    from gateway.smart_auth.keys import rotate
+
+    _smart_call(lambda s: {"kid": rotate(s.engine)})
+
+
 def start_mllp(settings: Settings, host: str, port: int) -> Any:
     """The MLLP listener on its own thread and event loop, with its own services."""
     from gateway import build_services
@@ -252,14 +398,28 @@ def mllp_command(host: str | None, port: int | None) -> None:
 def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: int, demo: bool) -> None:
     """Run the gateway (gunicorn)."""
     import os
+    import secrets
 
     if demo:
         os.environ["GATEWAY_OPEN_ACCESS"] = "1"
         os.environ.setdefault("GATEWAY_BASE_URL", f"http://{host}:{port}")
+    # Every worker must sign and check login sessions and CSRF tokens with the same key: without a
+    # configured one, pick it here, before the workers fork, rather than one per worker.
+    os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))
     settings = _settings()
     if demo:
         load_demo(settings)
     from gateway.serving import run_gunicorn
+
+    if demo:
+        from gateway import build_services
+        from gateway.smart_auth.admin import load_demo_logins
+
+        services = build_services(settings)
+        for line in load_demo_logins(services.engine, services.store, settings.base_url):
+            click.echo(f"Demo:      {line}")
+        services.audit.close()
+        services.engine.dispose()
 
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")

@@ -19,8 +19,8 @@ class Settings:
     base_url: str = "http://127.0.0.1:8080"
     secret_key: str = ""
     instance_path: str = "instance"
-    # Until the SMART authorization server guards the API, an unauthenticated caller gets no
-    # access at all unless this is switched on explicitly (demo mode and tests do).
+    # A caller without a bearer token gets no access at all unless this is switched on explicitly
+    # (demo mode and tests do). A request that carries a token is always judged by its token.
     open_access: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
     default_page_size: int = 20
@@ -34,8 +34,20 @@ class Settings:
     mllp_host: str = "127.0.0.1"
     mllp_read_timeout: int = 60
     mllp_max_message_bytes: int = 16 * 1024 * 1024
-    # Bearer secret for HL7v2 over HTTP until SMART backend-services tokens exist.
+    # Bearer secret for HL7v2 over HTTP (EHR senders without a SMART backend-services client).
     hl7_http_secret: str = ""
+    # SMART: access-token lifetime for apps (backend-services tokens always live 300 seconds), and
+    # how long one process may reuse what it learnt about a token before asking the database again
+    # (revocations in the same process take effect at once; in other processes within this time).
+    access_token_seconds: int = 3600
+    token_cache_seconds: int = 5
+    # Outgoing mail (password reset links). Without a host no mail is sent and reset is unavailable.
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "no-reply@localhost"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

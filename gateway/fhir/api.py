@@ -63,6 +63,8 @@ def outcome_response(exc: FhirError) -> Response:
 
 @bp.before_request
 def negotiate() -> None:
+    if request.method == "OPTIONS":
+        return  # a CORS preflight carries no credentials and reaches no data; Flask answers it
     fmt = request.args.get("_format")
     if fmt:
         # A literal '+' in a query string arrives as a space (application/fhir json).
@@ -82,7 +84,7 @@ def negotiate() -> None:
         if mimetype not in allowed and not form_search:
             raise FhirError(415, f"Unsupported Content-Type {mimetype or '(none)'!r}", code="not-supported")
     if request.path.rstrip("/") not in ("/fhir/metadata",):
-        g.principal = access.principal_from_request(request, _settings())
+        g.principal = access.principal_from_request(request, _settings(), current_app.extensions["gateway"].smart)
 
 
 def _audit(interaction: str, *, entities: tuple[str, ...] = (), contents: tuple[str, ...] = (),
@@ -300,7 +302,7 @@ def type_level(rtype: str) -> Response:
     if request.method == "POST":
         resource = _body()
         _check_type(resource, rtype)
-        _grant("create", rtype)
+        access.check_write(_grant("create", rtype), resource, _compartment_of)
         if_none_exist = request.headers.get("If-None-Exist")
         result = store.write(lambda repo: repo.create(resource, if_none_exist=if_none_exist))
         _audit("create", entities=(result.stored.reference,), contents=(result.stored.content or "",))
@@ -310,8 +312,8 @@ def type_level(rtype: str) -> Response:
         raise FhirError(405, f"{request.method} on /{rtype} needs search criteria", code="not-supported")
     if request.method == "PUT":
         return _put(rtype, lambda repo, resource, if_match: repo.conditional_update(rtype, criteria, resource,
-                                                                                     if_match))
-    _grant("delete", rtype)
+                                                                                     if_match), conditional=True)
+    _refuse_restricted(_grant("delete", rtype), "Conditional delete")
     deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria))
     _audit("delete", entities=tuple(d.reference for d in deleted), contents=tuple(d.content or "" for d in deleted))
     return Response(status=204)
@@ -323,11 +325,17 @@ def type_search(rtype: str) -> Response:
         return fhir_response(run_search(repo, rtype, _search_params(), f"/fhir/{rtype}", strict=_strict()))
 
 
-def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], WriteResult]) -> Response:
+def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], WriteResult],
+         rid: str | None = None, conditional: bool = False) -> Response:
     """PUT by id or by criteria: body checks, the grant, one write, its audit record."""
     resource = _body()
     _check_type(resource, rtype)
-    _grant("update", rtype)
+    grant = _grant("update", rtype)
+    if conditional:
+        _refuse_restricted(grant, "Conditional update")
+    access.check_write(grant, resource, _compartment_of)
+    if rid is not None:
+        _check_existing(grant, rtype, rid)
     if_match = request.headers.get("If-Match")
     result = _store().write(lambda repo: write(repo, resource, if_match))
     _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
@@ -347,43 +355,60 @@ def instance(rtype: str, rid: str) -> Response:
     known_type(rtype)
     store = _store()
     if request.method == "GET":
-        _grant("read", rtype)
+        grant = _grant("read", rtype)
         with store.reading() as repo:
             stored = repo.read(rtype, rid)
-        if _grant_restricts(stored):
-            raise FhirError(403, "Access denied", code="forbidden")
+        _check_visible(grant, stored)
         _audit("read", entities=(stored.reference,), contents=(stored.content or "",))
         return _conditional_get(stored)
     if request.method == "PUT":
-        return _put(rtype, lambda repo, resource, if_match: repo.update(rtype, rid, resource, if_match))
+        return _put(rtype, lambda repo, resource, if_match: repo.update(rtype, rid, resource, if_match), rid=rid)
     if request.method == "PATCH":
         if request.mimetype not in PATCH_TYPES:
             raise FhirError(415, "PATCH takes application/json-patch+json", code="not-supported")
         operations = _body()
-        _grant("patch", rtype)
+        # The patched resource is only known inside the write, so a token confined to some patients
+        # cannot be checked against it beforehand: refused rather than checked afterwards.
+        _refuse_restricted(_grant("patch", rtype), "PATCH")
         if_match = request.headers.get("If-Match")
         result = store.write(lambda repo: repo.patch(rtype, rid, operations, if_match))
         _audit("patch", entities=(result.stored.reference,), contents=(result.stored.content or "",))
         return _write_response(result.stored, result.status)
-    _grant("delete", rtype)
+    _check_existing(_grant("delete", rtype), rtype, rid)
     deleted = store.write(lambda repo: repo.delete(rtype, rid))
     _audit("delete", entities=(f"{rtype}/{rid}",), contents=(deleted.content or "",) if deleted else ())
     return Response(status=204)
 
 
-def _grant_restricts(stored: Stored) -> bool:
-    """True when the grant's restriction excludes this resource (checked with one indexed query)."""
-    grant: access.Grant = access.authorize(g.principal, "read", stored.resource_type)
+def _compartment_of(resource: dict[str, Any]) -> set[str]:
+    from gateway.fhir.indexer import compartment_patients
+
+    return compartment_patients(resource, _fhir_base())
+
+
+def _refuse_restricted(grant: access.Grant, what: str) -> None:
+    if grant.restrict is not None:
+        raise FhirError(403, f"{what} is not available to a token confined to some patients or records",
+                        code="forbidden")
+
+
+def _check_existing(grant: access.Grant, rtype: str, rid: str, missing_ok: bool = True) -> None:
+    """An update, delete or history by id must not touch a resource the grant cannot reach."""
     if grant.restrict is None:
-        return False
-    from sqlalchemy import select
-
-    from gateway import db
-
+        return
     with _store().reading() as repo:
-        row = repo.conn.execute(select(db.resource.c.pk).where(db.resource.c.pk == stored.pk,
-                                                               grant.restrict(db.resource.c.pk))).first()
-    return row is None
+        try:
+            stored = repo.read(rtype, rid)
+        except FhirError as exc:
+            if exc.status == 404 and missing_ok:
+                return  # update-as-create: check_write already judged the new content
+            raise FhirError(403, "Access denied", code="forbidden") from None
+    _check_visible(grant, stored)
+
+
+def _check_visible(grant: access.Grant, stored: Stored) -> None:
+    if not access.visible(grant, stored.resource_type, stored.id, stored.content or "{}", _fhir_base()):
+        raise FhirError(403, "Access denied", code="forbidden")
 
 
 def _conditional_get(stored: Stored) -> Response:
@@ -416,15 +441,14 @@ def instance_sub(rtype: str, rid: str, rest: str) -> Response:
         if len(segments) == 1:
             return _history(rtype, rid)
         if len(segments) == 2:
-            _grant("vread", rtype)
+            grant = _grant("vread", rtype)
             try:
                 version = int(segments[1])
             except ValueError:
                 raise FhirError(404, f"No version {segments[1]!r}", code="not-found") from None
             with _store().reading() as repo:
                 stored = repo.vread(rtype, rid, version)
-            if _grant_restricts(stored):
-                raise FhirError(403, "Access denied", code="forbidden")
+            _check_visible(grant, stored)
             _audit("vread", entities=(stored.reference,), contents=(stored.content or "",))
             return fhir_response(stored.content or "", 200, _resource_headers(stored))
     if rtype == "Patient" and segments == ["$everything"]:
@@ -444,7 +468,12 @@ def instance_sub(rtype: str, rid: str, rest: str) -> Response:
 def _history(rtype: str | None, rid: str | None) -> Response:
     if rtype:
         known_type(rtype)
-    _grant("history", rtype)
+    grant = _grant("history", rtype)
+    if grant.restrict is not None:
+        # Type and system history are not filtered by compartment: confined tokens get instance history only.
+        if rid is None or rtype is None:
+            raise FhirError(403, "History across resources is not available to this token", code="forbidden")
+        _check_existing(grant, rtype, rid, missing_ok=False)
     since = request.args.get("_since")
     since_ms = None
     if since:
@@ -493,6 +522,7 @@ def _history(rtype: str | None, rid: str | None) -> Response:
 
 def _everything(patient_id: str) -> Response:
     grant = _grant("everything", "Patient")
+    access.check_patient(grant, patient_id)
     types = ",".join(request.args.getlist("_type"))
     count_raw = request.args.get("_count", "50")
     if not count_raw.isdigit() or int(count_raw) == 0:

@@ -9,6 +9,7 @@ from gateway.config import Settings
 from gateway.fhir.search import MODIFIERS
 from gateway.fhir.searchparams import UNSUPPORTED, registry
 from gateway.fhir.validate import is_resource_type
+from gateway.smart_auth.discovery import security
 
 INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type",
                 "create", "search-type"]
@@ -65,6 +66,7 @@ def capability_statement(settings: Settings) -> dict[str, Any]:
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
+            "security": security(settings),
             "documentation": (
                 "Search: every parameter type with the modifiers " + modifiers + "; date and number prefixes "
                 "eq ne gt lt ge le sa eb ap; _sort, _count (keyset paging), _total, _summary, _elements, "

@@ -1,8 +1,8 @@
 """HL7v2 over HTTP: POST /hl7/v2 runs the same pipeline as MLLP and answers with the ACK.
 
-Senders authenticate with a bearer token: the configured shared secret (GATEWAY_HL7_HTTP_SECRET)
-until SMART backend-services tokens exist. With no secret configured every request is refused,
-unless the whole gateway runs with open access (demo and tests).
+Senders authenticate with a bearer token: a SMART backend-services token with system/*.c, or the
+configured shared secret (GATEWAY_HL7_HTTP_SECRET). A request with neither is refused, unless the
+whole gateway runs with open access and the request carries no Authorization header (demo and tests).
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def _check_sender() -> None:
     token = header[7:] if header.lower().startswith("bearer ") else ""
     if settings.hl7_http_secret and token and hmac.compare_digest(token, settings.hl7_http_secret):
         return
+    if token:
+        # A SMART backend-services token whose system/ scopes allow creating anything (system/*.c).
+        principal = _gateway().smart.principal_for(token)
+        if principal is not None and principal.kind == "backend" and access.allowed(principal, "create", None):
+            g.principal = principal
+            return
     if settings.open_access and not header:
         return
     raise FhirError(401, "An HL7 sender must present its bearer token", code="login",
@@ -58,7 +64,7 @@ def receive() -> Response:
 @bp.get("/messages/<int:message_id>")
 def trace(message_id: int) -> Response:
     """The provenance trail of a message: raw text, ACK, error, and every resource it wrote."""
-    g.principal = access.principal_from_request(request, _gateway().settings)
+    g.principal = access.principal_from_request(request, _gateway().settings, _gateway().smart)
     access.authorize(g.principal, "read", "Hl7Message")
     found = message_trace(_gateway().store, message_id)
     if found is None:

@@ -1,0 +1,86 @@
+"""The FHIR record of a proxy relationship: the proxy as a RelatedPerson, the grant as a Consent.
+
+The access policy reads the proxy_grant table (fast, and it ends by date on its own); these
+resources make the same relationship visible in the record, to the EHR and to FHIR clients.
+A RelatedPerson the proxy's own Patient already links to (Patient.link) is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.fhir.outcome import FhirError
+from gateway.smart_auth.people import User
+
+ROLE_CODES = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+
+
+def _read(repo: Any, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(repo.read(resource_type, resource_id).content or "{}")
+    except FhirError:
+        return None
+
+
+def linked_related_person(repo: Any, user: User, patient_id: str) -> str | None:
+    """The RelatedPerson for `patient_id` that the user's own Patient links to, if any."""
+    own = _read(repo, "Patient", user.patient_id) if user.patient_id else None
+    for link in (own or {}).get("link") or []:
+        kind, _, rid = ((link.get("other") or {}).get("reference") or "").partition("/")
+        related = _read(repo, "RelatedPerson", rid) if kind == "RelatedPerson" and rid else None
+        if related and (related.get("patient") or {}).get("reference") == f"Patient/{patient_id}":
+            return rid
+    return None
+
+
+def record_proxy(store: Any, user: User, patient_id: str, relationship: str, valid_from: str,
+                 valid_until: str | None) -> tuple[str, str]:
+    """Write (or reuse) the RelatedPerson and write an active Consent; returns both ids."""
+    consent_id = f"proxy-{secrets.token_hex(8)}"
+
+    def write(repo: Any) -> str:
+        related_id = linked_related_person(repo, user, patient_id)
+        if related_id is None:
+            related_id = f"proxy-{user.id}-{patient_id}"[:64]
+            own = (_read(repo, "Patient", user.patient_id) if user.patient_id else None) or {}
+            related: dict[str, Any] = {
+                "resourceType": "RelatedPerson", "id": related_id, "active": True,
+                "patient": {"reference": f"Patient/{patient_id}"},
+                "relationship": [{"coding": [{"system": ROLE_CODES, "code": relationship}]}],
+            }
+            for key in ("name", "telecom", "gender", "birthDate"):
+                if own.get(key):
+                    related[key] = own[key]
+            repo.update("RelatedPerson", related_id, related, None)
+        period = {"start": valid_from, **({"end": valid_until} if valid_until else {})}
+        repo.update("Consent", consent_id, {
+            "resourceType": "Consent", "id": consent_id, "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{patient_id}"},
+            "dateTime": datetime.now(UTC).isoformat(timespec="seconds"),
+            "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                       "code": "OPTIN"}]},
+            "provision": {"type": "permit", "period": period, "actor": [{
+                "role": {"coding": [{"system": ROLE_CODES, "code": relationship}]},
+                "reference": {"reference": f"RelatedPerson/{related_id}"}}]},
+        }, None)
+        return related_id
+
+    return store.write(write), consent_id
+
+
+def end_consents(store: Any, consent_ids: list[str]) -> None:
+    """Mark the Consents of ended proxy grants inactive."""
+    def write(repo: Any) -> None:
+        for consent_id in consent_ids:
+            consent = _read(repo, "Consent", consent_id)
+            if consent and consent.get("status") == "active":
+                repo.update("Consent", consent_id, {**consent, "status": "inactive"}, None)
+
+    if consent_ids:
+        store.write(write)

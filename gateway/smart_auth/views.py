@@ -1,0 +1,362 @@
+"""Authorization pages (login, MFA, patient picker, consent) and the OAuth endpoints.
+
+Views are thin: the request in progress lives in the signed session cookie, every decision is a
+call into SmartAuth, launch or people. Forms are plain HTML with a CSRF token (flask-wtf).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.oauth2 import OAuth2Error
+from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, session, url_for
+from flask_wtf import FlaskForm
+from wtforms import PasswordField, StringField
+from wtforms.validators import DataRequired
+
+from gateway.smart_auth import keys, launch, people, reset
+from gateway.smart_auth.server import SmartAuth
+
+bp = Blueprint("smart_auth", __name__, url_prefix="/auth", template_folder="templates")
+
+PENDING = "smart_authz"
+USER = "smart_uid"
+MFA_USER = "smart_mfa_uid"
+PATIENT = "smart_patient"
+NEXT = "smart_next"
+SINGLE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state", "aud", "launch",
+                 "code_challenge", "code_challenge_method")
+
+
+class LoginForm(FlaskForm):
+    username = StringField("Username", validators=[DataRequired()])
+    password = PasswordField("Password", validators=[DataRequired()])
+
+
+class SignUpForm(FlaskForm):
+    activation_code = StringField("Activation code", validators=[DataRequired()])
+    username = StringField("Username", validators=[DataRequired()])
+    password = PasswordField("Password", validators=[DataRequired()])
+
+
+class ResetRequestForm(FlaskForm):
+    username = StringField("Username", validators=[DataRequired()])
+
+
+class NewPasswordForm(FlaskForm):
+    password = PasswordField("New password", validators=[DataRequired()])
+
+
+class OtpForm(FlaskForm):
+    otp = StringField("Code from your authenticator app", validators=[DataRequired()])
+
+
+class CsrfOnlyForm(FlaskForm):
+    """Patient picker and consent: their fields are read and checked by the services."""
+
+
+def _smart() -> SmartAuth:
+    return current_app.extensions["gateway"].smart
+
+
+def _page(template: str, status: int = 200, **context: Any) -> Response:
+    response = Response(render_template(f"smart_auth/{template}", **context), status)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+def _error_page(message: str, status: int = 400) -> Response:
+    return _page("error.html", status, message=message)
+
+
+def _oauth_error(error: OAuth2Error) -> Response:
+    # Only a redirect_uri validated against the client's registration is ever redirected to.
+    if error.redirect_uri:
+        _, _, headers = error()
+        return redirect(dict(headers)["Location"])
+    return _error_page(f"{error.error}: {error.description or ''}")
+
+
+TOO_MANY = "Too many failed attempts from your address; try again in a few minutes"
+
+
+def _attempt(check: Any) -> tuple[Any, str | None]:
+    """Run one sign-in style check unless this address failed too often: (result, error)."""
+    limiter = _smart().limiter
+    address = request.remote_addr or "?"
+    if limiter.blocked(address):
+        return None, TOO_MANY
+    try:
+        return check(), None
+    except people.AuthError as exc:
+        limiter.failed(address)
+        return None, str(exc)
+
+
+def _pending() -> dict[str, Any] | None:
+    return session.get(PENDING)
+
+
+def _user() -> people.User | None:
+    user_id = session.get(USER)
+    if user_id is None:
+        return None
+    with _smart().engine.connect() as conn:
+        return people.get_user(conn, user_id)
+
+
+# --- the authorization flow ---
+
+@bp.route("/authorize", methods=["GET", "POST"])
+def authorize() -> Response:
+    values = request.values
+    for name in SINGLE_PARAMS:
+        if len(values.getlist(name)) > 1:
+            return _error_page(f"invalid_request: {name} appears more than once")
+    args = {k: values[k] for k in values if k != "csrf_token"}
+    uri = request.base_url
+    try:
+        _, _, scope = _smart().validate_authorization(uri, args)
+    except OAuth2Error as error:
+        return _oauth_error(error)
+    session[PENDING] = {"uri": uri, "args": args, "scope": scope}
+    session.pop(PATIENT, None)
+    return redirect(url_for(".resume"))
+
+
+@bp.get("/continue")
+def resume() -> Response:
+    pending = _pending()
+    if pending is None:
+        return _error_page("There is no authorization in progress. Start again from the app.")
+    user = _user()
+    if user is None:
+        return redirect(url_for(".login"))
+    context = _context(pending, user, session.get(PATIENT))
+    if not isinstance(context, launch.PatientContext):
+        return context
+    if context.choices:
+        return redirect(url_for(".patient"))
+    return redirect(url_for(".consent"))
+
+
+def _context(pending: dict[str, Any], user: people.User, chosen: str | None) -> launch.PatientContext | Response:
+    """The launch's patient context, or the redirect that refuses the app when there can be none."""
+    try:
+        return launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
+                                      pending["scope"], user, chosen)
+    except launch.LaunchError as exc:
+        return _finish(None, str(exc))
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response:
+    form = LoginForm()
+    error = None
+    if form.validate_on_submit():
+        user, error = _attempt(lambda: people.check_password(_smart().engine, form.username.data or "",
+                                                                   form.password.data or ""))
+        if error is None:
+            pending, after = session.get(PENDING), session.get(NEXT)
+            session.clear()  # a fresh session at login: nothing chosen before it carries over
+            if pending is not None:
+                session[PENDING] = pending
+            if after is not None:
+                session[NEXT] = after
+            if user.totp_secret:
+                session[MFA_USER] = user.id
+                return redirect(url_for(".mfa"))
+            session[USER] = user.id
+            return redirect(session.pop(NEXT, None) or url_for(".resume"))
+    return _page("login.html", 200 if error is None else 401, form=form, error=error)
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup() -> Response:
+    """First sign-in with the activation code the practice handed out; then on as after a login."""
+    form = SignUpForm()
+    error = None
+    if form.validate_on_submit():
+        user, error = _attempt(lambda: people.sign_up(_smart().engine, form.activation_code.data or "",
+                                                            form.username.data or "", form.password.data or ""))
+        if error is None:
+            pending, after = session.get(PENDING), session.get(NEXT)
+            session.clear()
+            if pending is not None:
+                session[PENDING] = pending
+            session[USER] = user.id
+            return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
+    return _page("signup.html", 200 if error is None else 400, form=form, error=error)
+
+
+@bp.route("/reset", methods=["GET", "POST"])
+def reset_request() -> Response:
+    smart = _smart()
+    if smart.mailer is None:
+        return _page("error.html", message="Password reset by email is not set up here; please ask your care team.")
+    form = ResetRequestForm()
+    if form.validate_on_submit():
+        reset.request_reset(smart.engine, current_app.extensions["gateway"].store, smart.mailer,
+                            smart.settings.base_url, form.username.data or "")
+        # The same answer whether or not the login exists.
+        return _page("error.html", message="If that login exists and has an email address, a link is on its way. "
+                                           "It works once, within an hour.")
+    return _page("reset.html", form=form)
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+def reset_password(token: str) -> Response:
+    smart = _smart()
+    if not reset.reset_is_valid(smart.engine, token):
+        return _error_page("This reset link is not valid any more; ask for a new one.")
+    form = NewPasswordForm()
+    error = None
+    if form.validate_on_submit():
+        try:
+            reset.complete_reset(smart.engine, token, form.password.data or "")
+        except people.AuthError as exc:
+            error = str(exc)
+        else:
+            return _page("error.html", message="Your password is changed. You can sign in with it now.")
+    return _page("new_password.html", 200 if error is None else 400, form=form, error=error, token=token)
+
+
+@bp.route("/mfa", methods=["GET", "POST"])
+def mfa() -> Response:
+    user_id = session.get(MFA_USER)
+    if user_id is None:
+        return redirect(url_for(".login"))
+    form = OtpForm()
+    error = None
+    if form.validate_on_submit():
+        with _smart().engine.connect() as conn:
+            user = people.get_user(conn, user_id)
+        if user is None:
+            session.clear()
+            return redirect(url_for(".login"))
+        _, error = _attempt(lambda: people.check_otp(_smart().engine, user, form.otp.data or ""))
+        if error is None:
+            session.pop(MFA_USER, None)
+            session[USER] = user.id
+            return redirect(session.pop(NEXT, None) or url_for(".resume"))
+    return _page("mfa.html", 200 if error is None else 401, form=form, error=error)
+
+
+@bp.route("/patient", methods=["GET", "POST"])
+def patient() -> Response:
+    pending, user = _pending(), _user()
+    if pending is None or user is None:
+        return redirect(url_for(".resume"))
+    form = CsrfOnlyForm()
+    error = None
+    if form.validate_on_submit():
+        chosen = (request.form.get("patient") or "").removeprefix("Patient/")
+        try:
+            launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
+                                   pending["scope"], user, chosen)
+        except launch.LaunchError as exc:
+            error = str(exc)
+        else:
+            session[PATIENT] = chosen
+            return redirect(url_for(".consent"))
+    context = launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
+                                     pending["scope"], user, None)
+    return _page("patient.html", 200 if error is None else 400, form=form, choices=context.choices, error=error)
+
+
+@bp.route("/consent", methods=["GET", "POST"])
+def consent() -> Response:
+    pending, user = _pending(), _user()
+    if pending is None or user is None:
+        return redirect(url_for(".resume"))
+    context = _context(pending, user, session.get(PATIENT))
+    if not isinstance(context, launch.PatientContext):
+        return context
+    if context.choices:
+        return redirect(url_for(".patient"))
+    form = CsrfOnlyForm()
+    if form.validate_on_submit():
+        if request.form.get("decision") != "approve":
+            return _finish(None, "denied")
+        granted = launch.granted_scopes(request.form.getlist("scope"), pending["scope"])
+        if not granted:
+            return _finish(None, "nothing granted")
+        fhir_user = launch.fhir_user_for(_smart(), current_app.extensions["gateway"].store, user, context.patient_id)
+        owner = _smart().start_grant(pending["args"]["client_id"], user, context.patient_id, context.encounter_id,
+                                     granted, fhir_user)
+        return _finish(owner, granted)
+    client = _smart().query_client(pending["args"].get("client_id", ""))
+    return _page("consent.html", form=form, client_id=client.client_id if client else "?",
+                 options=launch.consent_options(pending["scope"]), requested=set(pending["scope"].split()),
+                 patient=context.patient_id)
+
+
+def _finish(owner: Any, granted: str) -> Response:
+    pending = session.pop(PENDING, None)
+    session.pop(PATIENT, None)
+    if pending is None:
+        return _error_page("There is no authorization in progress.")
+    try:
+        location = _smart().authorization_redirect(pending["uri"], pending["args"], owner, granted)
+    except OAuth2Error as error:
+        return _oauth_error(error)
+    return redirect(location)
+
+
+@bp.route("/apps", methods=["GET", "POST"])
+def apps() -> Response:
+    """The apps holding access to what the user may see, each revocable with one click."""
+    user = _user()
+    if user is None:
+        session[NEXT] = url_for(".apps")
+        return redirect(url_for(".login"))
+    form = CsrfOnlyForm()
+    if form.validate_on_submit():
+        _smart().revoke_app(user.id, request.form.get("grant_id", ""))
+        return redirect(url_for(".apps"))
+    return _page("apps.html", form=form, apps=_smart().apps_of(user.id))
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    form = CsrfOnlyForm()
+    if form.validate_on_submit():
+        session.clear()
+    return _page("error.html", message="You are signed out.")
+
+
+# --- endpoints for apps ---
+
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+@bp.post("/token")
+def token() -> Response:
+    return _no_store(_smart().server.create_token_response())
+
+
+@bp.post("/introspect")
+def introspect() -> Response:
+    return _no_store(_smart().server.create_endpoint_response("introspection"))
+
+
+@bp.post("/revoke")
+def revoke() -> Response:
+    return _no_store(_smart().server.create_endpoint_response("revocation"))
+
+
+@bp.get("/jwks")
+def jwks() -> Response:
+    return jsonify(keys.jwks(_smart().engine))
+
+
+@bp.get("/smart-style.json")
+def smart_style() -> Response:
+    return jsonify({"color_background": "#f6f7f9", "color_error": "#9e2a2b", "color_highlight": "#1f5fa8",
+                    "color_modal_backdrop": "", "color_success": "#2e7d32", "color_text": "#1b1b1b",
+                    "dim_border_radius": "6px", "dim_font_size": "16px", "dim_spacing_size": "16px",
+                    "font_family_body": "system-ui, sans-serif", "font_family_heading": "system-ui, sans-serif"})

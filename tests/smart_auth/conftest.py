@@ -1,0 +1,257 @@
+"""SMART test harness: the demo family, registered clients, and a driver for the login/consent pages.
+
+The driver speaks to the gateway through a small HTTP adapter, so the same code drives the Flask
+test client and a live server over real HTTP (requests). It fills the forms by their stable names
+(login-form, patient-picker, consent-form, csrf_token), as a browser without JavaScript would.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from html import unescape
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import pyotp
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, KeySet, RSAKey
+
+from gateway.fhir.bundles import BundleProcessor, import_file
+from gateway.smart_auth import admin, people
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "fhir"
+REDIRECT = "http://app.example/callback"
+PASSWORD = "correct horse battery"
+TOTP_SECRET = pyotp.random_base32()
+APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access online_access patient/*.cruds "
+             "user/*.cruds")
+
+
+def load_family(store: Any) -> None:
+    processor = BundleProcessor(store)
+    for name in ("00-organization.json", "10-garcia-family.json", "20-chen-family.json"):
+        import_file(processor, str(FIXTURES / name))
+
+
+@dataclass
+class World:
+    """The demo people and clients, registered in one gateway."""
+
+    smart: Any
+    store: Any
+    rsa: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, {"kid": "rsa-1"}, private=True))
+    ec: ECKey = field(default_factory=lambda: ECKey.generate_key("P-384", {"kid": "ec-1"}, private=True))
+
+    def setup(self) -> World:
+        engine = self.smart.engine
+        load_family(self.store)
+        people.add_user(engine, "maria", PASSWORD, "Patient/maria-garcia")
+        people.add_user(engine, "daniel", PASSWORD, "Patient/daniel-garcia")
+        people.add_user(engine, "robert", PASSWORD, "Patient/robert-chen", totp_secret=TOTP_SECRET)
+        people.add_user(engine, "linda", PASSWORD, "Patient/linda-chen")
+        people.add_user(engine, "former", PASSWORD, "Patient/linda-chen-other")
+        admin.grant_proxy(engine, self.store, "maria", "Patient/sofia-garcia", "MTH")
+        admin.grant_proxy(engine, self.store, "maria", "Patient/daniel-garcia", "MTH")
+        admin.grant_proxy(engine, self.store, "linda", "Patient/robert-chen", "CHILD")
+        # A caregiver whose relationship ended yesterday.
+        admin.grant_proxy(engine, self.store, "former", "Patient/robert-chen", "CAREGIVER",
+                          until=date.today() - timedelta(days=1), today=date.today() - timedelta(days=30))
+        admin.register_client(engine, "public-app", [REDIRECT], public=True, scope=APP_SCOPE)
+        admin.register_client(engine, "secret-app", [REDIRECT], secret="s3cret-value", scope=APP_SCOPE)
+        admin.register_client(engine, "other-app", [REDIRECT], public=True, scope=APP_SCOPE)
+        jwks = KeySet([self.rsa, self.ec]).as_dict(private=False)
+        admin.register_client(engine, "backend", [REDIRECT], jwks=jwks, scope="system/*.rs system/Observation.c")
+        admin.register_client(engine, "jwt-app", [REDIRECT], jwks=jwks, scope=APP_SCOPE)
+        return self
+
+    def assertion(self, client_id: str, token_url: str, *, key: Any = None, alg: str = "RS384",
+                  exp_in: int = 240, jti: str | None = None, aud: str | None = None,
+                  headers: dict[str, Any] | None = None) -> str:
+        key = key or self.rsa
+        now = int(time.time())
+        header = {"alg": alg, "kid": key.kid, "typ": "JWT", **(headers or {})}
+        claims = {"iss": client_id, "sub": client_id, "aud": aud or token_url, "exp": now + exp_in,
+                  "iat": now, "jti": jti or uuid.uuid4().hex}
+        return jwt.encode(header, claims, key, algorithms=[alg])
+
+
+# --- an HTTP adapter over the Flask test client or requests ---
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.text)
+
+    @property
+    def location(self) -> str:
+        return self.headers.get("Location", "")
+
+
+class FlaskHttp:
+    def __init__(self, client: Any, base: str = "http://localhost") -> None:
+        self.client = client
+        self.base = base
+
+    def _reply(self, r: Any) -> Reply:
+        return Reply(r.status_code, dict(r.headers), r.get_data(as_text=True))
+
+    def get(self, url: str, headers: dict[str, str] | None = None) -> Reply:
+        return self._reply(self.client.get(_path(url), headers=headers or {}))
+
+    def post(self, url: str, data: Any = None, headers: dict[str, str] | None = None) -> Reply:
+        return self._reply(self.client.post(_path(url), data=data, headers=headers or {}))
+
+
+class RequestsHttp:
+    def __init__(self, base: str) -> None:
+        import requests
+
+        self.session = requests.Session()
+        self.base = base
+
+    def _reply(self, r: Any) -> Reply:
+        return Reply(r.status_code, dict(r.headers), r.text)
+
+    def get(self, url: str, headers: dict[str, str] | None = None) -> Reply:
+        return self._reply(self.session.get(urljoin(self.base, url), headers=headers, allow_redirects=False))
+
+    def post(self, url: str, data: Any = None, headers: dict[str, str] | None = None) -> Reply:
+        return self._reply(self.session.post(urljoin(self.base, url), data=data, headers=headers,
+                                             allow_redirects=False))
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def pkce() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    return verifier, challenge
+
+
+def csrf(html: str) -> str:
+    m = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html)
+    assert m, html
+    return unescape(m.group(1))
+
+
+def form_html(html: str, form_id: str) -> str:
+    m = re.search(rf'<form id="{form_id}".*?</form>', html, re.S)
+    assert m, f"no form {form_id} in page:\n{html}"
+    return m.group(0)
+
+
+@dataclass
+class Launch:
+    """One run through /authorize: what came back to the app's redirect URI."""
+
+    location: str
+    verifier: str
+    pages: list[str]
+
+    @property
+    def params(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.location).query).items()}
+
+
+def authorize_params(fhir_base: str, client_id: str = "public-app", scope: str = "launch/patient patient/*.rs "
+                     "openid fhirUser offline_access", **extra: str) -> tuple[dict[str, str], str]:
+    verifier, challenge = pkce()
+    params = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "scope": scope,
+              "state": secrets.token_urlsafe(8), "aud": fhir_base, "code_challenge": challenge,
+              "code_challenge_method": "S256"}
+    params.update(extra)
+    return params, verifier
+
+
+def run_launch(http: Any, params: dict[str, str] | str, verifier: str, username: str = "maria",
+               patient: str | None = None, ticked: list[str] | None = None, decision: str = "approve",
+               otp: str | None = None) -> Launch:
+    """Drive authorize -> login (-> MFA) (-> picker) -> consent until the app's redirect URI is reached.
+
+    `params` are the authorize parameters, or the whole authorize URL an app (fhirclient) built.
+    """
+    pages: list[str] = []
+    reply = http.get(params if isinstance(params, str) else "/auth/authorize?" + urlencode(params))
+    for _ in range(12):
+        if reply.status != 302 and reply.status != 200 and reply.status != 401:
+            return Launch(reply.location or f"status:{reply.status}", verifier, [*pages, reply.text])
+        if reply.status == 302:
+            location = reply.location
+            if location.startswith(REDIRECT):
+                return Launch(location, verifier, pages)
+            reply = http.get(location)
+            continue
+        html = reply.text
+        pages.append(html)
+        if 'role="alert"' in html or 'id="error-message"' in html:
+            return Launch(f"page:{reply.status}", verifier, pages)
+        if 'id="login-form"' in html:
+            reply = http.post("/auth/login", {"csrf_token": csrf(html), "username": username, "password": PASSWORD})
+        elif 'id="mfa-form"' in html:
+            reply = http.post("/auth/mfa", {"csrf_token": csrf(html), "otp": otp or pyotp.TOTP(TOTP_SECRET).now()})
+        elif 'id="patient-picker"' in html:
+            assert patient is not None, "the picker appeared but the test chose no patient"
+            assert f'value="{patient}"' in form_html(html, "patient-picker")
+            reply = http.post("/auth/patient", {"csrf_token": csrf(html), "patient": patient})
+        elif 'id="consent-form"' in html:
+            form = form_html(html, "consent-form")
+            offered = re.findall(r'name="scope" value="([^"]+)" checked', form)
+            chosen = offered if ticked is None else ticked
+            reply = http.post("/auth/consent", {"csrf_token": csrf(html), "scope": [unescape(s) for s in chosen],
+                                                "decision": decision})
+        else:
+            return Launch(f"page:{reply.status}", verifier, pages)
+    raise AssertionError("the authorization never reached the redirect URI")
+
+
+def exchange(http: Any, launch: Launch, client_id: str = "public-app", **extra: Any) -> Reply:
+    data = {"grant_type": "authorization_code", "code": launch.params["code"], "redirect_uri": REDIRECT,
+            "client_id": client_id, "code_verifier": launch.verifier}
+    data.update(extra)
+    return http.post("/auth/token", {k: v for k, v in data.items() if v is not None})
+
+
+@pytest.fixture
+def world(app: Any) -> World:
+    services = app.extensions["gateway"]
+    return World(services.smart, services.store).setup()
+
+
+@pytest.fixture
+def http(app: Any) -> FlaskHttp:
+    return FlaskHttp(app.test_client())
+
+
+@pytest.fixture
+def fhir_base(app: Any) -> str:
+    return app.extensions["gateway"].settings.fhir_base
+
+
+@pytest.fixture
+def live_world(live_server: str, settings: Any) -> Any:
+    """A gateway over real HTTP, with the demo people and clients registered in its database."""
+    from gateway import build_services
+
+    services = build_services(settings)
+    world = World(services.smart, services.store).setup()
+    yield live_server, world
+    services.audit.close()
+    services.engine.dispose()
