@@ -367,8 +367,9 @@ def message_values(repo: Repository, settings: Settings, kind: str, resource: di
         lines = [str(p["contentString"]) for p in resource.get("payload") or [] if p.get("contentString")]
         if not lines:
             raise BuildError(f"Communication/{resource['id']} has no text payload")
-        values.update(message_lines=lines, sent=_dtm(resource.get("sent")) or values["now"],
-                      topic=(resource.get("topic") or {}).get("text") or _coding(resource.get("topic"))[1])
+        topic = (resource.get("topic") or {}).get("text") or _coding(resource.get("topic"))[1]
+        values.update(message_lines=([f"Subject: {topic}"] if topic else []) + lines, topic=topic,
+                      sent=_dtm(resource.get("sent")) or values["now"])
         for recipient in resource.get("recipient") or []:
             ref = recipient.get("reference", "")
             if ref.startswith("Practitioner/"):
