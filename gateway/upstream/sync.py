@@ -380,7 +380,9 @@ def linked_patients(store: FhirStore) -> list[str]:
 def upstream_patient_id(store: FhirStore, client: UpstreamClient, local_patient_id: str,
                         deadline: float | None = None) -> str | None:
     """The upstream id of a local patient: its upstream identifier, else the one upstream Patient
-    sharing one of its business identifiers (an MRN the HL7 feed set)."""
+    sharing one of its business identifiers (an MRN the HL7 feed set). An identifier the feed sent
+    without a system is searched by value, and a candidate counts only if its own identifiers give
+    the same id (identity.yaml) as the local patient has."""
     with store.reading() as repo:
         stored = repo.find("Patient", local_patient_id)
     if stored is None:
@@ -390,10 +392,14 @@ def upstream_patient_id(store: FhirStore, client: UpstreamClient, local_patient_
         if identifier.get("system") == UPSTREAM_SYSTEM + "Patient" and identifier.get("value"):
             return str(identifier["value"])
     for identifier in identifiers:
-        if not identifier.get("system") or not identifier.get("value"):
+        if not identifier.get("value"):
             continue
-        found = list(client.search("Patient", {"identifier": f"{_escape(identifier['system'])}|"
-                                                             f"{_escape(identifier['value'])}"}, deadline))
+        if identifier.get("system"):
+            token = f"{_escape(identifier['system'])}|{_escape(identifier['value'])}"
+            found = list(client.search("Patient", {"identifier": token}, deadline))
+        else:
+            found = [p for p in client.search("Patient", {"identifier": _escape(identifier["value"])}, deadline)
+                     if hl7_id(p) == local_patient_id]
         if len(found) == 1 and found[0].get("id"):
             return str(found[0]["id"])
     return None
