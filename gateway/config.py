@@ -61,6 +61,9 @@ class Settings:
     outbox_backoff_max: float = 600.0
     outbox_max_attempts: int = 20
     outbox_poll_interval: float = 1.0
+    # FHIR creates due together go to the upstream as one batch Bundle of at most this many entries
+    # (each with its own ifNoneExist); 1 sends each alone.
+    outbox_fhir_batch: int = 16
     # `gateway serve` runs one outbox worker thread in the arbiter unless this is off.
     outbox_worker_in_serve: bool = True
     mllp_port: int = 2575

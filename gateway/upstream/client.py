@@ -200,6 +200,8 @@ class UpstreamClient:
                    max_retries=settings.upstream_max_retries)
 
     def url(self, path: str) -> str:
+        if not path:
+            return self.base_url  # batch and transaction Bundles go to the base itself
         if path.startswith(("http://", "https://")):
             return path
         return urljoin(self.base_url + "/", path.lstrip("/"))
@@ -327,6 +329,11 @@ class UpstreamClient:
                              deadline=deadline)
         _raise_for(response, "POST", resource["resourceType"])
         return response
+
+    def batch(self, entries: list[dict[str, Any]], deadline: float | None = None) -> Response:
+        """A batch Bundle of these entries; the answer's status is the caller's to judge."""
+        return self.send("POST", "", json_body={"resourceType": "Bundle", "type": "batch", "entry": entries},
+                         deadline=deadline)
 
     def update(self, resource: dict[str, Any], deadline: float | None = None) -> Response:
         path = f"{resource['resourceType']}/{resource['id']}"

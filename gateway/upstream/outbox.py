@@ -495,9 +495,17 @@ class Worker:
     def run_once(self, limit: int = CLAIM_BATCH) -> int:
         """Deliver what is due now; returns how many items were attempted."""
         items = self.claim(limit)
+        batched: dict[int, Result] = {}
+        creates = [i for i in items if i.channel == "fhir" and i.kind != "appointment-cancel"]
+        size = max(self.settings.outbox_fhir_batch, 1)
+        if self.client is not None and size > 1 and len(creates) > 1:
+            for start in range(0, len(creates), size):
+                batched.update(self._deliver_fhir_batch(creates[start:start + size]))
+        if batched:
+            self.record_many([(i, batched[i.id]) for i in items if i.id in batched])
         for item in items:
-            result = self.deliver(item)
-            self.record(item, result)
+            if item.id not in batched:
+                self.record(item, self.deliver(item))
         return len(items)
 
     def run(self, stop: threading.Event) -> None:
@@ -559,8 +567,41 @@ class Worker:
         response = self.client.create(body, if_none_exist=f"identifier={OUTBOX_SYSTEM}|{item.key}")
         return Result(Outcome.DELIVERED, f"{response.status}", response.location)
 
+    def _deliver_fhir_batch(self, items: list[Item]) -> dict[int, Result]:
+        """Several creates in one batch Bundle, each entry with its own ifNoneExist: the outcome of
+        each entry is its item's. An upstream that refuses batches gets them one by one ({})."""
+        assert self.client is not None
+        entries = []
+        for item in items:
+            body = self._upstream_body(jsonio.loads(item.payload)["resource"], item.key)
+            entries.append({"resource": body, "request": {"method": "POST", "url": body["resourceType"],
+                                                          "ifNoneExist": f"identifier={OUTBOX_SYSTEM}|{item.key}"}})
+        try:
+            response = self.client.batch(entries)
+        except UpstreamError as exc:
+            outcome = Outcome.RETRY if exc.transient else Outcome.FAILED
+            return {item.id: Result(outcome, str(exc)) for item in items}
+        answers = (response.body or {}).get("entry") if isinstance(response.body, dict) else None
+        if response.status != 200 or not isinstance(answers, list) or len(answers) != len(items):
+            log.info("outbox: the upstream answered a batch with %s; sending one by one", response.status)
+            return {}
+        results: dict[int, Result] = {}
+        for item, answer in zip(items, answers, strict=True):
+            reply = answer.get("response") or {}
+            status = int(str(reply.get("status", "0")).split(" ", 1)[0] or 0)
+            if status in (200, 201):
+                results[item.id] = Result(Outcome.DELIVERED, str(status), reply.get("location"))
+            else:
+                detail = f"batch entry answered {reply.get('status')}"
+                outcome = reply.get("outcome") or {}
+                issues = "; ".join(str(i.get("diagnostics", "")) for i in outcome.get("issue") or [])
+                results[item.id] = Result(Outcome.RETRY if status in (0, 429) or status >= 500 else Outcome.FAILED,
+                                          f"{detail}: {issues}" if issues else detail)
+        return results
+
     def _upstream_body(self, local: dict[str, Any], key: str) -> dict[str, Any]:
-        body = self._upstream_references(copy.deepcopy(local))
+        with self.store.reading() as repo:
+            body = self._upstream_references(copy.deepcopy(local), repo)
         body.pop("id", None)
         body.pop("meta", None)
         body["identifier"] = [i for i in body.get("identifier") or []
@@ -568,14 +609,13 @@ class Worker:
         body["identifier"].append({"system": OUTBOX_SYSTEM, "value": key})
         return body
 
-    def _upstream_references(self, value: Any) -> Any:
+    def _upstream_references(self, value: Any, repo: Repository) -> Any:
         """Local references -> the upstream's ids (kept as identifiers by the sync); a resource the
         upstream does not know is referred to by its business identifier instead."""
         if isinstance(value, dict):
             reference = value.get("reference")
             if isinstance(reference, str) and re.fullmatch(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}", reference):
-                with self.store.reading() as repo:
-                    target = _read(repo, reference)
+                target = _read(repo, reference)
                 rtype = reference.split("/", 1)[0]
                 upstream = next((i["value"] for i in (target or {}).get("identifier") or []
                                  if i.get("system") == UPSTREAM_SYSTEM + rtype), None)
@@ -592,9 +632,9 @@ class Worker:
                     if not business and "display" not in out:
                         out["display"] = reference  # nothing the EHR can resolve: say what it was here
                 return out
-            return {k: self._upstream_references(v) for k, v in value.items()}
+            return {k: self._upstream_references(v, repo) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._upstream_references(v) for v in value]
+            return [self._upstream_references(v, repo) for v in value]
         return value
 
     def _cancel_upstream(self, item: Item, local: dict[str, Any]) -> Result:
@@ -626,6 +666,23 @@ class Worker:
     # recording
 
     def record(self, item: Item, result: Result) -> None:
+        self.record_many([(item, result)])
+
+    def record_many(self, outcomes: list[tuple[Item, Result]]) -> None:
+        """Write the outcomes in one transaction (an MLLP item's right after its ACK; a batch's together)."""
+        with self.store.writing() as repo:
+            for item, result in outcomes:
+                self._record(repo, item, result)
+        for item, result in outcomes:
+            if self.audit is not None and result.outcome == Outcome.DELIVERED:
+                entities = (f"{item.resource_type}/{item.resource_id}",) + \
+                    ((f"Patient/{item.patient_id}",) if item.patient_id else ())
+                how = MESSAGE_TYPES[item.kind] if item.channel == "hl7" else "a FHIR write"
+                self.audit.record("read", f"outbox worker {self.name}", client_id=f"outbox:{item.channel}",
+                                  entities=entities,
+                                  description=f"sent to the EHR as {how} (outbox item {item.id}, key {item.key})")
+
+    def _record(self, repo: Repository, item: Item, result: Result) -> None:
         values: dict[str, Any] = {"last_error": None if result.outcome == Outcome.DELIVERED else result.detail,
                                   "response": result.response}
         if result.outcome == Outcome.DELIVERED:
@@ -639,20 +696,12 @@ class Worker:
         else:
             values["next_attempt_ms"] = _now_ms() + int(self.backoff(item.attempts) * 1000)
             self.retried += 1
-        with self.store.writing() as repo:
-            # only while the claim is still ours (the attempt we made): a late worker records nothing
-            repo.conn.execute(update(db.outbox).where(OB.id == item.id, OB.attempts == item.attempts,
-                                                      OB.status == "pending").values(**values))
+        # only while the claim is still ours (the attempt we made): a late worker records nothing
+        repo.conn.execute(update(db.outbox).where(OB.id == item.id, OB.attempts == item.attempts,
+                                                  OB.status == "pending").values(**values))
         log.log(logging.INFO if result.outcome == Outcome.DELIVERED else logging.WARNING,
                 "outbox item %s (%s via %s) attempt %d: %s %s", item.id, item.kind, item.channel, item.attempts,
                 values.get("status", "retry"), result.detail)
-        if self.audit is not None and result.outcome == Outcome.DELIVERED:
-            entities = (f"{item.resource_type}/{item.resource_id}",) + \
-                ((f"Patient/{item.patient_id}",) if item.patient_id else ())
-            how = MESSAGE_TYPES[item.kind] if item.channel == "hl7" else "a FHIR write"
-            self.audit.record("read", f"outbox worker {self.name}", client_id=f"outbox:{item.channel}",
-                              entities=entities,
-                              description=f"sent to the EHR as {how} (outbox item {item.id}, key {item.key})")
 
     def backoff(self, attempts: int) -> float:
         return min(self.settings.outbox_backoff_base * (2 ** max(attempts - 1, 0)), self.settings.outbox_backoff_max)
