@@ -47,7 +47,7 @@ import hl7
 import yaml
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, text, update
 
 from gateway import db
 from gateway.config import Settings
@@ -763,15 +763,10 @@ class WorkerThreads:
                                                  name="upstream-sync", daemon=True))
 
     def _sync_loop(self, services: Any, client: UpstreamClient, interval: int) -> None:
-        from gateway.upstream.sync import Synchronizer
-
         while not self.stop_event.wait(interval):
             try:
-                summaries = Synchronizer(services.store, client, services.audit).sync_linked(
-                    deadline=time.monotonic() + interval)
-                for summary in summaries:
-                    log.info("periodic sync: %s", summary.line())
-            except Exception:
+                periodic_sync(services, client, deadline=time.monotonic() + interval)
+            except Exception:  # the loop must outlive one failed round; it is logged and tried next time
                 log.exception("periodic sync failed")
 
     def start(self) -> WorkerThreads:
@@ -783,3 +778,28 @@ class WorkerThreads:
         self.stop_event.set()
         for thread in self.threads:
             thread.join(timeout=60)
+
+
+SYNC_LOCK = 0x6761746577617901  # pg advisory lock: one periodic sync at a time across processes
+
+
+def periodic_sync(services: Any, client: UpstreamClient, deadline: float) -> list[Any] | None:
+    """One round of the periodic sync; None when another process is running one (PostgreSQL)."""
+    from gateway.upstream.sync import Synchronizer
+
+    with services.engine.connect() as conn:
+        postgres = db.is_postgres(conn)
+        if postgres:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SYNC_LOCK}).scalar()
+            conn.commit()
+            if not got:
+                return None
+        try:
+            summaries = Synchronizer(services.store, client, services.audit).sync_linked(deadline=deadline)
+            for summary in summaries:
+                log.info("periodic sync: %s", summary.line())
+            return summaries
+        finally:
+            if postgres:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SYNC_LOCK})
+                conn.commit()

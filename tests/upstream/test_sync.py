@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from gateway import create_app, db
 from gateway.config import Settings
 from gateway.upstream.client import UpstreamClient
-from gateway.upstream.outbox import OUTBOX_SYSTEM, Worker
+from gateway.upstream.outbox import OUTBOX_SYSTEM, Worker, WorkerThreads
 from gateway.upstream.sync import Synchronizer, hl7_id, linked_patients, sync_patient_async
 from tests.conftest import empty_tables
 from tests.upstream import records
@@ -244,3 +244,17 @@ def test_sync_command_prints_progress_and_a_summary(local: Any, ehr: dict[str, A
     assert UPSTREAM_TOKEN not in result.output
     result = CliRunner().invoke(main, ["sync", "--patient", "missing"], env=env)
     assert result.exit_code == 1 and "INCOMPLETE" in result.output
+
+
+def test_the_worker_runs_the_periodic_sync_of_linked_patients(local: Any, ehr: dict[str, Any]) -> None:
+    Synchronizer(local.store, client_for(local)).sync_patient("ehr-p1")
+    with ehr["store"].writing() as repo:
+        repo.update("Observation", "ehr-new", {**ehr_records()[-1], "id": "ehr-new"})
+    threads = WorkerThreads(local, workers=1, sync_interval=1).start()
+    try:
+        deadline = time.monotonic() + 30
+        while read(local, "Observation", "ehr-new") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        threads.stop()
+    assert read(local, "Observation", "ehr-new")["subject"] == {"reference": "Patient/HOSP-12345"}
