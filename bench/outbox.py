@@ -6,8 +6,8 @@ Phases (each on a fresh database: a gw_bench_<random> PostgreSQL database droppe
 temporary SQLite file):
   mllp      N patient messages (Communication -> MDM^T02) queued, then delivered by `gateway worker`
             processes to a local MLLP receiver (its own process) that ACKs every message
-  fhir      N messages delivered as FHIR creates (batch Bundles of up to 16 entries, each with
-            ifNoneExist) to a second gateway instance (`gateway serve`, open access, on a fresh
+  fhir      N messages delivered as FHIR creates (transaction Bundles of up to 16 entries, each
+            with ifNoneExist) to a second gateway instance (`gateway serve`, open access, on a fresh
             database of the same kind) acting as the EHR
   crash     N messages over MLLP; the receiver is killed (SIGKILL) a third of the way through and
             started again 2 s later. Every item must end delivered, and every queued MSH-10 must have

@@ -61,9 +61,11 @@ class Settings:
     outbox_backoff_max: float = 600.0
     outbox_max_attempts: int = 20
     outbox_poll_interval: float = 1.0
-    # FHIR creates due together go to the upstream as one batch Bundle of at most this many entries
-    # (each with its own ifNoneExist); 1 sends each alone.
+    # FHIR creates due together go to the upstream in one Bundle of at most this many entries (each
+    # with its own ifNoneExist; 1 sends each alone): a "transaction" (one commit upstream; when it is
+    # refused, the items go one by one so that only the bad one fails) or a "batch".
     outbox_fhir_batch: int = 16
+    outbox_fhir_bundle_type: str = "transaction"
     # `gateway serve` runs one outbox worker thread in the arbiter unless this is off.
     outbox_worker_in_serve: bool = True
     mllp_port: int = 2575

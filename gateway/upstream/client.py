@@ -330,9 +330,10 @@ class UpstreamClient:
         _raise_for(response, "POST", resource["resourceType"])
         return response
 
-    def batch(self, entries: list[dict[str, Any]], deadline: float | None = None) -> Response:
-        """A batch Bundle of these entries; the answer's status is the caller's to judge."""
-        return self.send("POST", "", json_body={"resourceType": "Bundle", "type": "batch", "entry": entries},
+    def bundle(self, entries: list[dict[str, Any]], bundle_type: str = "batch",
+               deadline: float | None = None) -> Response:
+        """A batch or transaction Bundle of these entries; the answer's status is the caller's to judge."""
+        return self.send("POST", "", json_body={"resourceType": "Bundle", "type": bundle_type, "entry": entries},
                          deadline=deadline)
 
     def update(self, resource: dict[str, Any], deadline: float | None = None) -> Response:

@@ -568,8 +568,10 @@ class Worker:
         return Result(Outcome.DELIVERED, f"{response.status}", response.location)
 
     def _deliver_fhir_batch(self, items: list[Item]) -> dict[int, Result]:
-        """Several creates in one batch Bundle, each entry with its own ifNoneExist: the outcome of
-        each entry is its item's. An upstream that refuses batches gets them one by one ({})."""
+        """Several creates in one Bundle, each entry with its own ifNoneExist, so that sending the
+        group again never creates twice: the outcome of each entry is its item's. A refused Bundle
+        (an upstream without batches, or a transaction one entry of which is rejected) sends its
+        items one by one ({}), so only the bad one fails."""
         assert self.client is not None
         entries = []
         for item in items:
@@ -577,13 +579,14 @@ class Worker:
             entries.append({"resource": body, "request": {"method": "POST", "url": body["resourceType"],
                                                           "ifNoneExist": f"identifier={OUTBOX_SYSTEM}|{item.key}"}})
         try:
-            response = self.client.batch(entries)
+            response = self.client.bundle(entries, self.settings.outbox_fhir_bundle_type)
         except UpstreamError as exc:
             outcome = Outcome.RETRY if exc.transient else Outcome.FAILED
             return {item.id: Result(outcome, str(exc)) for item in items}
         answers = (response.body or {}).get("entry") if isinstance(response.body, dict) else None
         if response.status != 200 or not isinstance(answers, list) or len(answers) != len(items):
-            log.info("outbox: the upstream answered a batch with %s; sending one by one", response.status)
+            log.info("outbox: the upstream answered a %s of %d with %s; sending them one by one",
+                     self.settings.outbox_fhir_bundle_type, len(items), response.status)
             return {}
         results: dict[int, Result] = {}
         for item, answer in zip(items, answers, strict=True):

@@ -62,8 +62,10 @@ def test_outbox_list_and_retry_commands(tmp_path: Path, receiver: Receiver) -> N
 
 @responses.activate
 def test_fhir_batches_fall_back_to_single_creates_and_judge_each_entry(tmp_path: Path) -> None:
+    """Batch Bundles (GATEWAY_OUTBOX_FHIR_BUNDLE_TYPE=batch): each entry's answer is its item's."""
     base = "https://ehr.example/fhir"
-    services = sqlite_services(tmp_path, outbox_message="fhir", upstream_fhir_url=base)
+    services = sqlite_services(tmp_path, outbox_message="fhir", upstream_fhir_url=base,
+                               outbox_fhir_bundle_type="batch")
     with services.store.writing() as repo:
         for n in range(3):
             repo.create(records.message(f"c{n}"), resource_id=f"c{n}")
@@ -131,3 +133,25 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
         os.killpg(server.pid, signal.SIGTERM)
         output = server.communicate(timeout=60)[0].decode()
     assert "Outbox:    1 worker" in output
+
+
+@responses.activate
+def test_a_refused_transaction_sends_its_items_one_by_one(tmp_path: Path) -> None:
+    base = "https://ehr.example/fhir"
+    services = sqlite_services(tmp_path, outbox_message="fhir", upstream_fhir_url=base)
+    with services.store.writing() as repo:
+        for n in range(3):
+            repo.create(records.message(f"c{n}"), resource_id=f"c{n}")
+    responses.post(base, status=422, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "Bundle.entry[1]: bad recipient"}]})
+    responses.post(f"{base}/Communication", status=201, json={"resourceType": "Communication", "id": "u0"})
+    responses.post(f"{base}/Communication", status=422, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "bad recipient"}]})
+    responses.post(f"{base}/Communication", status=201, json={"resourceType": "Communication", "id": "u2"})
+    worker = Worker(services.store, services.settings, UpstreamClient(base, None, sleep=lambda _s: None))
+    assert worker.run_once() == 3
+    assert json.loads(responses.calls[0].request.body)["type"] == "transaction"
+    with services.engine.connect() as conn:
+        rows = conn.execute(select(db.outbox.c.resource_id, db.outbox.c.status).order_by(db.outbox.c.id)).all()
+    assert [tuple(r) for r in rows] == [("c0", "delivered"), ("c1", "failed"), ("c2", "delivered")]
+    services.engine.dispose()
