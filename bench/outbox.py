@@ -197,17 +197,25 @@ def queue_messages(url: str, count: int, channel: str) -> tuple[float, list[str]
     return seconds, keys
 
 
+_engines: dict[str, Any] = {}
+
+
 def counts(url: str) -> dict[str, int]:
+    """Items per status; one pooled engine per database, so polling costs the workers little CPU."""
     from sqlalchemy import func, select
 
     from gateway import db
 
-    engine = db.make_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(select(db.outbox.c.status, func.count()).group_by(db.outbox.c.status)).all()
-        return {status: n for status, n in rows}
-    finally:
+    if url not in _engines:
+        _engines[url] = db.make_engine(url)
+    with _engines[url].connect() as conn:
+        rows = conn.execute(select(db.outbox.c.status, func.count()).group_by(db.outbox.c.status)).all()
+    return {status: n for status, n in rows}
+
+
+def forget(url: str) -> None:
+    engine = _engines.pop(url, None)
+    if engine is not None:
         engine.dispose()
 
 
@@ -239,12 +247,13 @@ def deliver(url: str, count: int, workers: int, env: dict[str, str], logs: Path,
             if delivered >= seen + count // 10:
                 seen = delivered
                 log(f"  {delivered}/{count} delivered")
-            time.sleep(0.05)
+            time.sleep(0.1)
         elapsed = time.monotonic() - started
     finally:
         for proc in procs:
             stop(proc)
     final = counts(url)
+    forget(url)  # before the database is dropped
     steady = None
     if first is not None and started + elapsed > first[0]:
         steady = round((final.get("delivered", 0) - first[1]) / (started + elapsed - first[0]), 1)
@@ -346,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         receiver_main(int(args.receiver[0]), args.receiver[1])
         return 0
     results: dict[str, Any] = {"items": args.items, "workers": args.workers, "database": args.database,
-                               "cpus": os.cpu_count()}
+                               "cpus": os.cpu_count(), "load_average_before": round(os.getloadavg()[0], 2)}
+    if results["load_average_before"] > (os.cpu_count() or 1) / 2:
+        log(f"WARNING: the machine is busy (load average {results['load_average_before']}): other processes "
+            "take CPU from the workers and the receiver, and the rates will be lower than on a quiet machine")
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as tmp:
         workdir = Path(tmp)
         for phase in args.phases.split(","):
@@ -355,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[phase] = phase_fhir(args, workdir)
             else:
                 results[phase] = phase_mllp(args, workdir, crash=(phase == "crash"))
+            results[phase]["load_average_after"] = round(os.getloadavg()[0], 2)
             log(f"{phase}: {json.dumps(results[phase])}")
     print("\nSummary")
     ok = True
@@ -373,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; the EHR holds {r['ehr_communications']} Communications"
             ok &= r["ehr_communications"] == r["delivered"]
         ok &= r["delivered"] == r.get("queued", args.items)
-        print(line)
+        print(line + f" [load average {r['load_average_after']} on {os.cpu_count()} cores]")
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
     out = results_dir / f"outbox-{time.strftime('%Y%m%d-%H%M%S')}.json"
