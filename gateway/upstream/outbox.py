@@ -522,8 +522,12 @@ class Worker:
             self._mllp.close()
 
     def deliver(self, item: Item) -> Result:
-        if item.kind == "appointment-cancel" and self._request_outstanding(item):
-            return Result(Outcome.RETRY, "waits for the appointment request to be delivered first")
+        if item.kind == "appointment-cancel":
+            request = self._request_status(item)
+            if request == "pending":
+                return Result(Outcome.RETRY, "waits for the appointment request to be delivered first")
+            if request == "failed":
+                return Result(Outcome.FAILED, "the appointment request it cancels was never delivered (failed)")
         try:
             if item.channel == "hl7":
                 return self._deliver_hl7(item)
@@ -533,12 +537,12 @@ class Worker:
         except BuildError as exc:
             return Result(Outcome.FAILED, str(exc))
 
-    def _request_outstanding(self, item: Item) -> bool:
+    def _request_status(self, item: Item) -> str | None:
+        """The status of the outbox request a cancellation follows (None: the EHR made the appointment)."""
         with self.store.reading() as repo:
-            status = repo.conn.execute(select(OB.status).where(
+            return repo.conn.execute(select(OB.status).where(
                 OB.kind == "appointment-request", OB.resource_type == item.resource_type,
                 OB.resource_id == item.resource_id)).scalar()
-        return status == "pending"
 
     def _deliver_hl7(self, item: Item) -> Result:
         if not self.settings.outbox_mllp_port:

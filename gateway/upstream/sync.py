@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from sqlalchemy import insert, select, update
@@ -282,7 +283,7 @@ class Synchronizer:
     def _local_id(self, repo: Repository, resource: dict[str, Any]) -> tuple[str, bool]:
         """(local id, whether it lands on a record that came from elsewhere than this upstream id)."""
         rtype, upstream_id = resource["resourceType"], str(resource["id"])
-        mine = repo.match(rtype, f"identifier={UPSTREAM_SYSTEM}{rtype}|{_escape(upstream_id)}")
+        mine = repo.match(rtype, _identifier_criteria(UPSTREAM_SYSTEM + rtype, upstream_id))
         if mine:
             return mine[0].id, False
         derived = hl7_id(resource)
@@ -293,7 +294,7 @@ class Synchronizer:
                 continue
             if str(identifier["system"]).startswith(UPSTREAM_SYSTEM):
                 continue
-            matches = repo.match(rtype, f"identifier={_escape(identifier['system'])}|{_escape(identifier['value'])}")
+            matches = repo.match(rtype, _identifier_criteria(identifier["system"], identifier["value"]))
             if len(matches) == 1:
                 return matches[0].id, True
         if derived is not None:
@@ -369,6 +370,11 @@ def _escape(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
 
 
+def _identifier_criteria(system: Any, value: Any) -> str:
+    """identifier=system|value as conditional criteria (a query string: the token is URL-encoded)."""
+    return "identifier=" + quote(f"{_escape(system)}|{_escape(value)}", safe="")
+
+
 def linked_patients(store: FhirStore) -> list[str]:
     """Upstream ids of the local patients linked to an upstream one."""
     t = db.sp_token.c
@@ -409,7 +415,7 @@ def upstream_patient_id(store: FhirStore, client: UpstreamClient, local_patient_
 
 _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="upstream-sync")
 _running: dict[str, Future[SyncSummary | None]] = {}
-_running_lock = threading.Lock()
+_running_lock = threading.RLock()  # a done future runs its callback at once, under the lock
 
 
 def sync_patient_async(store: FhirStore, client: UpstreamClient, local_patient_id: str, deadline: float,
@@ -438,4 +444,11 @@ def sync_patient_async(store: FhirStore, client: UpstreamClient, local_patient_i
 
         future = _executor.submit(run)
         _running[local_patient_id] = future
+        future.add_done_callback(lambda done: _forget(local_patient_id, done))
         return future
+
+
+def _forget(local_patient_id: str, future: Future[SyncSummary | None]) -> None:
+    with _running_lock:
+        if _running.get(local_patient_id) is future:
+            del _running[local_patient_id]

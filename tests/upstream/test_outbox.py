@@ -246,3 +246,25 @@ def test_two_workers_never_deliver_one_item_twice(services: Any, receiver: Recei
     assert sorted(receiver.received) == sorted(i.idempotency_key for i in delivered)
     assert len(set(receiver.received)) == len(receiver.received) == count
     assert all(w.delivered > 0 for w in workers), [w.delivered for w in workers]
+
+
+def test_a_cancellation_waits_for_its_request_and_fails_when_the_request_failed(services: Any,
+                                                                               receiver: Receiver) -> None:
+    receiver.close()  # the request cannot go yet
+    with services.store.writing() as repo:
+        repo.create(records.appointment(), resource_id="a1")
+    with services.store.writing() as repo:
+        repo.update("Appointment", "a1", {**records.appointment(), "status": "cancelled"})
+    with services.store.writing() as repo:
+        repo.conn.execute(update(db.outbox).values(next_attempt_ms=0))
+    worker = Worker(services.store, services.settings)
+    worker.run_once()
+    request, cancel = items(services)
+    assert request.status == cancel.status == "pending"
+    assert "waits for the appointment request" in cancel.last_error
+    with services.store.writing() as repo:
+        repo.conn.execute(update(db.outbox).where(db.outbox.c.id == request.id).values(status="failed"))
+        repo.conn.execute(update(db.outbox).values(next_attempt_ms=0))
+    worker.run_once()
+    cancel = items(services)[1]
+    assert cancel.status == "failed" and "never delivered" in cancel.last_error

@@ -258,3 +258,15 @@ def test_the_worker_runs_the_periodic_sync_of_linked_patients(local: Any, ehr: d
     finally:
         threads.stop()
     assert read(local, "Observation", "ehr-new")["subject"] == {"reference": "Patient/HOSP-12345"}
+
+
+def test_business_identifiers_with_query_characters_still_match(local: Any) -> None:
+    odd = {"system": "urn:example:mrn", "value": "A+B&C|D,E 1%"}
+    with local.store.writing() as repo:
+        repo.update("Patient", "local-odd", {"resourceType": "Patient", "id": "local-odd", "identifier": [odd]})
+    synchronizer = Synchronizer(local.store, client_for(local))
+    with local.store.writing(origin="upstream") as repo:
+        assert synchronizer._local_id(repo, {"resourceType": "Patient", "id": "u9", "identifier": [odd]}) == \
+            ("local-odd", True)
+        assert synchronizer._local_id(repo, {"resourceType": "Patient", "id": "u9", "identifier": [
+            {**odd, "value": "A B&C|D,E 1%"}]}) == ("u9", False)
