@@ -112,14 +112,16 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
                                "--workers", "1", "--threads", "2"], cwd=ROOT, env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+            if time.monotonic() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise AssertionError("the server did not start:\n" + server.communicate(timeout=30)[0].decode())
             time.sleep(0.2)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/fhir/Communication", method="POST",
                                          data=json.dumps(records.message()).encode(),
