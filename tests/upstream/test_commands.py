@@ -108,9 +108,11 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
                 "GATEWAY_INSTANCE_PATH": str(tmp_path), "GATEWAY_OUTBOX_MESSAGE": "hl7",
                 "GATEWAY_OUTBOX_MLLP_PORT": str(receiver.port), "GATEWAY_OUTBOX_POLL_INTERVAL": "0.1",
                 "PYTHONPATH": str(ROOT)})
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--mllp-port", "0",
-                               "--workers", "1", "--threads", "2"], cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:  # a file, not a pipe nobody reads while the server runs
+        server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--mllp-port",
+                                   "0", "--workers", "1", "--threads", "2"], cwd=ROOT, env=env,
+                                  start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -121,7 +123,8 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
                 os.killpg(server.pid, signal.SIGKILL)
-                raise AssertionError("the server did not start:\n" + server.communicate(timeout=30)[0].decode())
+                server.wait(timeout=30)
+                raise AssertionError("the server did not start:\n" + log_path.read_text(errors="replace"))
             time.sleep(0.2)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/fhir/Communication", method="POST",
                                          data=json.dumps(records.message()).encode(),
@@ -132,9 +135,10 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
             time.sleep(0.1)
         assert len(receiver.received) == 1 and "MDM^T02" in receiver.messages[0]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        output = server.communicate(timeout=60)[0].decode()
-    assert "Outbox:    1 worker" in output
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+    assert "Outbox:    1 worker" in log_path.read_text(errors="replace")
 
 
 @responses.activate
