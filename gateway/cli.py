@@ -253,6 +253,28 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
     return WorkerThreads(services, workers, interval).start()
 
 
+class WorkerProcess:
+    """`gateway worker` as a child process of `gateway serve`. Not a thread of the gunicorn arbiter:
+    the arbiter forks HTTP workers at any time, and a fork while a thread of it is inside SQLite (or
+    holds any other lock) would leave the child with that lock held for ever."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: the worker finishes the item in hand and exits
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
 @main.command("worker")
 @click.option("--workers", default=1, show_default=True, type=int, help="outbox worker threads")
 @click.option("--sync-interval", default=None, type=int,
@@ -371,7 +393,7 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     if settings.open_access:
         click.echo("WARNING: open access is on: anyone who reaches this port can read and write every "
                    "record. For demos only.")
-    background = [lambda: start_workers(settings)] if settings.outbox_worker_in_serve else []
+    background = [WorkerProcess] if settings.outbox_worker_in_serve else []
     if background:
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
     run_gunicorn(host, port, workers, threads,
