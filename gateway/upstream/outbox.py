@@ -47,7 +47,7 @@ import hl7
 import yaml
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 
 from gateway import db
 from gateway.config import Settings
@@ -455,6 +455,12 @@ def check_ack(ack: bytes, key: str) -> Result:
     return Result(Outcome.FAILED, f"{code}: {reason}".strip().rstrip(":"), text)
 
 
+_RECORD = update(db.outbox).where(
+    OB.id == bindparam("o_id"), OB.attempts == bindparam("o_attempts"), OB.status == "pending",
+).values(status=bindparam("status"), delivered_at=bindparam("delivered_at"), last_error=bindparam("last_error"),
+         response=bindparam("response"), next_attempt_ms=bindparam("next_attempt_ms"))
+
+
 class Worker:
     """Claims due items and delivers them; several may run against one database."""
 
@@ -578,8 +584,9 @@ class Worker:
         items one by one ({}), so only the bad one fails."""
         assert self.client is not None
         entries = []
-        for item in items:
-            body = self._upstream_body(jsonio.loads(item.payload)["resource"], item.key)
+        with self.store.reading() as repo:  # one read transaction for the references of the whole group
+            bodies = [self._upstream_body(jsonio.loads(item.payload)["resource"], item.key, repo) for item in items]
+        for item, body in zip(items, bodies, strict=True):
             entries.append({"resource": body, "request": {"method": "POST", "url": body["resourceType"],
                                                           "ifNoneExist": f"identifier={OUTBOX_SYSTEM}|{item.key}"}})
         try:
@@ -606,9 +613,11 @@ class Worker:
                                           f"{detail}: {issues}" if issues else detail)
         return results
 
-    def _upstream_body(self, local: dict[str, Any], key: str) -> dict[str, Any]:
-        with self.store.reading() as repo:
-            body = self._upstream_references(copy.deepcopy(local), repo)
+    def _upstream_body(self, local: dict[str, Any], key: str, repo: Repository | None = None) -> dict[str, Any]:
+        if repo is None:
+            with self.store.reading() as reading:
+                return self._upstream_body(local, key, reading)
+        body = self._upstream_references(copy.deepcopy(local), repo)
         body.pop("id", None)
         body.pop("meta", None)
         body["identifier"] = [i for i in body.get("identifier") or []
@@ -677,9 +686,10 @@ class Worker:
 
     def record_many(self, outcomes: list[tuple[Item, Result]]) -> None:
         """Write the outcomes in one transaction (an MLLP item's right after its ACK; a batch's together)."""
+        rows = [self._outcome_row(item, result) for item, result in outcomes]
         with self.store.writing() as repo:
-            for item, result in outcomes:
-                self._record(repo, item, result)
+            # only while the claim is still ours (the attempt we made): a late worker records nothing
+            repo.conn.execute(_RECORD, rows)
         for item, result in outcomes:
             if self.audit is not None and result.outcome == Outcome.DELIVERED:
                 entities = (f"{item.resource_type}/{item.resource_id}",) + \
@@ -689,26 +699,25 @@ class Worker:
                                   entities=entities,
                                   description=f"sent to the EHR as {how} (outbox item {item.id}, key {item.key})")
 
-    def _record(self, repo: Repository, item: Item, result: Result) -> None:
-        values: dict[str, Any] = {"last_error": None if result.outcome == Outcome.DELIVERED else result.detail,
-                                  "response": result.response}
+    def _outcome_row(self, item: Item, result: Result) -> dict[str, Any]:
+        row: dict[str, Any] = {"o_id": item.id, "o_attempts": item.attempts, "status": "pending",
+                               "delivered_at": None, "response": result.response, "next_attempt_ms": 0,
+                               "last_error": None if result.outcome == Outcome.DELIVERED else result.detail}
         if result.outcome == Outcome.DELIVERED:
-            values.update(status="delivered", delivered_at=now_instant())
+            row.update(status="delivered", delivered_at=now_instant())
             self.delivered += 1
         elif result.outcome == Outcome.FAILED or item.attempts >= self.settings.outbox_max_attempts:
-            values.update(status="failed")
+            row["status"] = "failed"
             if result.outcome != Outcome.FAILED:
-                values["last_error"] = f"gave up after {item.attempts} attempts: {result.detail}"
+                row["last_error"] = f"gave up after {item.attempts} attempts: {result.detail}"
             self.failed += 1
         else:
-            values["next_attempt_ms"] = _now_ms() + int(self.backoff(item.attempts) * 1000)
+            row["next_attempt_ms"] = _now_ms() + int(self.backoff(item.attempts) * 1000)
             self.retried += 1
-        # only while the claim is still ours (the attempt we made): a late worker records nothing
-        repo.conn.execute(update(db.outbox).where(OB.id == item.id, OB.attempts == item.attempts,
-                                                  OB.status == "pending").values(**values))
         log.log(logging.INFO if result.outcome == Outcome.DELIVERED else logging.WARNING,
                 "outbox item %s (%s via %s) attempt %d: %s %s", item.id, item.kind, item.channel, item.attempts,
-                values.get("status", "retry"), result.detail)
+                row["status"] if row["status"] != "pending" else "retry", result.detail)
+        return row
 
     def backoff(self, attempts: int) -> float:
         return min(self.settings.outbox_backoff_base * (2 ** max(attempts - 1, 0)), self.settings.outbox_backoff_max)

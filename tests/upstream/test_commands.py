@@ -137,7 +137,11 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)  # never leave a server behind
+                server.wait(timeout=10)
     assert "Outbox:    1 worker" in log_path.read_text(errors="replace")
 
 
