@@ -259,9 +259,11 @@ class WorkerProcess:
     holds any other lock) would leave the child with that lock held for ever."""
 
     def __init__(self) -> None:
+        import os
         import subprocess
 
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--parent", str(os.getpid())],
+                                        stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:
         import subprocess
@@ -279,8 +281,10 @@ class WorkerProcess:
 @click.option("--workers", default=1, show_default=True, type=int, help="outbox worker threads")
 @click.option("--sync-interval", default=None, type=int,
               help="seconds between periodic syncs (default GATEWAY_UPSTREAM_SYNC_INTERVAL; 0: none)")
-def worker_command(workers: int, sync_interval: int | None) -> None:
+@click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
+def worker_command(workers: int, sync_interval: int | None, parent: int | None) -> None:
     """Deliver the outbox to the EHR (and run the periodic sync) until Ctrl-C or SIGTERM."""
+    import os
     import signal
     import threading
 
@@ -289,7 +293,10 @@ def worker_command(workers: int, sync_interval: int | None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+        while not stop.wait(1.0):
+            if parent is not None and os.getppid() != parent:
+                click.echo("outbox: the server is gone; stopping")
+                break
     handle.stop()
     click.echo(f"outbox: stopped ({sum(w.delivered for w in handle.workers)} delivered)")
 
