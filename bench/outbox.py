@@ -7,8 +7,8 @@ temporary SQLite file):
   mllp      N patient messages (Communication -> MDM^T02) queued, then delivered by `gateway worker`
             processes to a local MLLP receiver (its own process) that ACKs every message
   fhir      N messages delivered as FHIR creates (transaction Bundles of up to 16 entries, each
-            with ifNoneExist) to a second gateway instance (`gateway serve`, open access, on a fresh
-            database of the same kind) acting as the EHR
+            with ifNoneExist) to a second gateway instance (`gateway serve`, open access, on its own
+            fresh database: SQLite unless --ehr-database postgresql) acting as the EHR
   crash     N messages over MLLP; the receiver is killed (SIGKILL) a third of the way through and
             started again 2 s later. Every item must end delivered, and every queued MSH-10 must have
             reached the receiver; a message the receiver logged but could not ACK before it died is
@@ -301,7 +301,7 @@ def phase_mllp(args: argparse.Namespace, workdir: Path, crash: bool) -> dict[str
 
 
 def phase_fhir(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with fresh_database(args.database, workdir, args.pg_admin_url) as ehr_url:
+    with fresh_database(args.ehr_database, workdir, args.pg_admin_url) as ehr_url:
         return _phase_fhir(args, workdir, ehr_url)
 
 
@@ -345,10 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=2000, help="outbox items per phase (default 2000)")
     parser.add_argument("--workers", type=int, default=2, help="`gateway worker` processes (default 2)")
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--ehr-database", choices=("postgresql", "sqlite"), default="sqlite",
+                        help="the database of the second instance (the EHR) in the fhir phase (default sqlite)")
     parser.add_argument("--phases", default="mllp,fhir,crash")
     parser.add_argument("--limit", type=float, default=300.0, help="seconds a phase may take (default 300)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("BENCH_PG_ADMIN_URL",
                                                                  "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--workdir", help="keep the logs (workers, EHR server, receiver) in this directory")
     parser.add_argument("--receiver", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.receiver:
@@ -360,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"WARNING: the machine is busy (load average {results['load_average_before']}): other processes "
             "take CPU from the workers and the receiver, and the rates will be lower than on a quiet machine")
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for phase in args.phases.split(","):
             log(f"--- phase {phase} ---")
             if phase == "fhir":
