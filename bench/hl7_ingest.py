@@ -63,9 +63,11 @@ def with_control_id(text: str, control: str) -> bytes:
     msh, rest = text.split("\r", 1)
     fields = msh.split(sep)
     fields[9] = control
-    # Enhanced-mode flags would change the ACK kind; the benchmark wants plain AA round trips.
-    if len(fields) > 15:
-        fields[14:16] = ["", ""]
+    # Enhanced-mode flags (MSH-15/16) would change what comes back, or ask for nothing at all; the
+    # benchmark wants one plain AA per message.
+    for index in (14, 15):
+        if len(fields) > index:
+            fields[index] = ""
     return (sep.join(fields) + "\r" + rest).encode("utf-8")
 
 

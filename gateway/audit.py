@@ -178,11 +178,12 @@ class AuditLog:
             stop = item is None
             if item is not None:
                 batch.append(item)
-            deadline = time.monotonic() + self.max_delay
+                # Let records gather, then take them all at once: waking for every record would
+                # hand the GIL back and forth with the request threads once per request.
+                time.sleep(self.max_delay)
             while not stop and len(batch) < self.batch_size:
-                remaining = deadline - time.monotonic()
                 try:
-                    nxt = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                    nxt = self.queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -200,7 +201,8 @@ class AuditLog:
         events = [event for r in batch for event in audit_events(r, _patients(r.contents))]
         for attempt in range(3):
             try:
-                with self.store.writing() as repo:
+                # Not durable: records wait in memory before this anyway (see write_tx).
+                with self.store.writing(durable=False) as repo:
                     repo.create_many(events)
                 self.written += len(events)
                 return

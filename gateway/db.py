@@ -33,6 +33,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    select,
     text,
 )
 
@@ -267,6 +269,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            _record.info["synchronous"] = sqlite_synchronous
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
@@ -332,28 +335,42 @@ def _writer_gate(engine: Engine) -> WriterGate | None:
 
 
 @contextmanager
-def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL."""
+def write_tx(engine: Engine, durable: bool = True) -> Iterator[Connection]:
+    """A transaction that will write: serialised on SQLite, row-locked on PostgreSQL.
+
+    durable=False lets the commit return before it reaches the disk (SQLite synchronous=NORMAL,
+    PostgreSQL synchronous_commit off). Such a commit survives the process crashing but not the
+    machine losing power until the next durable commit, which also makes everything before it
+    durable. For writes nobody has been promised yet: a received HL7 message before its ACK
+    (whose commit is durable), audit records (kept in memory until written anyway).
+    """
     gate = _writer_gate(engine)
     if gate is not None:
-        with gate.held(), _write_tx(engine) as conn:
+        with gate.held(), _write_tx(engine, durable) as conn:
             yield conn
     else:
-        with _write_tx(engine) as conn:
+        with _write_tx(engine, durable) as conn:
             yield conn
 
 
 @contextmanager
-def _write_tx(engine: Engine) -> Iterator[Connection]:
+def _write_tx(engine: Engine, durable: bool) -> Iterator[Connection]:
     with engine.connect() as conn:
-        # info belongs to the pooled DBAPI connection and outlives this checkout: the flag must go
+        # info belongs to the pooled DBAPI connection and outlives this checkout: the flags must go
         # again, or every later read on this connection would take SQLite's write lock.
         conn.info["write"] = True
+        relaxed = not durable and conn.info.get("synchronous", "").upper() in ("FULL", "EXTRA")
+        if relaxed:  # outside any transaction, where SQLite allows it
+            conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
         try:
             with conn.begin():
+                if not durable and is_postgres(conn):
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
         finally:
             conn.info.pop("write", None)
+            if relaxed:
+                conn.connection.driver_connection.execute(f"PRAGMA synchronous={conn.info['synchronous']}")
 
 
 @contextmanager
@@ -390,34 +407,63 @@ def analyze(engine: Engine) -> None:
     analysis_limit keeps it to milliseconds on a large file. PostgreSQL's autovacuum analyses on
     its own; an explicit ANALYZE after bulk loads just saves waiting for it.
     """
-    with engine.connect() as conn:
+    with write_tx(engine) as conn:  # it writes the statistics tables: queue like any writer
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql("PRAGMA analysis_limit=1000")
-            conn.exec_driver_sql("ANALYZE")
-        else:
-            conn.exec_driver_sql("ANALYZE")
-        conn.commit()
+        conn.exec_driver_sql("ANALYZE")
 
 
 class Analyzer:
-    """Runs analyze() in the background at most every `interval` seconds, when asked by traffic."""
+    """Keeps the planner's statistics in step with the data.
 
-    def __init__(self, engine: Engine, interval: float = 600.0) -> None:
+    Statistics taken while the store was small mislead the planner once it has grown (a date range
+    looks as selective as a resource key, and a search walks every date index row), so requests
+    call tick(), which at most every `check_every` seconds looks at the highest resource key in a
+    short-lived thread and runs analyze() when the store has grown by `growth` since the last time,
+    or when `interval` seconds have passed.
+    """
+
+    def __init__(self, engine: Engine, interval: float = 600.0, check_every: float = 5.0,
+                 growth: float = 0.25, min_rows: int = 1000) -> None:
         self.engine = engine
         self.interval = interval
-        self._due = 0.0
+        self.check_every = check_every
+        self.growth = growth
+        self.min_rows = min_rows
+        self._next_check = 0.0
         self._lock = threading.Lock()
+        self._analysed_rows = -1
+        self._analysed_at = 0.0
 
     def tick(self) -> None:
         now = time.monotonic()
-        if now < self._due or not self._lock.acquire(blocking=False):
+        if now < self._next_check or not self._lock.acquire(blocking=False):
             return
-        self._due = now + self.interval
+        self._next_check = now + self.check_every
         threading.Thread(target=self._run, name="analyze", daemon=True).start()
+
+    def due(self, rows: int, now: float) -> bool:
+        if self._analysed_rows < 0:
+            return True
+        grown = rows - self._analysed_rows
+        if grown >= self.min_rows and grown >= self._analysed_rows * self.growth:
+            return True
+        return now - self._analysed_at >= self.interval
+
+    def check(self) -> bool:
+        """Analyse now if due; True when it did."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(func.coalesce(func.max(resource.c.pk), 0))).scalar_one()
+        now = time.monotonic()
+        if not self.due(rows, now):
+            return False
+        analyze(self.engine)
+        self._analysed_rows, self._analysed_at = rows, now
+        return True
 
     def _run(self) -> None:
         try:
-            analyze(self.engine)
+            self.check()
         except Exception:  # statistics are an optimisation; a failure must not reach a request
             logging.getLogger(__name__).exception("ANALYZE failed")
         finally:

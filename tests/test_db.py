@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event, text
 
@@ -36,3 +37,96 @@ def test_a_write_still_takes_the_lock_up_front(tmp_path: Path) -> None:
         conn.execute(text("SELECT 1"))
     assert statements.count("BEGIN IMMEDIATE") == 1
     engine.dispose()
+
+
+def _observation(i: int) -> dict:
+    return {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/p{i % 50}"},
+            "category": [{"coding": [{"code": "laboratory"}]}], "code": {"text": "x"},
+            "effectiveDateTime": f"20{10 + i % 15}-01-01"}
+
+
+def test_statistics_follow_the_store_as_it_grows(tmp_path: Path) -> None:
+    """Statistics taken on an empty store made SQLite answer a patient's dated search by walking
+    every date row of the type; after growth the analyzer refreshes them and the date probe goes
+    through the resource key."""
+    from sqlalchemy import select
+
+    from gateway.fhir.search import SearchBuilder, _base_conditions
+    from gateway.fhir.store import FhirStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'grow.sqlite'}")
+    db.upgrade(engine)
+    analyzer = db.Analyzer(engine, min_rows=1000, growth=0.25)
+    assert analyzer.check()  # the first look always analyses: here, an empty store
+    assert not analyzer.check()
+    store = FhirStore(engine)
+    with store.writing() as repo:
+        for i in range(1500):
+            repo.create(_observation(i), check=False)
+    assert analyzer.check()
+
+    with store.reading() as repo:
+        query = SearchBuilder(repo, "Observation").parse(
+            [("patient", "p1"), ("category", "laboratory"), ("date", "ge2015-01-01")])
+        stmt = select(db.resource.c.pk).where(*_base_conditions("Observation", query, None, None))
+        sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+        plan = " | ".join(str(row[-1]) for row in repo.conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+    assert "sp_date USING INDEX ix_sp_date_pk" in plan, plan
+    engine.dispose()
+
+
+def test_analyzer_waits_for_real_growth() -> None:
+    analyzer = db.Analyzer(None, interval=600, min_rows=1000, growth=0.25)  # type: ignore[arg-type]
+    assert analyzer.due(0, 0.0)
+    analyzer._analysed_rows, analyzer._analysed_at = 20_000, 0.0
+    assert not analyzer.due(24_000, 10.0)  # grown by a fifth
+    assert analyzer.due(25_000, 10.0)  # by a quarter
+    assert analyzer.due(20_000, 700.0)  # the interval passed
+
+
+def test_writers_queue_on_the_gate_across_threads(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'gate.sqlite'}")
+    with db.write_tx(engine) as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    inside: list[int] = []
+    overlap: list[int] = []
+
+    def writer(n: int) -> None:
+        for _ in range(20):
+            with db.write_tx(engine) as conn:
+                inside.append(n)
+                if len(inside) > 1:
+                    overlap.append(n)
+                conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": n})
+                time.sleep(0.001)
+                inside.remove(n)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with db.read_tx(engine) as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 80
+    assert overlap == []
+    assert Path(str(tmp_path / "gate.sqlite") + ".writer-lock").exists()
+    engine.dispose()
+
+
+def test_a_write_that_need_not_be_durable_skips_only_its_own_flush(store: Any) -> None:
+    engine = store.engine
+
+    def level(conn: Any) -> str:
+        if db.is_postgres(conn):
+            return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar_one())
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[conn.exec_driver_sql("PRAGMA synchronous").scalar_one()]
+
+    with db.write_tx(engine, durable=False) as conn:
+        assert level(conn) in ("NORMAL", "off")
+    with db.write_tx(engine) as conn:
+        assert level(conn) in ("FULL", "on")
+    with db.read_tx(engine) as conn:
+        assert level(conn) in ("FULL", "on")

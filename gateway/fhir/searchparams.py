@@ -87,6 +87,16 @@ def _strip_parens(expr: str) -> str:
 Step = Callable[[list[Found]], list[Found]]
 
 
+def choice_elements() -> frozenset[str]:
+    """Names of FHIR R4 choice elements (value[x], effective[x], ...), as fhir.resources' R4B models
+    declare them; kept in definitions/ because importing every model costs seconds at start-up
+    (tests/fhir/test_searchparams.py checks the file against the models)."""
+    return _CHOICE_ELEMENTS
+
+
+_CHOICE_ELEMENTS = frozenset(json.loads((DEFINITIONS / "choice-elements.json").read_text()))
+
+
 def _children(items: list[Found], name: str, only_type: str | None = None) -> list[Found]:
     out: list[Found] = []
     for value, _ in items:
@@ -94,6 +104,8 @@ def _children(items: list[Found], name: str, only_type: str | None = None) -> li
             continue
         if only_type is None and name in value:
             found = [(value[name], None)]
+        elif only_type is None and name not in _CHOICE_ELEMENTS:
+            continue  # not a choice element, so no valueX-style keys to look for
         else:
             found = []
             suffix = only_type[0].upper() + only_type[1:] if only_type else None
@@ -109,6 +121,20 @@ def _children(items: list[Found], name: str, only_type: str | None = None) -> li
                 out.extend((c, type_name) for c in child if c is not None)
             elif child is not None:
                 out.append((child, type_name))
+    return out
+
+
+def _plain_children(items: list[Found], name: str) -> list[Found]:
+    """_children for an element that is not a choice element: one key to look up."""
+    out: list[Found] = []
+    for value, _ in items:
+        child = value.get(name) if isinstance(value, dict) else None
+        if child is None:
+            continue
+        if isinstance(child, list):
+            out.extend((c, None) for c in child if c is not None)
+        else:
+            out.append((child, None))
     return out
 
 
@@ -145,7 +171,9 @@ def _compile_step(token: str) -> Step:
     if m:
         raise UnsupportedExpression("as() must follow an element")  # handled in _compile_path
     if re.fullmatch(r"\w+", token):
-        return lambda items: _children(items, token)
+        if token in _CHOICE_ELEMENTS:
+            return lambda items: _children(items, token)
+        return lambda items: _plain_children(items, token)
     m = re.fullmatch(r"(\w+)\[(\d+)\]", token)
     if m:
         name, index = m.group(1), int(m.group(2))
@@ -201,6 +229,15 @@ def _compile_path(expr: str, relative: bool) -> tuple[str | None, list[Step]]:
     return base, steps
 
 
+def _first_key(member: str, relative: bool) -> str | None:
+    """The key a resource must have for this path to find anything, when one key says it."""
+    tokens = _path_tokens(_strip_parens(member))
+    first = tokens[0 if relative else 1] if len(tokens) > (0 if relative else 1) else ""
+    if not re.fullmatch(r"\w+", first) or first in _CHOICE_ELEMENTS or " as " in member:
+        return None
+    return first
+
+
 def _run(steps: list[Step], resource: dict[str, Any]) -> list[Found]:
     items: list[Found] = [(resource, None)]
     for step in steps:
@@ -224,16 +261,18 @@ def compile_expression(expression: str, resource_type: str | None) -> Extractor:
             return [(any(v is not False for v, _ in found), "boolean")]
 
         return extract_truthy
-    members: list[list[Step]] = []
+    members: list[tuple[str | None, list[Step]]] = []
     for member in _split_top(expression, "|"):
         base, steps = _compile_path(member, relative=resource_type is None)
         if resource_type is None or base in (resource_type, "Resource", "DomainResource"):
-            members.append(steps)
+            members.append((_first_key(member, relative=resource_type is None), steps))
 
     def extract(resource: dict[str, Any]) -> list[Found]:
         out: list[Found] = []
-        for steps in members:
-            out.extend(_run(steps, resource))
+        for first_key, steps in members:
+            # Most parameters find nothing in a given resource: one lookup says so.
+            if first_key is None or first_key in resource:
+                out.extend(_run(steps, resource))
         return out
 
     return extract

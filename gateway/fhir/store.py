@@ -448,8 +448,8 @@ class FhirStore:
             listener(action, result, repo)
 
     @contextmanager
-    def writing(self, origin: str | None = None) -> Iterator[Repository]:
-        with db.write_tx(self.engine) as conn:
+    def writing(self, durable: bool = True, origin: str | None = None) -> Iterator[Repository]:
+        with db.write_tx(self.engine, durable) as conn:
             repo = Repository(self, conn, origin)
             yield repo
             repo.flush()

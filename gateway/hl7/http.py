@@ -44,12 +44,15 @@ def receive() -> Response:
         return Response(f"Content-Type must be one of {', '.join(sorted(ER7_TYPES))}\n", 415,
                         content_type="text/plain; charset=utf-8")
     raw = request.get_data(cache=False)
-    ack = _gateway().hl7.handle(raw, channel="http", peer=request.remote_addr)
-    if ack is None:
+    replies = _gateway().hl7.handle(raw, channel="http", peer=request.remote_addr)
+    if replies is None:
         return Response("No MSH segment could be read; the message was not stored.\n", 400,
                         content_type="text/plain; charset=utf-8")
+    if not replies:
+        return Response(status=204)  # enhanced mode with no acknowledgement asked for
+    # One body: the application ACK when the sender asked for one, else the commit ACK.
     mimetype = request.mimetype if request.mimetype != "text/plain" else "application/hl7-v2"
-    return Response(ack, 200, content_type=f"{mimetype}; charset=utf-8")
+    return Response(replies[-1], 200, content_type=f"{mimetype}; charset=utf-8")
 
 
 @bp.get("/messages/<int:message_id>")

@@ -42,8 +42,16 @@ M = db.hl7_message.c
 class Outcome:
     message_id: int
     status: str
-    ack: str
+    acks: tuple[str, ...]  # what goes back, in order: none, one, or a commit ACK then an application ACK
     error: str | None = None
+
+    @property
+    def stored_acks(self) -> str:
+        return "\n".join(self.acks)  # ER7 separates segments with CR, so a line holds one message
+
+
+def stored_acks(text: str | None) -> tuple[str, ...]:
+    return tuple(line for line in (text or "").split("\n") if line)
 
 
 class Ingestor:
@@ -54,28 +62,33 @@ class Ingestor:
 
     # --- entry points ---
 
-    def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None) -> bytes | None:
-        """MLLP/HTTP handler: raw bytes in, ACK bytes out; None when no MSH can be read."""
+    def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None) -> list[bytes] | None:
+        """MLLP/HTTP handler: raw bytes in, the acknowledgements to send back out (none when the
+        sender asked for none); None when no MSH can be read."""
         try:
             text = parse.normalize(parse.decode(raw))
             header = parse.read_header(text)
-            return acks.encode_ack(self.receive(text, channel, peer), header)
+            return [acks.encode_ack(ack, header) for ack in self.receive(text, channel, peer)]
         except parse.ParseError as exc:
             log.warning("closing %s connection from %s: no readable MSH (%s)", channel, peer, exc.reason)
             return None
 
-    def receive(self, text: str, channel: str, peer: str | None) -> str:
-        """Ingest one message or batch; returns the ACK (a batch ACK for FHS/BHS batches)."""
+    def receive(self, text: str, channel: str, peer: str | None) -> tuple[str, ...]:
+        """Ingest one message or batch; returns the acknowledgements (one batch ACK for an FHS/BHS
+        batch, holding those of its messages)."""
         messages = parse.split_batch(text)
         if len(messages) == 1 and messages[0] == text:
-            return self.receive_one(text, channel, peer).ack
+            return self.receive_one(text, channel, peer).acks
         outcomes = [self.receive_one(m, channel, peer) for m in messages]
-        return acks.build_batch_ack(text, [o.ack for o in outcomes])
+        return (acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),)
 
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
         content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        with self.store.writing() as repo:
+        # Not durable on its own: it must survive the process dying while the message is worked
+        # on (a message that crashes us stays on file); the durable commit that precedes its ACK
+        # takes it to the disk. A duplicate acknowledges data that was made durable before.
+        with self.store.writing(durable=False) as repo:
             prior = repo.conn.execute(
                 select(M.id, M.content_hash, M.ack).where(
                     M.control_id == header.control_id, M.sending_app == header.sending_app,
@@ -85,7 +98,7 @@ class Ingestor:
             if prior is not None and prior.content_hash == content_hash:
                 message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
                                           duplicate_of=prior.id, ack=prior.ack)
-                return Outcome(message_id, "duplicate", prior.ack)
+                return Outcome(message_id, "duplicate", stored_acks(prior.ack))
             message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
                                       flagged=prior is not None)
         return self.process(message_id, text, header)
@@ -108,14 +121,14 @@ class Ingestor:
             translation = translate(parse.parse(text))
             with self.store.writing(origin="hl7") as repo:
                 self._apply(repo, message_id, translation)
-                ack_text = acks.build_ack(header, self._ack_code(header, "A"))
+                outcome = Outcome(message_id, "processed", self._acks(header, "A"))
                 repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                    status="processed", ack=ack_text, error=None, error_code=None, error_location=None,
+                    status="processed", ack=outcome.stored_acks, error=None, error_code=None, error_location=None,
                     patient_id=translation.patient_id,
                 ))
             log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
             self._audit(header, message_id, translation)
-            return Outcome(message_id, "processed", ack_text)
+            return outcome
         except UnsupportedMessage as exc:
             return self._fail(message_id, header, "R", str(exc), exc.code, exc.location)
         except (MappingError, parse.ParseError) as exc:
@@ -144,21 +157,39 @@ class Ingestor:
             raise UnsupportedMessage(f"version {header.version!r} is not supported", "203", "MSH-12")
 
     @staticmethod
-    def _ack_code(header: parse.Header, outcome: str) -> str:
-        """AA/AE/AR, or CA/CE/CR when the sender asked for enhanced-mode accept acknowledgements."""
-        enhanced = bool(header.accept_ack_type or header.app_ack_type)
-        return ("C" if enhanced else "A") + outcome
+    def _acks(header: parse.Header, outcome: str, text: str | None = None,
+              error: tuple[str, str | None, str] | None = None) -> tuple[str, ...]:
+        """The acknowledgements the sender asked for; outcome is A (accepted), E (error) or R (rejected).
+
+        Original mode (MSH-15 and MSH-16 empty): one ACK, AA/AE/AR. Enhanced mode: a commit ACK
+        (CA/CE/CR) as MSH-15 asks (empty means AL), then an application ACK (AA/AE/AR) as MSH-16 asks
+        (empty means NE). Both are only sent after the commit, so both go back at once, on the same
+        connection, in that order; AL always, NE never, ER on error or rejection, SU on success.
+        """
+        accept, application = header.accept_ack_type.upper(), header.app_ack_type.upper()
+        if not accept and not application:
+            return (acks.build_ack(header, "A" + outcome, text, error=error),)
+
+        def wanted(condition: str) -> bool:
+            return condition == "AL" or (condition == "ER" and outcome != "A") or (condition == "SU" and outcome == "A")
+
+        out = []
+        if wanted(accept or "AL"):
+            out.append(acks.build_ack(header, "C" + outcome, text, error=error))
+        if wanted(application or "NE"):
+            out.append(acks.build_ack(header, "A" + outcome, text, error=error))
+        return tuple(out)
 
     def _fail(self, message_id: int, header: parse.Header, outcome: str, reason: str, code: str,
               location: str | None) -> Outcome:
-        ack_text = acks.build_ack(header, self._ack_code(header, outcome), reason[:80],
-                                  error=(code, location, "E"))
+        result = Outcome(message_id, "failed", self._acks(header, outcome, reason[:80], (code, location, "E")),
+                         reason)
         with self.store.writing() as repo:
             repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                status="failed", ack=ack_text, error=reason, error_code=code, error_location=location,
+                status="failed", ack=result.stored_acks, error=reason, error_code=code, error_location=location,
             ))
         log.info("message %s failed (%s at %s): %s", message_id, code, location, reason)
-        return Outcome(message_id, "failed", ack_text, reason)
+        return result
 
     def _insert(self, repo: Repository, text: str, header: parse.Header, channel: str, peer: str | None,
                 content_hash: str, status: str, **values: Any) -> int:
@@ -189,6 +220,11 @@ class Ingestor:
                 extensions = [e for e in meta.get("extension", []) if e.get("url") != SOURCE_TIME_URL]
                 meta["extension"] = [*extensions, {"url": SOURCE_TIME_URL, "valueDateTime": translation.source_time}]
             body["meta"] = meta
+            if current is not None and _same_data(current, body):
+                # The same data from a message of the same time (a re-send under a new control id):
+                # no new version just to name another message as the source.
+                written.append(_written(message_id, rtype, rid, existing.version_id, "unchanged"))
+                continue
             result = repo.update(rtype, rid, body)
             action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
             written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
@@ -208,6 +244,18 @@ def _source_time(resource: dict[str, Any]) -> str | None:
         if extension.get("url") == SOURCE_TIME_URL:
             return extension.get("valueDateTime")
     return None
+
+
+def _same_data(current: dict[str, Any], incoming: dict[str, Any]) -> bool:
+    """True when the two differ at most in meta.source, versionId and lastUpdated. The source-time
+    extension is compared: data confirmed by a newer message is written, so that an older message
+    arriving later cannot overwrite it."""
+    def canonical(body: dict[str, Any]) -> str:
+        meta = {k: v for k, v in (body.get("meta") or {}).items()
+                if k not in ("source", "versionId", "lastUpdated")}
+        return jsonio.dumps({**body, "meta": meta}, sort_keys=True)
+
+    return canonical(current) == canonical(incoming)
 
 
 def _is_newer(current: dict[str, Any], incoming_time: str | None) -> bool:

@@ -25,7 +25,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 60.0
 READ_CHUNK = 64 * 1024
 
-Handler = Callable[[bytes], bytes | None]
+# A handler answers a message with one reply, several (sent in order), none (an empty list), or None
+# to close the connection.
+Handler = Callable[[bytes], bytes | list[bytes] | None]
 
 
 class FrameTooLarge(Exception):
@@ -220,11 +222,12 @@ class MLLPServer:
                 return
             for message in messages:
                 connection.busy = True
-                ack = await loop.run_in_executor(self._executor, self._handle, message, peer)
-                if ack is None:
+                reply = await loop.run_in_executor(self._executor, self._handle, message, peer)
+                if reply is None:
                     log.info("closing MLLP connection from %s: the message was not acknowledged", peer)
                     return
-                if not await self._write(writer, frame(ack), peer):
+                replies = [reply] if isinstance(reply, bytes) else reply
+                if replies and not await self._write(writer, b"".join(frame(r) for r in replies), peer):
                     return
                 connection.busy = False
                 if self._closing:
@@ -264,7 +267,7 @@ class MLLPServer:
             return False
         return True
 
-    def _handle(self, message: bytes, peer: str) -> bytes | None:
+    def _handle(self, message: bytes, peer: str) -> bytes | list[bytes] | None:
         try:
             return self.handler(message)
         except Exception:  # the sender gets no ACK and will resend; the cause is in the log
@@ -338,36 +341,68 @@ def start_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0, **
 
 
 def send_messages(host: str, port: int, messages: Iterable[bytes], timeout: float = 30.0,
-                  max_ack_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes]:
-    """Send each message over one persistent connection and return each ACK (unframed), in order.
+                  max_ack_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, grace: float = 0.2) -> list[list[bytes]]:
+    """Send each message over one persistent connection; returns the replies (unframed) to each.
 
-    timeout applies to connecting and to each ACK. Raises ConnectionError when the server closes the
-    connection before acknowledging a message, TimeoutError when an ACK does not come.
+    A message in original mode gets one ACK. In enhanced mode MSH-15 and MSH-16 say what comes back:
+    the replies that AL promises are waited for, and those that ER or SU leave open are collected for
+    `grace` seconds more. timeout applies to connecting and to each awaited reply. Raises
+    ConnectionError when the server closes the connection before acknowledging a message,
+    TimeoutError when a promised reply does not come.
     """
-    acks: list[bytes] = []
+    replies: list[list[bytes]] = []
     with socket.create_connection((host, port), timeout=timeout) as sock:
         deframer = Deframer(max_ack_bytes)
         for number, message in enumerate(messages, start=1):
             sock.sendall(frame(message))
-            acks.append(_receive_one(sock, deframer, number, timeout))
-    return acks
+            certain, possible = expected_replies(message)
+            replies.append(_receive(sock, deframer, number, certain, possible, timeout, grace))
+    return replies
 
 
-def _receive_one(sock: socket.socket, deframer: Deframer, number: int, timeout: float) -> bytes:
+def expected_replies(message: bytes) -> tuple[int, int]:
+    """(promised, possible) numbers of replies to a message, from its MSH-15 and MSH-16."""
+    from gateway.hl7.parse import ParseError, decode, is_batch, normalize, read_header
+
+    try:
+        text = normalize(decode(message))
+        header = read_header(text)
+    except ParseError:
+        return 1, 1  # whatever the server makes of it, it answers or closes
+    accept, application = header.accept_ack_type.upper(), header.app_ack_type.upper()
+    if is_batch(text) or not (accept or application):
+        return 1, 1
+    accept = accept or "AL"
+    promised = (accept == "AL") + (application == "AL")
+    possible = (accept in ("AL", "ER", "SU")) + (application in ("AL", "ER", "SU"))
+    return promised, possible
+
+
+def _receive(sock: socket.socket, deframer: Deframer, number: int, promised: int, possible: int,
+             timeout: float, grace: float) -> list[bytes]:
+    frames: list[bytes] = []
     deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
+    while len(frames) < possible:
+        waiting_for_promised = len(frames) < promised
+        remaining = (deadline if waiting_for_promised else min(deadline, time.monotonic() + grace)) - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"no ACK for message {number} within {timeout} s")
+            if waiting_for_promised:
+                raise TimeoutError(f"no ACK for message {number} within {timeout} s")
+            break
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(READ_CHUNK)
         except TimeoutError:
-            raise TimeoutError(f"no ACK for message {number} within {timeout} s") from None
+            if waiting_for_promised:
+                raise TimeoutError(f"no ACK for message {number} within {timeout} s") from None
+            break
         if not chunk:
-            raise ConnectionError(f"the server closed the connection before acknowledging message {number}")
-        frames = deframer.feed(chunk)
-        if frames:
-            if len(frames) > 1:  # an MLLP server answers each message once; extra frames are not ours
-                log.warning("the server sent %d frames for message %d; using the first", len(frames), number)
-            return frames[0]
+            if waiting_for_promised:
+                raise ConnectionError(f"the server closed the connection before acknowledging message {number}")
+            break
+        frames += deframer.feed(chunk)
+        if not waiting_for_promised and len(frames) >= promised:
+            grace = 0  # the replies to one message come together: once some came after the promised, stop
+    if len(frames) > possible:  # a server answers each message at most as asked; extra frames are not ours
+        log.warning("the server sent %d frames for message %d; using the first %d", len(frames), number, possible)
+    return frames[:possible]

@@ -1,13 +1,17 @@
-"""Tolerant ER7 parsing on top of python-hl7.
+"""Tolerant ER7 parsing: bytes to text, headers, batches, and a fast split into segments and fields.
 
 Senders rarely follow the standard to the letter: LF or CRLF instead of CR, a UTF-8 byte order mark,
 non-standard encoding characters, a character set named in MSH-18. This module turns raw bytes into
-text python-hl7 can parse, reads the MSH header on its own (so a message whose body is broken can
-still be stored and answered), splits batches, and gives mappings accessors that return unescaped
-values and tell an empty field from an explicit null (`""`).
+normalised text, reads the MSH header on its own (so a message whose body is broken can still be
+stored and answered), splits batches, and gives mappings accessors that return unescaped values and
+tell an empty field from an explicit null (`""`).
 
-python-hl7 is the reference for what a parse yields; the accessors walk its containers the way its
-own `extract_field` does (a path shorter than the tree follows the first child).
+Messages are split by hl7lw (segments, then fields, escaped text kept) with the separators read from
+MSH-1/MSH-2 here, because hl7lw refuses five-character and unusual encoding characters; fields are
+split into repetitions, components and subcomponents only when a mapping reads them. python-hl7 is
+the reference for what a parse must yield: it parses about 200 corpus messages a second, hl7lw about
+24,000, and tests/hl7/test_parse_differential.py checks that the two agree on every field,
+component, subcomponent and unescaped value of the corpus and of generated messages.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import codecs
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import hl7
+import hl7lw
 from hl7.util import split_file
+from hl7lw.exceptions import Hl7Exception
 
 # HL7 table 0357 (message error condition codes) with the texts used in ERR-3.
 SEGMENT_SEQUENCE_ERROR = "100"
@@ -491,8 +497,40 @@ def _formatting(body: str, original: str) -> str:
 # --- parsing and access ---
 
 
-def parse(text: str) -> hl7.Message:
-    """One message (not a batch) to python-hl7's tree, after normalize. Raises ParseError."""
+Segment = hl7lw.Hl7Segment  # .name, and field n (1-based, still escaped) as segment[n]; MSH-1 is "|"
+
+
+class Message:
+    """One parsed message: its segments in order and the separators MSH-1/MSH-2 declared."""
+
+    __slots__ = ("segments", "separators")
+
+    def __init__(self, segments: list[Segment], separators: Separators) -> None:
+        self.segments = segments
+        self.separators = separators
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self.segments)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def segment(self, name: str) -> Segment:
+        """The first segment with this id; KeyError when there is none."""
+        for segment in self.segments:
+            if segment.name == name:
+                return segment
+        raise KeyError(name)
+
+
+def split_field(value: str, seps: Separators) -> list[list[list[str]]]:
+    """A field's repetitions, each a list of components, each a list of subcomponents (escaped)."""
+    return [[component.split(seps.subcomponent) for component in repetition.split(seps.component)]
+            for repetition in value.split(seps.repetition)]
+
+
+def parse(text: str) -> Message:
+    """One message (not a batch), after normalize. Raises ParseError."""
     text = normalize(text)
     header = read_header(text)
     if not text.lstrip().startswith("MSH"):
@@ -504,10 +542,19 @@ def parse(text: str) -> hl7.Message:
         raise ParseError("MSH-9 message type is missing", REQUIRED_FIELD_MISSING, "MSH-9")
     if not header.control_id:
         raise ParseError("MSH-10 message control id is missing", REQUIRED_FIELD_MISSING, "MSH-10")
+    seps = header.separators
+    parser = hl7lw.Hl7Parser(ignore_msh_values_for_parsing=True, allow_multiple_msh=True)
+    parser.field_separator = seps.field
+    parser.component_separator = seps.component
+    parser.repetition_separator = seps.repetition
+    parser.escape_character = seps.escape
+    parser.subcomponent_separator = seps.subcomponent
     try:
-        return hl7.parse(text)
-    except Exception as exc:  # python-hl7 raises ParseException, and IndexError/AssertionError on odd input
+        # Whitespace around the whole message is not data (python-hl7 strips it too).
+        message = parser.parse_message(text.strip() + "\r", encoding=None)
+    except Hl7Exception as exc:
         raise ParseError(f"unreadable message: {exc}", SEGMENT_SEQUENCE_ERROR) from exc
+    return Message(message.segments, seps)
 
 
 _PATH = re.compile(r"([A-Za-z0-9]{3})-(\d{1,3})(?:\.(\d{1,3}))?(?:\.(\d{1,3}))?")
@@ -522,79 +569,69 @@ def _parse_path(path: str) -> tuple[str, int, int, int]:
     return name, int(field_no), int(component or 1), int(subcomponent or 1)
 
 
-def segments(message: hl7.Message, name: str) -> list[hl7.Segment]:
+def segments(message: Message, name: str) -> list[Segment]:
     """Every segment with this id, in order (Z-segments included); [] when there is none."""
-    return [segment for segment in message if segment[0][0] == name]
+    return [segment for segment in message if segment.name == name]
 
 
-def get(node: hl7.Message | hl7.Segment, path: str, repetition: int = 0) -> str | None:
+def get(node: Message | Segment, path: str, repetition: int = 0) -> str | None:
     """The unescaped value at path ('PID-5.1.1'), in the given field repetition (0-based).
 
     None when absent or empty; NULL (see is_null) when the sender sent `""`. On a message the first
     segment with that id is used; on a segment the path's segment id must be the segment's.
     """
     name, field_no, component, subcomponent = _parse_path(path)
-    segment = _find_segment(node, name)
+    segment, seps = _find_segment(node, name)
     if segment is None:
         return None
-    return _value(segment, field_no, repetition, component, subcomponent)
+    return _value(segment, seps, field_no, repetition, component, subcomponent)
 
 
-def reps(node: hl7.Message | hl7.Segment, path: str) -> list[str | None]:
+def reps(node: Message | Segment, path: str) -> list[str | None]:
     """The value at path in every repetition of its field, in order: reps(msg, "PID-3.1") are the
     identifiers and reps(msg, "PID-3.4") their assigning authorities, index for index. An empty field
     gives []."""
     name, field_no, component, subcomponent = _parse_path(path)
-    segment = _find_segment(node, name)
-    if segment is None or field_no >= len(segment):
+    segment, seps = _find_segment(node, name)
+    if segment is None or field_no > len(segment.fields) or segment[field_no] == "":
         return []
-    field_node = segment[field_no]
-    if len(field_node) == 1 and field_node[0] == "":
-        return []
-    return [_value(segment, field_no, index, component, subcomponent) for index in range(len(field_node))]
+    count = segment[field_no].count(seps.repetition) + 1
+    return [_value(segment, seps, field_no, index, component, subcomponent) for index in range(count)]
 
 
-def _find_segment(node: hl7.Message | hl7.Segment, name: str) -> hl7.Segment | None:
-    if isinstance(node, hl7.Segment):
-        if node[0][0] != name:
-            raise ValueError(f"path names segment {name} but was given a {node[0][0]} segment")
-        return node
-    return next((segment for segment in node if segment[0][0] == name), None)
+def _find_segment(node: Message | Segment, name: str) -> tuple[Segment | None, Separators]:
+    if isinstance(node, Message):
+        return next((segment for segment in node if segment.name == name), None), node.separators
+    if node.name != name:
+        raise ValueError(f"path names segment {name} but was given a {node.name} segment")
+    parser = node.parser
+    return node, Separators(parser.field_separator, parser.component_separator, parser.repetition_separator,
+                            parser.escape_character, parser.subcomponent_separator)
 
 
-def _value(segment: hl7.Segment, field_no: int, repetition: int, component: int, subcomponent: int) -> str | None:
-    if field_no >= len(segment):
+def _value(segment: Segment, seps: Separators, field_no: int, repetition: int, component: int,
+           subcomponent: int) -> str | None:
+    if field_no > len(segment.fields):
         return None
-    if field_no <= 2 and segment[0][0] in HEADER_SEGMENTS:
+    raw = segment[field_no]
+    if field_no <= 2 and segment.name in HEADER_SEGMENTS:
         # MSH-1 and MSH-2 are the separators themselves: never split, never unescaped.
-        raw = segment[field_no][0]
         return raw if repetition == 0 and component == 1 and subcomponent == 1 and raw else None
-    node = _child(segment[field_no], repetition)
-    node = _child(node, component - 1)
-    node = _child(node, subcomponent - 1)
-    while node is not None and not isinstance(node, str):
-        node = node[0] if len(node) else None  # python-hl7's rule: a short path follows the first child
-    if not node:
+    repetitions = split_field(raw, seps)
+    if repetition >= len(repetitions):
         return None
-    if node == _NULL_TEXT:
+    components = repetitions[repetition]
+    if components == [[_NULL_TEXT]]:
+        return NULL  # an explicit null covers every component below it
+    if component > len(components):
+        return None
+    if components[component - 1] == [_NULL_TEXT]:
         return NULL
-    return unescape(node, _separators_of(segment.separators, segment.esc))
-
-
-def _child(node: object, index: int) -> object:
-    """One level down in python-hl7's tree, where a plain string stands for a value with no deeper
-    structure (its first child is itself). An explicit null covers every component below it."""
-    if node is None:
+    if subcomponent > len(components[component - 1]):
         return None
-    if index < 0:
+    value = components[component - 1][subcomponent - 1]
+    if not value:
         return None
-    if isinstance(node, str):
-        return node if index == 0 or node == _NULL_TEXT else None
-    return node[index] if index < len(node) else None  # type: ignore[index,arg-type]
-
-
-@functools.lru_cache(maxsize=16)
-def _separators_of(python_hl7_separators: str, esc: str) -> Separators:
-    # python-hl7 orders them segment, field, repetition, component, subcomponent.
-    _, field_sep, repetition, component, subcomponent = python_hl7_separators
-    return Separators(field_sep, component, repetition, esc, subcomponent)
+    if value == _NULL_TEXT:
+        return NULL
+    return unescape(value, seps)

@@ -8,7 +8,7 @@ What goes where is data (mappings/README.md describes the format):
 - mappings/vocabulary/       HL7 tables as FHIR ConceptMaps (*.json) and lookup tables (*.yaml).
 
 This module is the interpreter. It does only what the data cannot say, and each such piece says so:
-walking the python-hl7 tree, unescaping, v2 date/number syntax, choosing Observation.value[x] from
+walking the parsed fields, unescaping, v2 date/number syntax, choosing Observation.value[x] from
 OBX-2, date arithmetic (start + duration), decoding ED payloads and hashing business keys into ids.
 translate() is pure: the maps are read once (cached) and nothing else is touched.
 """
@@ -29,7 +29,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import hl7
 import yaml
 
 from gateway.hl7 import parse as er7
@@ -250,24 +249,12 @@ def _flat(node: Node) -> list[str]:
     return [leaf for child in node for leaf in _flat(child)]
 
 
-def _repetitions(value: Any) -> list[list[list[str]]]:
-    """python-hl7 collapses levels without separators into plain strings; expand them back."""
-    reps: list[list[list[str]]] = []
-    for rep in value if value is not None else []:
-        if isinstance(rep, str):
-            reps.append([[rep]])
-            continue
-        components = []
-        for component in rep:
-            components.append([component] if isinstance(component, str) else [str(s) for s in component])
-        reps.append(components)
-    return reps
-
-
 class Segment:
-    def __init__(self, raw: Any, position: int, occurrence: int, repeated: bool) -> None:
+    def __init__(self, raw: er7.Segment, separators: er7.Separators, position: int, occurrence: int,
+                 repeated: bool) -> None:
         self.raw = raw
-        self.name = str(raw[0][0]) if len(raw) and len(raw[0]) else ""
+        self.separators = separators
+        self.name = raw.name or ""
         self.position = position
         self.occurrence = occurrence
         self.repeated = repeated
@@ -275,11 +262,13 @@ class Segment:
 
     def reps(self, number: int) -> list[list[list[str]]]:
         if number not in self._fields:
-            if self.name == "MSH" and number in (1, 2):
+            if number > len(self.raw.fields):
+                self._fields[number] = []
+            elif self.name == "MSH" and number in (1, 2):
                 # MSH-1/MSH-2 are the separators themselves, not values to split.
-                self._fields[number] = [[[str(self.raw[number])]]] if len(self.raw) > number else []
+                self._fields[number] = [[[self.raw[number]]]]
             else:
-                self._fields[number] = _repetitions(self.raw[number]) if len(self.raw) > number else []
+                self._fields[number] = er7.split_field(self.raw[number], self.separators)
         return self._fields[number]
 
     def where(self, field_number: int | str | None = None) -> str:
@@ -288,6 +277,30 @@ class Segment:
 
 
 _PATH = re.compile(r"^(?:(?P<seg>[A-Z][A-Z0-9]{2})-)?(?P<field>\d+)(?:\[(?P<sel>[^\]]+)\])?(?P<rest>(?:\.\d+)*)$")
+@functools.lru_cache(maxsize=4096)
+def _field_path(path: str) -> tuple[str | None, int, tuple[str, str] | None, tuple[int, ...]]:
+    """'OBX-5[1=CE].2' -> ('OBX', 5, ('1', 'CE'), (2,)): parsed once per distinct path."""
+    match = _PATH.match(path)
+    if not match:
+        raise ValueError(f"bad field path {path!r}")
+    selector = None
+    if match["sel"]:
+        key, _, wanted = match["sel"].partition("=")
+        selector = (key, wanted.upper())
+    rest = tuple(int(index) for index in match["rest"].split(".")[1:])
+    return match["seg"], int(match["field"]), selector, rest
+
+
+@functools.lru_cache(maxsize=4096)
+def _relative_path(path: str) -> tuple[int, ...]:
+    return tuple(int(index) for index in path.split("."))
+
+
+@functools.lru_cache(maxsize=4096)
+def _alternatives(path: str) -> tuple[str, ...]:
+    return tuple(path.split("|"))
+
+
 _DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4}|Z)?$")
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?(?:[+-]\d{4})?$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -381,7 +394,7 @@ class Scope:
 class _Run:
     """One translation: the message, what has been built so far, and the context segments see."""
 
-    def __init__(self, message: hl7.Message, maps: Mappings, message_map: dict[str, Any], code: str,
+    def __init__(self, message: er7.Message, maps: Mappings, message_map: dict[str, Any], code: str,
                  event: str) -> None:
         self.message = message
         self.maps = maps
@@ -390,11 +403,11 @@ class _Run:
         self.event = event
         self.segments: list[Segment] = []
         counts: dict[str, int] = {}
-        names = [str(s[0][0]) if len(s) and len(s[0]) else "" for s in message]
+        names = [s.name or "" for s in message]
         for position, raw in enumerate(message):
             name = names[position]
             counts[name] = counts.get(name, 0) + 1
-            self.segments.append(Segment(raw, position, counts[name], names.count(name) > 1))
+            self.segments.append(Segment(raw, message.separators, position, counts[name], names.count(name) > 1))
         self.resources: dict[str, dict[str, Any]] = {}
         self.origin: dict[str, str] = {}  # resource key -> segment map that created it
         self.current: dict[str, dict[str, Any]] = {}  # resource type -> resource in context
@@ -405,9 +418,7 @@ class _Run:
         self.deferred: list[tuple[dict[str, Any], str, str, Any]] = []
         self.merges: list[tuple[str, str]] = []
         self.timezone = str(maps.settings.get("default_timezone", "+00:00"))
-        # python-hl7 keeps the message's own separators as "\r|~^&" plus the escape character
-        _, field_sep, repetition, component, subcomponent = message.separators
-        self.separators = er7.Separators(field_sep, component, repetition, message.esc, subcomponent)
+        self.separators = message.separators
 
     # --- values -------------------------------------------------------------------------
 
@@ -419,28 +430,26 @@ class _Run:
 
     def nodes(self, path: str, scope: Scope, every: bool = False) -> list[Node]:
         """The node(s) a path names. `every`: one per repetition of the field."""
-        match = _PATH.match(str(path))
-        if not match:
-            raise ValueError(f"bad field path {path!r}")
-        if scope.node is not None and not match["seg"]:
+        seg, field, selector, rest = _field_path(str(path))
+        if scope.node is not None and not seg:
             node: Node = scope.node
-            for index in str(path).split("."):
-                node = _child(node, int(index))
+            for index in _relative_path(str(path)):
+                node = _child(node, index)
             return [node]
-        segment = self.seen.get(match["seg"]) if match["seg"] else scope.segment
+        segment = self.seen.get(seg) if seg else scope.segment
         if segment is None:
             return []
-        reps = segment.reps(int(match["field"]))
-        if match["sel"]:
-            key, _, wanted = match["sel"].partition("=")
-            reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted.upper()]
+        reps = segment.reps(field)
+        if selector:
+            key, wanted = selector
+            reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted]
         if not every:
             reps = reps[:1]
         found: list[Node] = []
         for rep in reps:
             node = rep
-            for index in match["rest"].split(".")[1:]:
-                node = _child(node, int(index))
+            for index in rest:
+                node = _child(node, index)
             found.append(node)
         return found
 
@@ -534,7 +543,7 @@ class _Run:
         if path is None:
             return [scope.node if scope.node is not None else []]
         every = rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule)
-        for alternative in str(path).split("|"):
+        for alternative in _alternatives(str(path)):
             found = [n for n in self.nodes(alternative, scope, every=every) if not _is_empty(n)]
             if found:
                 return found
@@ -1206,12 +1215,12 @@ COMPUTE: dict[str, Callable[[_Run, dict[str, Any], Scope], Any]] = {
 
 # --------------------------------------------------------------------------------------------
 
-def _message_type(message: hl7.Message) -> tuple[str, str]:
+def _message_type(message: er7.Message) -> tuple[str, str]:
     try:
         msh = message.segment("MSH")
     except KeyError:
         raise UnsupportedMessage("no MSH segment", "200", "MSH") from None
-    segment = Segment(msh, 0, 1, False)
+    segment = Segment(msh, message.separators, 0, 1, False)
     reps = segment.reps(9)
     code = _leaf(_child(reps[0], 1)).strip().upper() if reps else ""
     event = _leaf(_child(reps[0], 2)).strip().upper() if reps else ""
@@ -1219,14 +1228,14 @@ def _message_type(message: hl7.Message) -> tuple[str, str]:
         # v2.1/2.2 senders put the event only in EVN-1
         try:
             evn = message.segment("EVN")
-            reps = Segment(evn, 0, 1, False).reps(1)
+            reps = Segment(evn, message.separators, 0, 1, False).reps(1)
             event = _leaf(reps[0]).strip().upper() if reps else ""
         except KeyError:
             pass
     return code, event
 
 
-def translate(message: hl7.Message) -> Translation:
+def translate(message: er7.Message) -> Translation:
     """Translate one parsed v2 message into FHIR R4 resources with deterministic ids."""
     maps = mappings()
     code, event = _message_type(message)

@@ -485,7 +485,8 @@ class Worker:
 
     def claim(self, limit: int = CLAIM_BATCH) -> list[Item]:
         now = _now_ms()
-        with self.store.writing() as repo:
+        # not durable: a claim lost with the machine only means the item is claimed again
+        with self.store.writing(durable=False) as repo:
             query = select(db.outbox).where(OB.status == "pending", OB.next_attempt_ms <= now) \
                 .order_by(OB.next_attempt_ms, OB.id).limit(limit)
             if db.is_postgres(repo.conn):

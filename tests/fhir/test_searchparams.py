@@ -106,3 +106,29 @@ def test_every_served_type_has_its_standard_parameters() -> None:
         registry()["Observation"])
     assert {"name", "family", "given", "birthdate", "identifier", "gender", "email", "phone"} <= set(
         registry()["Patient"])
+
+
+def test_choice_element_list_matches_the_models() -> None:
+    """The extractors look for valueX-style keys only under these names, so the list kept in
+    definitions/ must be exactly the choice elements fhir.resources' R4B models declare."""
+    import importlib
+    import pkgutil
+
+    import fhir.resources.R4B as r4b
+
+    from gateway.fhir.searchparams import choice_elements
+
+    declared: set[str] = set()
+    for module_info in pkgutil.iter_modules(r4b.__path__):
+        if module_info.name.startswith(("tests", "_")):
+            continue
+        module = importlib.import_module(f"fhir.resources.R4B.{module_info.name}")
+        for value in vars(module).values():
+            fields = getattr(value, "model_fields", None)
+            if not isinstance(fields, dict):
+                continue
+            for model_field in fields.values():
+                extra = model_field.json_schema_extra
+                if isinstance(extra, dict) and extra.get("one_of_many"):
+                    declared.add(extra["one_of_many"])
+    assert set(choice_elements()) == declared

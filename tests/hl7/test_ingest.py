@@ -27,6 +27,15 @@ def adt(control: str = "CTRL1", mrn: str = "MRN100", family: str = "Lopez", time
     return message
 
 
+def handle(ingest: Any, raw: bytes, channel: str = "mllp") -> Any:
+    """The one acknowledgement an original-mode message gets (None: the connection is closed)."""
+    replies = ingest.handle(raw, channel)
+    if replies is None:
+        return None
+    (reply,) = replies
+    return reply
+
+
 def msa(ack: str) -> list[str]:
     segment = next(s for s in ack.replace("\n", "\r").split("\r") if s.startswith("MSA"))
     return segment.split("|")
@@ -48,7 +57,7 @@ def ingest(app: Any) -> Any:
 
 
 def test_adt_is_stored_translated_and_acknowledged(app: Any, client: Any, ingest: Any) -> None:
-    ack = ingest.handle(adt().encode()).decode()
+    ack = handle(ingest, adt().encode()).decode()
     assert msa(ack)[1:3] == ["AA", "CTRL1"]
     (row,) = rows(app)
     assert (row.status, row.control_id, row.message_type, row.mrn) == ("processed", "CTRL1", "ADT^A01", "MRN100")
@@ -59,9 +68,9 @@ def test_adt_is_stored_translated_and_acknowledged(app: Any, client: Any, ingest
 
 
 def test_resend_is_a_duplicate_that_changes_nothing(app: Any, client: Any, ingest: Any) -> None:
-    first = ingest.handle(adt().encode()).decode()
+    first = handle(ingest, adt().encode()).decode()
     (patient,) = patients(client, identifier="MRN100")
-    again = ingest.handle(adt().encode()).decode()
+    again = handle(ingest, adt().encode()).decode()
     assert again == first
     statuses = [r.status for r in rows(app)]
     assert statuses == ["processed", "duplicate"]
@@ -71,8 +80,8 @@ def test_resend_is_a_duplicate_that_changes_nothing(app: Any, client: Any, inges
 
 
 def test_same_control_id_other_content_is_processed_and_flagged(app: Any, client: Any, ingest: Any) -> None:
-    ingest.handle(adt().encode())
-    ack = ingest.handle(adt(family="Lopez-Garcia", time="20261101093000-0500").encode()).decode()
+    handle(ingest, adt().encode())
+    ack = handle(ingest, adt(family="Lopez-Garcia", time="20261101093000-0500").encode()).decode()
     assert msa(ack)[1] == "AA"
     second = rows(app)[1]
     assert (second.status, second.flagged) == ("processed", True)
@@ -80,15 +89,15 @@ def test_same_control_id_other_content_is_processed_and_flagged(app: Any, client
 
 
 def test_older_message_does_not_overwrite_newer_data(client: Any, ingest: Any) -> None:
-    ingest.handle(adt(control="NEW", family="Newer", time="20261102080000-0500").encode())
-    ack = ingest.handle(adt(control="OLD", family="Older", time="20261101080000-0500").encode()).decode()
+    handle(ingest, adt(control="NEW", family="Newer", time="20261102080000-0500").encode())
+    ack = handle(ingest, adt(control="OLD", family="Older", time="20261101080000-0500").encode()).decode()
     assert msa(ack)[1] == "AA"
     assert patients(client, identifier="MRN100")[0]["name"][0]["family"] == "Newer"
 
 
 def test_unsupported_type_is_stored_failed_with_ar(app: Any, ingest: Any) -> None:
     message = adt().replace("ADT^A01^ADT_A01", "ZZZ^Z99").replace("EVN|A01", "EVN|Z99")
-    ack = ingest.handle(message.encode()).decode()
+    ack = handle(ingest, message.encode()).decode()
     assert msa(ack)[1:3] == ["AR", "CTRL1"]
     err = next(s for s in ack.split("\r") if s.startswith("ERR"))
     assert "200" in err or "201" in err
@@ -97,18 +106,64 @@ def test_unsupported_type_is_stored_failed_with_ar(app: Any, ingest: Any) -> Non
 
 
 def test_unsupported_processing_id_and_version_get_ar(ingest: Any) -> None:
-    assert msa(ingest.handle(adt().replace("|P|2.5.1", "|X|2.5.1").encode()).decode())[1] == "AR"
-    assert msa(ingest.handle(adt(control="C2").replace("|P|2.5.1", "|P|3.0").encode()).decode())[1] == "AR"
+    assert msa(handle(ingest, adt().replace("|P|2.5.1", "|X|2.5.1").encode()).decode())[1] == "AR"
+    assert msa(handle(ingest, adt(control="C2").replace("|P|2.5.1", "|P|3.0").encode()).decode())[1] == "AR"
 
 
 def test_enhanced_mode_answers_commit_acks(ingest: Any) -> None:
     message = adt().replace("|P|2.5.1", "|P|2.5.1|||AL|NE")
-    assert msa(ingest.handle(message.encode()).decode())[1] == "CA"
+    assert msa(handle(ingest, message.encode()).decode())[1] == "CA"
+
+
+def enhanced(control: str, accept: str, application: str, version: str = "2.5.1") -> bytes:
+    return adt(control).replace("|P|2.5.1", f"|P|{version}|||{accept}|{application}").encode()
+
+
+@pytest.mark.parametrize("accept, application, success, failure", [
+    ("AL", "NE", ["CA"], ["CR"]),
+    ("NE", "NE", [], []),
+    ("ER", "NE", [], ["CR"]),
+    ("SU", "NE", ["CA"], []),
+    ("AL", "AL", ["CA", "AA"], ["CR", "AR"]),
+    ("NE", "AL", ["AA"], ["AR"]),
+    ("", "ER", ["CA"], ["CR", "AR"]),
+    ("AL", "SU", ["CA", "AA"], ["CR"]),
+])
+def test_enhanced_mode_sends_the_acknowledgements_msh15_and_msh16_ask_for(
+        app: Any, ingest: Any, accept: str, application: str, success: list[str], failure: list[str]) -> None:
+    ok = ingest.handle(enhanced("OK1", accept, application))
+    assert [msa(r.decode())[1] for r in ok] == success
+    assert all(msa(r.decode())[2] == "OK1" for r in ok)
+    refused = ingest.handle(enhanced("BAD1", accept, application, version="3.0"))
+    assert [msa(r.decode())[1] for r in refused] == failure
+    assert [r.status for r in rows(app)] == ["processed", "failed"]  # stored either way
+    # a duplicate gets what the original got, no more and no less
+    assert ingest.handle(enhanced("OK1", accept, application)) == ok
+
+
+def test_enhanced_mode_over_mllp_and_http(app: Any, client: Any, ingest: Any) -> None:
+    listener = start_in_thread(lambda raw: ingest.handle(raw, "mllp"))
+    try:
+        (replies,) = send_messages("127.0.0.1", listener.port, [enhanced("M1", "AL", "AL")])
+        assert [msa(r.decode())[1] for r in replies] == ["CA", "AA"]
+        # nothing asked for: nothing sent, and the connection stays usable
+        none, (reply,) = send_messages("127.0.0.1", listener.port, [enhanced("M2", "NE", "NE"), adt("M3").encode()])
+        assert none == [] and msa(reply.decode())[1:3] == ["AA", "M3"]
+        # an application ACK on error only: none after a success, one after a rejection
+        ok, refused = send_messages("127.0.0.1", listener.port,
+                                    [enhanced("M4", "NE", "ER"), enhanced("M5", "NE", "ER", version="3.0")])
+        assert ok == [] and [msa(r.decode())[1] for r in refused] == ["AR"]
+    finally:
+        listener.stop()
+    both = client.post("/hl7/v2", data=enhanced("H1", "AL", "AL"), content_type="application/hl7-v2")
+    assert msa(both.get_data(as_text=True))[1] == "AA"
+    none = client.post("/hl7/v2", data=enhanced("H2", "NE", "NE"), content_type="application/hl7-v2")
+    assert none.status_code == 204 and none.data == b""
 
 
 def test_no_msh_closes_without_storing(app: Any, ingest: Any) -> None:
-    assert ingest.handle(b"\x00\x01 not hl7 at all") is None
-    assert ingest.handle(b"PID|1||123") is None
+    assert handle(ingest, b"\x00\x01 not hl7 at all") is None
+    assert handle(ingest, b"PID|1||123") is None
     assert rows(app) == []
 
 
@@ -123,7 +178,7 @@ def test_failed_message_is_kept_and_reprocessed_after_a_fix(app: Any, client: An
         raise MappingError("mapping under repair", "207", "PID-5")
 
     monkeypatch.setattr(ingest_module, "translate", broken)
-    ack = ingest.handle(adt().encode()).decode()
+    ack = handle(ingest, adt().encode()).decode()
     assert msa(ack)[1] == "AE"
     assert "207" in next(s for s in ack.split("\r") if s.startswith("ERR"))
     (row,) = rows(app)
@@ -139,14 +194,14 @@ def test_failed_message_is_kept_and_reprocessed_after_a_fix(app: Any, client: An
 def test_a_resource_that_fails_validation_rolls_back_the_whole_message(app: Any, client: Any,
                                                                       ingest: Any) -> None:
     bad_date = adt().replace("|19860412|", "|19861340|")
-    ack = ingest.handle(bad_date.encode()).decode()
+    ack = handle(ingest, bad_date.encode()).decode()
     assert msa(ack)[1] == "AE"
     assert rows(app)[0].status == "failed"
     assert patients(client, identifier="MRN100") == []
 
 
 def test_trace_lists_what_the_message_wrote(app: Any, client: Any, ingest: Any) -> None:
-    ingest.handle(adt().encode())
+    handle(ingest, adt().encode())
     (row,) = rows(app)
     trace = client.get(f"/hl7/messages/{row.id}").get_json()
     assert trace["raw"].startswith("MSH|") and trace["status"] == "processed"
@@ -185,7 +240,7 @@ def test_mllp_end_to_end_over_a_real_socket(app: Any, client: Any, ingest: Any) 
                              [adt(control=f"M{i}", mrn=f"MRN{i}").encode() for i in range(5)])
     finally:
         listener.stop()
-    assert [msa(a.decode())[1:3] for a in acks] == [["AA", f"M{i}"] for i in range(5)]
+    assert [msa(a.decode())[1:3] for (a,) in acks] == [["AA", f"M{i}"] for i in range(5)]
     assert len(patients(client, identifier="MRN3")) == 1
 
 
@@ -193,6 +248,21 @@ def test_batch_gets_a_batch_ack_and_every_message_is_processed(app: Any, ingest:
     envelope = "|^~\\&|EPIC|RIVERSIDE|GATEWAY|RIVERSIDE|20261101\r"
     batch = ("FHS" + envelope + "BHS" + envelope
              + adt(control="B1", mrn="MRN-B1") + adt(control="B2", mrn="MRN-B2") + "BTS|2\rFTS|1\r")
-    ack = ingest.handle(batch.encode()).decode()
+    ack = handle(ingest, batch.encode()).decode()
     assert ack.startswith(("FHS", "BHS"))
     assert [r.status for r in rows(app)] == ["processed", "processed"]
+
+
+def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client: Any, ingest: Any) -> None:
+    handle(ingest, adt("CTRL1").encode())
+    (patient,) = patients(client, identifier="MRN100")
+    assert msa(handle(ingest, adt("CTRL2").encode()).decode())[1] == "AA"
+    (again,) = patients(client, identifier="MRN100")
+    assert again["meta"]["versionId"] == patient["meta"]["versionId"]
+    trace = client.get(f"/hl7/messages/{rows(app)[-1].id}").get_json()
+    assert ("Patient", "unchanged") in {(w["resource_type"], w["action"]) for w in trace["written"]}
+    # The same data in a newer message is written: its time now guards against older messages.
+    handle(ingest, adt("CTRL3", time="20261102083000-0500").encode())
+    (latest,) = patients(client, identifier="MRN100")
+    assert int(latest["meta"]["versionId"]) == int(patient["meta"]["versionId"]) + 1
+    assert latest["meta"]["source"].endswith(f"/hl7/messages/{rows(app)[-1].id}")

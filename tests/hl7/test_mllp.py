@@ -69,7 +69,7 @@ def wait_closed_by_server(sock: socket.socket, timeout: float) -> float:
 
 
 def still_serving(server: mllp.ServerThread) -> bool:
-    return mllp.send_messages("127.0.0.1", server.port, [b"MSH|ping"], timeout=5) == [b"ACK:MSH|ping"]
+    return mllp.send_messages("127.0.0.1", server.port, [b"MSH|ping"], timeout=5) == [[b"ACK:MSH|ping"]]
 
 
 # --- the happy paths ---
@@ -78,8 +78,8 @@ def still_serving(server: mllp.ServerThread) -> bool:
 def test_echo_and_the_client(start_server: ServerFactory) -> None:
     server = start_server()
     assert server.port > 0
-    assert mllp.send_messages("127.0.0.1", server.port, [b"MSH|1", b"MSH|2"], timeout=5) == [b"ACK:MSH|1",
-                                                                                             b"ACK:MSH|2"]
+    assert mllp.send_messages("127.0.0.1", server.port, [b"MSH|1", b"MSH|2"], timeout=5) == [[b"ACK:MSH|1"],
+                                                                                             [b"ACK:MSH|2"]]
 
 
 def test_one_persistent_connection_carries_100_messages_in_order(start_server: ServerFactory) -> None:
@@ -90,7 +90,7 @@ def test_one_persistent_connection_carries_100_messages_in_order(start_server: S
             sock.sendall(frame(b"MSH|%d" % n))
             assert read_frames(sock, 1, deframer) == [b"ACK:MSH|%d" % n]
     messages = [b"MSH|%d" % n for n in range(100)]
-    assert mllp.send_messages("127.0.0.1", server.port, messages, timeout=5) == [b"ACK:" + m for m in messages]
+    assert mllp.send_messages("127.0.0.1", server.port, messages, timeout=5) == [[b"ACK:" + m] for m in messages]
 
 
 def test_four_connections_are_served_at_once(start_server: ServerFactory) -> None:
@@ -99,7 +99,7 @@ def test_four_connections_are_served_at_once(start_server: ServerFactory) -> Non
         return echo(message)
 
     server = start_server(slow_echo)
-    results: dict[int, list[bytes]] = {}
+    results: dict[int, list[list[bytes]]] = {}
 
     def client(number: int) -> None:
         messages = [b"MSH|%d-%d" % (number, n) for n in range(10)]
@@ -113,7 +113,7 @@ def test_four_connections_are_served_at_once(start_server: ServerFactory) -> Non
         thread.join()
     elapsed = time.monotonic() - started
     assert {n: len(acks) for n, acks in results.items()} == {0: 10, 1: 10, 2: 10, 3: 10}
-    assert results[2][9] == b"ACK:MSH|2-9"
+    assert results[2][9] == [b"ACK:MSH|2-9"]
     assert elapsed < 1.6, f"4 x 10 messages of 50 ms took {elapsed:.2f} s: connections were not concurrent"
 
 
@@ -139,7 +139,7 @@ def test_a_message_split_over_many_writes_and_many_messages_in_one_write(start_s
 def test_a_20_mb_message_is_accepted_under_a_32_mb_limit(start_server: ServerFactory) -> None:
     server = start_server(lambda message: b"%d" % len(message), max_message_bytes=32 * MiB)
     message = b"MSH|" + b"A" * (20 * MiB)
-    assert mllp.send_messages("127.0.0.1", server.port, [message], timeout=20) == [b"%d" % len(message)]
+    assert mllp.send_messages("127.0.0.1", server.port, [message], timeout=20) == [[b"%d" % len(message)]]
 
 
 # --- bad clients ---
@@ -262,7 +262,7 @@ def test_graceful_shutdown_finishes_the_message_in_flight(start_server: ServerFa
     idle = connect(server)
     acks: list[bytes] = []
     client = threading.Thread(target=lambda: acks.extend(
-        mllp.send_messages("127.0.0.1", server.port, [b"MSH|slow"], timeout=5)))
+        ack for (ack,) in mllp.send_messages("127.0.0.1", server.port, [b"MSH|slow"], timeout=5)))
     client.start()
     assert handling.wait(5)
     started = time.monotonic()
