@@ -31,10 +31,13 @@ def build_services(settings: Settings) -> Gateway:
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
     from gateway.smart_auth.server import SmartAuth
+    from gateway.upstream.outbox import Outbox
 
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
+    # patients' requests to the EHR are queued in the transaction of the local write
+    Outbox(settings).install(store)
     return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit),
                    SmartAuth(engine, settings, store))
 

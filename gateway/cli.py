@@ -354,6 +354,137 @@ def rotate_signing_key() -> None:
     from gateway.smart_auth.keys import rotate
 
     _smart_call(lambda s: {"kid": rotate(s.engine)})
+# --- the EHR connection ---
+
+@main.command("sync")
+@click.option("--patient", "patients", multiple=True, help="the upstream Patient id (repeatable)")
+@click.option("--linked", is_flag=True, help="every local patient already linked to an upstream one")
+@click.option("--full", is_flag=True, help="ignore the high-water marks and read everything again")
+@click.option("--deadline", type=float, default=None, help="stop after this many seconds")
+def sync_command(patients: tuple[str, ...], linked: bool, full: bool, deadline: float | None) -> None:
+    """Pull patients' records from the EHR's FHIR API (GATEWAY_UPSTREAM_FHIR_URL) into the store."""
+    from gateway import build_services
+    from gateway.upstream.client import UpstreamClient
+    from gateway.upstream.sync import Synchronizer, linked_patients
+
+    if not patients and not linked:
+        raise click.UsageError("give --patient ID or --linked")
+    services = build_services(_settings())
+    client = UpstreamClient.from_settings(services.settings)
+    until = time.monotonic() + deadline if deadline else None
+    synchronizer = Synchronizer(services.store, client, services.audit, progress=click.echo)
+    ids = list(patients) + (linked_patients(services.store) if linked else [])
+    summaries = []
+    for n, upstream_id in enumerate(ids, 1):
+        click.echo(f"[{n}/{len(ids)}] syncing upstream Patient/{upstream_id}")
+        summary = synchronizer.sync_patient(upstream_id, incremental=not full, deadline=until)
+        click.echo(summary.line())
+        summaries.append(summary)
+    services.audit.close()
+    incomplete = [s for s in summaries if not s.complete]
+    click.echo(f"synced {len(summaries) - len(incomplete)} of {len(ids)} patients completely: "
+               f"{sum(s.created for s in summaries)} created, {sum(s.updated for s in summaries)} updated, "
+               f"{sum(s.unchanged for s in summaries)} unchanged, {sum(s.merged for s in summaries)} merged, "
+               f"{sum(len(s.rejected) for s in summaries)} rejected")
+    if incomplete:
+        sys.exit(1)
+
+
+def start_workers(settings: Settings, workers: int = 1, sync_interval: int | None = None) -> Any:
+    """Outbox workers (and the periodic sync) on threads of this process, with their own services."""
+    from gateway import build_services
+    from gateway.upstream.outbox import WorkerThreads
+
+    services = build_services(settings)
+    interval = settings.upstream_sync_interval if sync_interval is None else sync_interval
+    return WorkerThreads(services, workers, interval).start()
+
+
+class WorkerProcess:
+    """`gateway worker` as a child process of `gateway serve`. Not a thread of the gunicorn arbiter:
+    the arbiter forks HTTP workers at any time, and a fork while a thread of it is inside SQLite (or
+    holds any other lock) would leave the child with that lock held for ever."""
+
+    def __init__(self) -> None:
+        import os
+        import subprocess
+
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--parent", str(os.getpid())],
+                                        stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: the worker finishes the item in hand and exits
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@main.command("worker")
+@click.option("--workers", default=1, show_default=True, type=int, help="outbox worker threads")
+@click.option("--sync-interval", default=None, type=int,
+              help="seconds between periodic syncs (default GATEWAY_UPSTREAM_SYNC_INTERVAL; 0: none)")
+@click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
+def worker_command(workers: int, sync_interval: int | None, parent: int | None) -> None:
+    """Deliver the outbox to the EHR (and run the periodic sync) until Ctrl-C or SIGTERM."""
+    import os
+    import signal
+    import threading
+
+    handle = start_workers(_settings(), workers, sync_interval)
+    click.echo(f"outbox: {workers} worker(s) running")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stop.wait(1.0):
+            if parent is not None and os.getppid() != parent:
+                click.echo("outbox: the server is gone; stopping")
+                break
+    handle.stop()
+    click.echo(f"outbox: stopped ({sum(w.delivered for w in handle.workers)} delivered)")
+
+
+@main.group()
+def outbox() -> None:
+    """What goes back to the EHR: list, retry."""
+
+
+@outbox.command("list")
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]))
+@click.option("--limit", default=50, show_default=True, type=int)
+def outbox_list(status: str | None, limit: int) -> None:
+    """The most recent outbox items (optionally of one status)."""
+    from gateway import db as database
+    from gateway.upstream.outbox import list_items
+
+    engine = database.make_engine(_settings().database_url)
+    with engine.connect() as conn:
+        rows = list_items(conn, status, limit)
+    for r in rows:
+        error = f"  {r.last_error}" if r.last_error else ""
+        click.echo(f"{r.id:>8}  {r.created_at}  {r.status:<9} {r.kind:<19} {r.channel:<4} "
+                   f"{r.resource_type}/{r.resource_id}  key {r.idempotency_key}  attempts {r.attempts}{error}")
+    click.echo(f"{len(rows)} items" + (f" with status {status}" if status else ""))
+
+
+@outbox.command("retry")
+@click.argument("item_id", type=int)
+def outbox_retry(item_id: int) -> None:
+    """Send a failed item again (with the same MSH-10 / idempotency key)."""
+    from gateway import build_services
+    from gateway.upstream.outbox import retry
+
+    services = build_services(_settings())
+    try:
+        click.echo(f"outbox item {item_id}: {retry(services.store, services.settings, item_id)}")
+    except KeyError:
+        raise click.ClickException(f"no outbox item {item_id}") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def start_mllp(settings: Settings, host: str, port: int) -> Any:
@@ -430,8 +561,11 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     if settings.open_access:
         click.echo("WARNING: open access is on: anyone who reaches this port can read and write every "
                    "record. For demos only.")
+    background = [WorkerProcess] if settings.outbox_worker_in_serve else []
+    if background:
+        click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
     run_gunicorn(host, port, workers, threads,
-                 mllp=(lambda: start_mllp(settings, host, mllp_port)) if mllp_port else None)
+                 mllp=(lambda: start_mllp(settings, host, mllp_port)) if mllp_port else None, background=background)
 
 
 if __name__ == "__main__":

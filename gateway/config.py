@@ -29,7 +29,45 @@ class Settings:
     audit_queue_size: int = 10_000
     audit_batch_size: int = 500
     audit_enabled: bool = True
+    # The EHR's FHIR R4 API (gateway/upstream): a static bearer token, or SMART backend services
+    # (private_key_jwt signed with the PEM key file; token endpoint from .well-known/smart-configuration).
     upstream_fhir_url: str = ""
+    upstream_bearer_token: str = ""
+    upstream_client_id: str = ""
+    upstream_private_key_file: str = ""
+    upstream_key_id: str = ""
+    upstream_jwt_alg: str = "RS384"
+    upstream_scope: str = "system/*.rs system/*.cu"
+    upstream_timeout: float = 30.0
+    upstream_max_retries: int = 5
+    # Seconds between periodic syncs by _lastUpdated in `gateway worker` / `serve` (0: none).
+    upstream_sync_interval: int = 0
+    # Outbox: per kind "hl7" (MLLP), "fhir" (upstream API) or "off" (not queued). The cancel kind
+    # follows the appointment request's setting unless it is set itself.
+    outbox_appointment_request: str = "off"
+    outbox_appointment_cancel: str = ""
+    outbox_refill_request: str = "off"
+    outbox_message: str = "off"
+    outbox_mllp_host: str = "127.0.0.1"
+    outbox_mllp_port: int = 0
+    outbox_ack_timeout: float = 30.0
+    outbox_sending_application: str = "FHIR-GATEWAY"
+    outbox_sending_facility: str = "GATEWAY"
+    outbox_receiving_application: str = "EHR"
+    outbox_receiving_facility: str = "EHR"
+    outbox_hl7_version: str = "2.5.1"
+    # Retries after a timeout or connection failure: exponential from base to max seconds.
+    outbox_backoff_base: float = 2.0
+    outbox_backoff_max: float = 600.0
+    outbox_max_attempts: int = 20
+    outbox_poll_interval: float = 1.0
+    # FHIR creates due together go to the upstream in one Bundle of at most this many entries (each
+    # with its own ifNoneExist; 1 sends each alone): a "transaction" (one commit upstream; when it is
+    # refused, the items go one by one so that only the bad one fails) or a "batch".
+    outbox_fhir_batch: int = 16
+    outbox_fhir_bundle_type: str = "transaction"
+    # `gateway serve` runs one outbox worker thread in the arbiter unless this is off.
+    outbox_worker_in_serve: bool = True
     mllp_port: int = 2575
     mllp_host: str = "127.0.0.1"
     mllp_read_timeout: int = 60
@@ -64,6 +102,8 @@ class Settings:
                 values[f.name] = _bool(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
             else:
                 values[f.name] = raw
         values.update(overrides)
@@ -73,9 +113,15 @@ class Settings:
             Path(settings.instance_path).mkdir(parents=True, exist_ok=True)
             db_file = Path(settings.instance_path).resolve() / "gateway.sqlite"
             settings.database_url = f"sqlite:///{db_file}"
+        if not settings.outbox_appointment_cancel:
+            settings.outbox_appointment_cancel = settings.outbox_appointment_request
         if not settings.secret_key:
             settings.secret_key = secrets.token_urlsafe(32)
         return settings
+
+    def outbox_channel(self, kind: str) -> str:
+        """hl7, fhir or off for an outbox kind (appointment-request, refill-request, ...)."""
+        return str(getattr(self, "outbox_" + kind.replace("-", "_"), "off") or "off").strip().lower()
 
     @property
     def fhir_base(self) -> str:

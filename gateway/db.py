@@ -200,6 +200,46 @@ hl7_written = Table(
     Index("ix_hl7_written_resource", "resource_type", "resource_id"),
 )
 
+# --- the EHR connection (gateway/upstream) ---
+
+# What patients did that must reach the EHR, queued in the transaction of the local change and
+# delivered at least once by the outbox worker. idempotency_key is MSH-10 of the HL7 message (the
+# same on every retry) and the outbox identifier used in If-None-Exist for a FHIR write.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", PK, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),  # appointment-request, appointment-cancel, refill-request, message
+    Column("channel", String(8), nullable=False),  # hl7 or fhir
+    Column("status", String(16), nullable=False),  # pending -> delivered | failed (re-sendable)
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("patient_id", String(64), nullable=True),
+    Column("idempotency_key", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_ms", BigInteger, nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Column("delivered_at", String(40), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("response", Text, nullable=True),
+    UniqueConstraint("idempotency_key", name="uq_outbox_key"),
+    UniqueConstraint("kind", "resource_type", "resource_id", name="uq_outbox_kind_resource"),
+    Index("ix_outbox_due", "status", "next_attempt_ms"),
+)
+
+# The periodic sync's high-water mark: the newest upstream meta.lastUpdated seen per patient and type.
+upstream_sync = Table(
+    "upstream_sync",
+    metadata,
+    Column("patient_id", String(64), nullable=False),  # the local Patient id
+    Column("resource_type", String(64), nullable=False),
+    Column("high_water", String(40), nullable=True),
+    Column("synced_at", String(40), nullable=False),
+    UniqueConstraint("patient_id", "resource_type", name="uq_upstream_sync"),
+)
+
 INDEX_TABLES: dict[str, Table] = {
     "token": sp_token,
     "string": sp_string,

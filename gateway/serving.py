@@ -25,14 +25,17 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 
 def run_gunicorn(host: str, port: int, workers: int, threads: int,
-                 mllp: Callable[[], Any] | None = None) -> None:
+                 mllp: Callable[[], Any] | None = None, background: list[Callable[[], Any]] | None = None) -> None:
     """Serve HTTP; with `mllp`, the arbiter also runs the MLLP listener (one per server, not per
-    worker) from when it is ready until it exits, stopping it gracefully after messages in flight."""
+    worker) from when it is ready until it exits, stopping it gracefully after messages in flight.
+    `background` starts more such services there (the outbox worker); each returns a handle with stop()."""
     listener: list[Any] = []
 
     def when_ready(_server: Any) -> None:
         if mllp is not None:
             listener.append(mllp())
+        for start in background or []:
+            listener.append(start())
 
     def on_exit(_server: Any) -> None:
         for handle in listener:

@@ -67,8 +67,9 @@ class WriteResult:
     changed: bool = True
 
 
-# Hook for code that must see every committed write (audit, provenance); called with the result.
-WriteListener = Callable[[str, WriteResult], None]
+# Hook for code that must see every write (audit, provenance, the outbox): called inside the write's
+# transaction with the action, the result and the repository (whose connection and origin it may use).
+WriteListener = Callable[[str, WriteResult, "Repository"], None]
 
 
 def parse_version(value: str | None) -> int | None:
@@ -111,9 +112,13 @@ _INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.reso
 class Repository:
     """Store operations on one open connection (one transaction)."""
 
-    def __init__(self, store: FhirStore, conn: Connection) -> None:
+    def __init__(self, store: FhirStore, conn: Connection, origin: str | None = None) -> None:
         self.store = store
         self.conn = conn
+        # Who the writes come from when it is not a local user: "hl7" (the EHR's feeds), "upstream"
+        # (the EHR's FHIR API). Listeners use it, e.g. the outbox sends nothing back to the EHR it
+        # came from.
+        self.origin = origin
         self.base_url = store.base_url
         # Index rows, the index rows they replace and version rows wait here and go to the database
         # in one statement per table: before any search or history read in this transaction (flush)
@@ -238,7 +243,7 @@ class Repository:
         self._write_index(pk, body, new=True)
         stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
         result = WriteResult(stored, 201)
-        self.store.notify("create", result)
+        self.store.notify("create", result, self)
         return result
 
     def create_many(self, resources: list[dict[str, Any]]) -> list[Stored]:
@@ -331,7 +336,7 @@ class Repository:
         self._write_index(row.pk, body, new=False)
         stored = Stored(resource_type, resource_id, version_id, last_updated, False, content, row.pk)
         write = WriteResult(stored, 201 if row.deleted else 200)
-        self.store.notify("update", write)
+        self.store.notify("update", write, self)
         return write
 
     def conditional_update(self, resource_type: str, criteria: str, resource: dict[str, Any],
@@ -377,7 +382,7 @@ class Repository:
         self._insert_version(row.pk, None, resource_type, resource_id, version_id, last_updated, "DELETE", None)
         self._drop_index(row.pk, resource_type)
         stored = Stored(resource_type, resource_id, version_id, last_updated, True, row.content, row.pk)
-        self.store.notify("delete", WriteResult(stored, 200))
+        self.store.notify("delete", WriteResult(stored, 200), self)
         return stored
 
     def conditional_delete(self, resource_type: str, criteria: str) -> list[Stored]:
@@ -438,14 +443,14 @@ class FhirStore:
         self.base_url = fhir_base.rstrip("/")
         self.listeners: list[WriteListener] = []
 
-    def notify(self, action: str, result: WriteResult) -> None:
+    def notify(self, action: str, result: WriteResult, repo: Repository) -> None:
         for listener in self.listeners:
-            listener(action, result)
+            listener(action, result, repo)
 
     @contextmanager
-    def writing(self, durable: bool = True) -> Iterator[Repository]:
+    def writing(self, durable: bool = True, origin: str | None = None) -> Iterator[Repository]:
         with db.write_tx(self.engine, durable) as conn:
-            repo = Repository(self, conn)
+            repo = Repository(self, conn, origin)
             yield repo
             repo.flush()
 

@@ -119,7 +119,7 @@ class Ingestor:
         try:
             self._check_header(header)
             translation = translate(parse.parse(text))
-            with self.store.writing() as repo:
+            with self.store.writing(origin="hl7") as repo:
                 self._apply(repo, message_id, translation)
                 outcome = Outcome(message_id, "processed", self._acks(header, "A"))
                 repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
