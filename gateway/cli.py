@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -400,28 +401,44 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
     return WorkerThreads(services, workers, interval).start()
 
 
-class WorkerProcess:
-    """`gateway worker` as a child process of `gateway serve`. Not a thread of the gunicorn arbiter:
-    the arbiter forks HTTP workers at any time, and a fork while a thread of it is inside SQLite (or
-    holds any other lock) would leave the child with that lock held for ever."""
+class ChildProcess:
+    """A `gateway` command (the MLLP listener, the outbox worker) as a child process of `gateway
+    serve`. Not a thread of the gunicorn arbiter: the arbiter forks HTTP workers at any time, and a
+    fork while a thread of it is inside SQLite (or holds any other lock) would leave the child with
+    that lock held for ever. The child exits by itself when the server is gone."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         import os
         import subprocess
 
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--parent", str(os.getpid())],
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args, "--parent", str(os.getpid())],
                                         stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:
         import subprocess
 
         if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: the worker finishes the item in hand and exits
+            self.process.terminate()  # SIGTERM: finish what is in hand (a message, an item), then exit
             try:
                 self.process.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+def _wait_for_stop(parent: int | None, name: str) -> None:
+    """Block until Ctrl-C, SIGTERM, or (with parent) that process being gone."""
+    import os
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stop.wait(1.0):
+            if parent is not None and os.getppid() != parent:
+                click.echo(f"{name}: the server is gone; stopping")
+                break
 
 
 @main.command("worker")
@@ -431,19 +448,9 @@ class WorkerProcess:
 @click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
 def worker_command(workers: int, sync_interval: int | None, parent: int | None) -> None:
     """Deliver the outbox to the EHR (and run the periodic sync) until Ctrl-C or SIGTERM."""
-    import os
-    import signal
-    import threading
-
     handle = start_workers(_settings(), workers, sync_interval)
     click.echo(f"outbox: {workers} worker(s) running")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        while not stop.wait(1.0):
-            if parent is not None and os.getppid() != parent:
-                click.echo("outbox: the server is gone; stopping")
-                break
+    _wait_for_stop(parent, "outbox")
     handle.stop()
     click.echo(f"outbox: stopped ({sum(w.delivered for w in handle.workers)} delivered)")
 
@@ -503,18 +510,13 @@ def start_mllp(settings: Settings, host: str, port: int) -> Any:
 @main.command("mllp")
 @click.option("--host", default=None, help="default GATEWAY_MLLP_HOST (127.0.0.1)")
 @click.option("--port", default=None, type=int, help="default GATEWAY_MLLP_PORT (2575)")
-def mllp_command(host: str | None, port: int | None) -> None:
+@click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
+def mllp_command(host: str | None, port: int | None, parent: int | None) -> None:
     """Run the MLLP listener alone (Ctrl-C or SIGTERM stops it after messages in flight)."""
-    import signal
-    import threading
-
     settings = _settings()
     listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port)
     click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    _wait_for_stop(parent, "MLLP")
     click.echo("MLLP: finishing messages in flight")
     listener.stop()
 
@@ -561,11 +563,13 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     if settings.open_access:
         click.echo("WARNING: open access is on: anyone who reaches this port can read and write every "
                    "record. For demos only.")
-    background = [WorkerProcess] if settings.outbox_worker_in_serve else []
-    if background:
+    background: list[Callable[[], Any]] = []
+    if mllp_port:
+        background.append(lambda: ChildProcess("mllp", "--host", host, "--port", str(mllp_port)))
+    if settings.outbox_worker_in_serve:
+        background.append(lambda: ChildProcess("worker"))
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
-    run_gunicorn(host, port, workers, threads,
-                 mllp=(lambda: start_mllp(settings, host, mllp_port)) if mllp_port else None, background=background)
+    run_gunicorn(host, port, workers, threads, background)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,18 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 
 def run_gunicorn(host: str, port: int, workers: int, threads: int,
-                 mllp: Callable[[], Any] | None = None, background: list[Callable[[], Any]] | None = None) -> None:
-    """Serve HTTP; with `mllp`, the arbiter also runs the MLLP listener (one per server, not per
-    worker) from when it is ready until it exits, stopping it gracefully after messages in flight.
-    `background` starts more such services there (the outbox worker); each returns a handle with stop()."""
-    listener: list[Any] = []
+                 background: list[Callable[[], Any]] | None = None) -> None:
+    """Serve HTTP. `background` starts services beside the workers once the arbiter is ready (the
+    MLLP listener and the outbox worker, each a child process) and each handle's stop() runs when it
+    exits (the MLLP listener finishes the messages in flight)."""
+    handles: list[Any] = []
 
     def when_ready(_server: Any) -> None:
-        if mllp is not None:
-            listener.append(mllp())
         for start in background or []:
-            listener.append(start())
+            handles.append(start())
 
     def on_exit(_server: Any) -> None:
-        for handle in listener:
+        for handle in handles:
             handle.stop()
 
     GatewayServer({
