@@ -126,6 +126,13 @@ def register_error_handlers(app: Flask) -> None:
 
 # --- helpers ---
 
+def _origin() -> str | None:
+    """Who is writing, for the store's listeners: a backend-services client (an EHR pushing its
+    data) is not a patient whose actions go back to the EHR."""
+    principal: access.Principal | None = g.get("principal")
+    return "backend" if principal is not None and principal.kind == "backend" else None
+
+
 def _grant(interaction: str, resource_type: str | None) -> access.Grant:
     g.interaction = interaction
     return access.authorize(g.principal, interaction, resource_type)
@@ -261,7 +268,7 @@ def transaction() -> Response:
     kind = bundle.get("type") if isinstance(bundle, dict) else None
     _grant("create", None)
     _grant("update", None)
-    processor = BundleProcessor(_store(), get_handler=_bundle_get)
+    processor = BundleProcessor(_store(), get_handler=_bundle_get, origin=_origin())
     result = processor.process(bundle)
     _audit("transaction" if kind == "transaction" else "batch",
            entities=tuple(e["response"].get("location", "").split("/_history")[0]
@@ -304,7 +311,7 @@ def type_level(rtype: str) -> Response:
         _check_type(resource, rtype)
         access.check_write(_grant("create", rtype), resource, _compartment_of)
         if_none_exist = request.headers.get("If-None-Exist")
-        result = store.write(lambda repo: repo.create(resource, if_none_exist=if_none_exist))
+        result = store.write(lambda repo: repo.create(resource, if_none_exist=if_none_exist), origin=_origin())
         _audit("create", entities=(result.stored.reference,), contents=(result.stored.content or "",))
         return _write_response(result.stored, result.status)
     criteria = urlsplit(request.full_path).query
@@ -314,7 +321,7 @@ def type_level(rtype: str) -> Response:
         return _put(rtype, lambda repo, resource, if_match: repo.conditional_update(rtype, criteria, resource,
                                                                                      if_match), conditional=True)
     _refuse_restricted(_grant("delete", rtype), "Conditional delete")
-    deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria))
+    deleted = store.write(lambda repo: repo.conditional_delete(rtype, criteria), origin=_origin())
     _audit("delete", entities=tuple(d.reference for d in deleted), contents=tuple(d.content or "" for d in deleted))
     return Response(status=204)
 
@@ -337,7 +344,7 @@ def _put(rtype: str, write: Callable[[Repository, dict[str, Any], str | None], W
     if rid is not None:
         _check_existing(grant, rtype, rid)
     if_match = request.headers.get("If-Match")
-    result = _store().write(lambda repo: write(repo, resource, if_match))
+    result = _store().write(lambda repo: write(repo, resource, if_match), origin=_origin())
     _audit("update", entities=(result.stored.reference,), contents=(result.stored.content or "",))
     return _write_response(result.stored, result.status)
 
@@ -371,11 +378,11 @@ def instance(rtype: str, rid: str) -> Response:
         # cannot be checked against it beforehand: refused rather than checked afterwards.
         _refuse_restricted(_grant("patch", rtype), "PATCH")
         if_match = request.headers.get("If-Match")
-        result = store.write(lambda repo: repo.patch(rtype, rid, operations, if_match))
+        result = store.write(lambda repo: repo.patch(rtype, rid, operations, if_match), origin=_origin())
         _audit("patch", entities=(result.stored.reference,), contents=(result.stored.content or "",))
         return _write_response(result.stored, result.status)
     _check_existing(_grant("delete", rtype), rtype, rid)
-    deleted = store.write(lambda repo: repo.delete(rtype, rid))
+    deleted = store.write(lambda repo: repo.delete(rtype, rid), origin=_origin())
     _audit("delete", entities=(f"{rtype}/{rid}",), contents=(deleted.content or "",) if deleted else ())
     return Response(status=204)
 

@@ -102,9 +102,10 @@ def _response(result: WriteResult | Stored | None, status: int, base: str) -> di
 
 
 class BundleProcessor:
-    def __init__(self, store: FhirStore, get_handler: GetHandler | None = None) -> None:
+    def __init__(self, store: FhirStore, get_handler: GetHandler | None = None, origin: str | None = None) -> None:
         self.store = store
         self.get_handler = get_handler
+        self.origin = origin  # who writes (Repository.origin): store listeners may care
 
     def process(self, bundle: Any) -> dict[str, Any]:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -151,7 +152,7 @@ class BundleProcessor:
                     exc.outcome["issue"][0]["diagnostics"] = f"Bundle.entry[{plan.index}]: {exc.diagnostics}"
                     raise
 
-        self.store.write(run)
+        self.store.write(run, origin=self.origin)
         return {
             "resourceType": "Bundle",
             "type": "transaction-response",
@@ -232,7 +233,7 @@ class BundleProcessor:
                     self._assign_ids(repo, [plan])
                     return self._execute(repo, plan)
 
-                entries.append(self.store.write(run))
+                entries.append(self.store.write(run, origin=self.origin))
             except FhirError as exc:
                 entries.append({"response": {"status": str(exc.status), "outcome": exc.outcome}})
         return {"resourceType": "Bundle", "type": "batch-response", "entry": entries}

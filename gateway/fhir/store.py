@@ -459,11 +459,11 @@ class FhirStore:
         with db.read_tx(self.engine) as conn:
             yield Repository(self, conn)
 
-    def write(self, operation: Callable[[Repository], Any], attempts: int = 3) -> Any:
+    def write(self, operation: Callable[[Repository], Any], attempts: int = 3, origin: str | None = None) -> Any:
         """Run a write in its own transaction, retrying when a concurrent insert of the same id won."""
         for attempt in range(attempts):
             try:
-                with self.writing() as repo:
+                with self.writing(origin=origin) as repo:
                     return operation(repo)
             except IntegrityError:
                 if attempt == attempts - 1:

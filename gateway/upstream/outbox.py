@@ -2,7 +2,8 @@
 
 Kinds, recognised by a store listener in the transaction of the local write (so an item exists
 exactly when the change was committed), and only for writes that did not come from the EHR itself
-(Repository.origin "hl7" or "upstream"):
+(Repository.origin "hl7", "upstream", or "backend": a backend-services client writing through the
+FHIR API, the way the EHR pushes):
 
 - appointment-request (SRM^S01): an Appointment created with status proposed or pending;
 - appointment-cancel (SRM^S04): an Appointment updated to cancelled, one the EHR knows (it has a
@@ -65,7 +66,7 @@ KINDS = ("appointment-request", "appointment-cancel", "refill-request", "message
 MESSAGE_TYPES = {"appointment-request": "SRM^S01", "appointment-cancel": "SRM^S04",
                  "refill-request": "OMP^O09", "message": "MDM^T02"}
 OUTBOX_SYSTEM = "urn:fhir-gateway:outbox"
-EHR_ORIGINS = frozenset({"hl7", "upstream"})
+EHR_ORIGINS = frozenset({"hl7", "upstream", "backend"})
 TEMPLATES_FILE = Path(__file__).resolve().parent.parent.parent / "mappings" / "upstream" / "outbound.yaml"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
