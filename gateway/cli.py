@@ -125,7 +125,10 @@ def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> No
     from gateway.hl7.mllp import send_messages
 
     payloads = [Path(f).read_bytes() for f in files]
-    replies = send_messages(host, port, payloads, timeout=timeout)
+    try:
+        replies = send_messages(host, port, payloads, timeout=timeout)
+    except OSError as exc:  # refused, reset, closed before an ACK, timed out
+        raise click.ClickException(f"MLLP {host}:{port}: {exc}") from None
     codes: dict[str, int] = {}
     for path, acks in zip(files, replies, strict=True):
         if not acks:
@@ -407,12 +410,23 @@ class ChildProcess:
     fork while a thread of it is inside SQLite (or holds any other lock) would leave the child with
     that lock held for ever. The child exits by itself when the server is gone."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, ready_at: tuple[str, int] | None = None) -> None:
         import os
+        import socket
         import subprocess
 
         self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args, "--parent", str(os.getpid())],
                                         stdin=subprocess.DEVNULL)
+        # A listener counts as started when it accepts connections, as it did when it was a thread.
+        deadline = time.monotonic() + 60
+        while ready_at and time.monotonic() < deadline and self.process.poll() is None:
+            host, port = ready_at
+            try:
+                socket.create_connection((host if host not in ("", "0.0.0.0", "::") else "127.0.0.1", port),
+                                         timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
 
     def stop(self) -> None:
         import subprocess
@@ -565,7 +579,8 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
                    "record. For demos only.")
     background: list[Callable[[], Any]] = []
     if mllp_port:
-        background.append(lambda: ChildProcess("mllp", "--host", host, "--port", str(mllp_port)))
+        background.append(lambda: ChildProcess("mllp", "--host", host, "--port", str(mllp_port),
+                                               ready_at=(host, mllp_port)))
     if settings.outbox_worker_in_serve:
         background.append(lambda: ChildProcess("worker"))
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")

@@ -264,3 +264,13 @@ def test_collection_bundle_urn_uuid_references_resolved(gateway: Any, engine: An
     (patient_ref,) = [ref for ref in resources if ref.startswith("Patient/")]
     (obs,) = [r for ref, r in resources.items() if ref.startswith("Observation/")]
     assert obs["subject"]["reference"] == patient_ref
+
+
+def test_hl7_send_to_a_port_nobody_listens_on_says_so(gateway: Any, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    message = tmp_path / "m.hl7"
+    message.write_text("MSH|^~\\&|A|B|C|D|20261101||ADT^A04|1|P|2.5.1\rPID|1||9^^^H^MR\r")
+    result = gateway("hl7", "send", str(message), "--port", str(free_port()), "--timeout", "2")
+    assert result.exit_code == 1
+    assert "Connection refused" in result.output and "Traceback" not in result.output
