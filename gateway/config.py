@@ -42,6 +42,9 @@ class Settings:
     upstream_max_retries: int = 5
     # Seconds between periodic syncs by _lastUpdated in `gateway worker` / `serve` (0: none).
     upstream_sync_interval: int = 0
+    # A sign-in starts a background sync of the user's records (and those they act for), which stops
+    # making requests after this many seconds; the page never waits for it.
+    upstream_login_sync_seconds: float = 20.0
     # Outbox: per kind "hl7" (MLLP), "fhir" (upstream API) or "off" (not queued). The cancel kind
     # follows the appointment request's setting unless it is set itself.
     outbox_appointment_request: str = "off"

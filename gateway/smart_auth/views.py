@@ -150,6 +150,27 @@ def _context(pending: dict[str, Any], user: people.User, chosen: str | None) -> 
         return _finish(None, str(exc))
 
 
+def _sync_after_sign_in(user: Any) -> None:
+    """Pull what the EHR has for the user and everyone they act for, in the background and bounded
+    in time (GATEWAY_UPSTREAM_LOGIN_SYNC_SECONDS): the page never waits, and a failure only logs."""
+    services = current_app.extensions["gateway"]
+    settings = services.settings
+    if not settings.upstream_fhir_url:
+        return
+    try:
+        from gateway.upstream.client import UpstreamClient
+        from gateway.upstream.sync import sync_patient_async
+
+        with services.engine.connect() as conn:
+            patients = [user.fhir_user.partition("/")[2], *people.acting_for(conn, user.id)]
+        client = UpstreamClient.from_settings(settings)
+        for patient_id in dict.fromkeys(p for p in patients if p):
+            sync_patient_async(services.store, client, patient_id, settings.upstream_login_sync_seconds,
+                               services.audit)
+    except Exception:  # a sign-in must not fail because the EHR or its settings do
+        current_app.logger.exception("the sign-in sync could not start")
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Response:
     form = LoginForm()
@@ -168,6 +189,7 @@ def login() -> Response:
                 session[MFA_USER] = user.id
                 return redirect(url_for(".mfa"))
             session[USER] = user.id
+            _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("login.html", 200 if error is None else 401, form=form, error=error)
 
@@ -186,6 +208,7 @@ def signup() -> Response:
             if pending is not None:
                 session[PENDING] = pending
             session[USER] = user.id
+            _sync_after_sign_in(user)
             return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
     return _page("signup.html", 200 if error is None else 400, form=form, error=error)
 
@@ -239,6 +262,7 @@ def mfa() -> Response:
         if error is None:
             session.pop(MFA_USER, None)
             session[USER] = user.id
+            _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("mfa.html", 200 if error is None else 401, form=form, error=error)
 
