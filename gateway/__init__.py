@@ -26,13 +26,14 @@ class Gateway:
 
 def build_services(settings: Settings) -> Gateway:
     """The services of one process: the web app, the MLLP listener and the CLI all start here."""
-    from gateway import db
+    from gateway import access, db
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
     from gateway.smart_auth.server import SmartAuth
     from gateway.upstream.outbox import Outbox
 
+    access.configure_sensitive_labels(settings.sensitive_labels)
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)

@@ -41,7 +41,29 @@ INTERACTIONS = frozenset({
 })
 READ_FAMILY = frozenset({"read", "vread", "search", "history", "everything"})
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
-CONFIDENTIAL_CODES = ("R", "V")
+# meta.security labels that proxies of a 12-17 year old never see: R and V always, plus the
+# sensitivity categories configured with GATEWAY_SENSITIVE_LABELS (see configure_sensitive_labels).
+ALWAYS_CONFIDENTIAL = frozenset({(CONFIDENTIALITY, "R"), (CONFIDENTIALITY, "V")})
+_confidential_labels: frozenset[tuple[str, str]] = ALWAYS_CONFIDENTIAL
+
+
+def configure_sensitive_labels(setting: str) -> frozenset[tuple[str, str]]:
+    """Set the labels, from a setting such as
+    "http://terminology.hl7.org/CodeSystem/v3-ActCode|PSY http://terminology.hl7.org/CodeSystem/v3-ActCode|ETH"
+    (system|code, separated by spaces or commas). A process-wide policy, like the rest of this module."""
+    global _confidential_labels
+    labels = set(ALWAYS_CONFIDENTIAL)
+    for item in setting.replace(",", " ").split():
+        system, bar, code = item.rpartition("|")
+        if not bar or not system or not code:
+            raise ValueError(f"GATEWAY_SENSITIVE_LABELS: {item!r} is not system|code")
+        labels.add((system, code))
+    _confidential_labels = frozenset(labels)
+    return _confidential_labels
+
+
+def _is_confidential_label(system: Any, code: Any) -> bool:
+    return (system, code) in _confidential_labels
 
 
 @dataclass(frozen=True)
@@ -190,8 +212,8 @@ def check_write(grant: Grant, resource: dict[str, Any], compartment_of: Callable
     rtype = resource.get("resourceType", "")
     owners = compartment_of(resource)
     labels = (resource.get("meta") or {}).get("security") or []
-    confidential = any(isinstance(x, dict) and x.get("system") == CONFIDENTIALITY and x.get("code") in
-                       CONFIDENTIAL_CODES for x in labels)
+    confidential = any(isinstance(x, dict) and _is_confidential_label(x.get("system"), x.get("code"))
+                       for x in labels)
     for rule in grant.rules:
         if rule.query or rule.resource_id is not None:
             continue  # granular and fhirUser rules never authorise writes
@@ -251,7 +273,7 @@ def _token_admits(resource_type: str, query: tuple[str, str | None, str], resour
 
 def _labelled_confidential(resource_type: str, resource: dict[str, Any], base_url: str) -> bool:
     param = params_for(resource_type).get("_security")
-    return param is not None and any(row["system"] == CONFIDENTIALITY and row["code"] in CONFIDENTIAL_CODES
+    return param is not None and any(_is_confidential_label(row["system"], row["code"])
                                      for row in param_rows(param, resource, base_url))
 
 
@@ -322,9 +344,8 @@ def _in_compartment(patients: frozenset[str], pk: Any) -> ColumnElement[bool]:
 
 def _confidential(pk: Any) -> ColumnElement[bool]:
     t = db.sp_token.alias("acl_security")
-    return exists(select(1).select_from(t).where(t.c.resource_pk == pk, t.c.param == "_security",
-                                                 t.c.system == CONFIDENTIALITY,
-                                                 t.c.code.in_(CONFIDENTIAL_CODES)))
+    labels = or_(*(and_(t.c.system == system, t.c.code == code) for system, code in sorted(_confidential_labels)))
+    return exists(select(1).select_from(t).where(t.c.resource_pk == pk, t.c.param == "_security", labels))
 
 
 def _patients(patients: frozenset[str] | None, limited: frozenset[str], pk: Any) -> ColumnElement[bool]:

@@ -82,6 +82,9 @@ class Settings:
     # (revocations in the same process take effect at once; in other processes within this time).
     access_token_seconds: int = 3600
     token_cache_seconds: int = 5
+    # More meta.security labels (system|code, space separated) that proxies of 12-17 year olds never
+    # see, besides v3-Confidentiality R and V; e.g. v3-ActCode PSY, ETH, HIV, SDV.
+    sensitive_labels: str = ""
     # Outgoing mail (password reset links). Without a host no mail is sent and reset is unavailable.
     smtp_host: str = ""
     smtp_port: int = 25

@@ -86,3 +86,36 @@ def test_user_scopes_never_reach_backend_rules_and_vice_versa() -> None:
     assert access.visible(grant, "Patient", "x", {"resourceType": "Patient", "id": "x"})
     # An _include of another type under a Patient-only scope is filtered out.
     assert not access.visible(grant, "Observation", "y", {"resourceType": "Observation", "id": "y"})
+
+
+def test_configured_sensitive_labels_hide_more_from_teen_proxies(app: Any) -> None:
+    """GATEWAY_SENSITIVE_LABELS adds sensitivity categories to R and V, for searches and reads alike."""
+    services = app.extensions["gateway"]
+    load_family(services.store)
+    psy = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}
+    with services.store.writing() as repo:
+        note = {"resourceType": "Observation", "id": "daniel-garcia-psy-note", "status": "final",
+                "meta": {"security": [psy]}, "code": {"text": "Counselling note"},
+                "subject": {"reference": "Patient/daniel-garcia"}}
+        repo.update("Observation", note["id"], note)
+    principal = access.principal_from_token(client_id="app", fhir_user=None, **PRINCIPALS["teen-proxy"])
+    r = db.resource.c
+
+    def seen_by_the_proxy() -> tuple[bool, bool]:
+        grant = access.authorize(principal, "search", "Observation")  # type: ignore[arg-type]
+        with services.engine.connect() as conn:
+            row = conn.execute(select(r.pk, r.content).where(r.id == "daniel-garcia-psy-note")).one()
+            in_search = conn.execute(select(r.pk).where(r.pk == row.pk, grant.restrict(r.pk))).first() is not None
+        readable = access.visible(grant, "Observation", "daniel-garcia-psy-note", row.content,
+                                  services.settings.fhir_base)
+        return in_search, readable
+
+    try:
+        assert seen_by_the_proxy() == (True, True)  # PSY is not confidential by default
+        access.configure_sensitive_labels(f"{psy['system']}|PSY {psy['system']}|ETH")
+        assert seen_by_the_proxy() == (False, False)
+    finally:
+        access.configure_sensitive_labels("")
+    with pytest.raises(ValueError):
+        access.configure_sensitive_labels("PSY")  # a code without its system
+    assert access.configure_sensitive_labels("") == access.ALWAYS_CONFIDENTIAL
