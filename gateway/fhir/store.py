@@ -13,7 +13,6 @@ current version only and are replaced in the same transaction as the write.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator
@@ -320,7 +319,7 @@ class Repository:
         if expected is not None and expected != row.version_id:
             raise FhirError(412, f"Version conflict: {resource_type}/{resource_id} is at version "
                                  f"{row.version_id}, If-Match gave {expected}", code="conflict")
-        if not row.deleted and _same_content(row.content, resource):
+        if not row.deleted and same_content(jsonio.loads(row.content), resource):
             # Stored content was valid when it was written, so an identical body needs no validation.
             return WriteResult(self._stored(row), 200, changed=False)
         version_id = row.version_id + 1
@@ -418,22 +417,20 @@ class Repository:
         return page, (rows[count - 1].seq if len(rows) > count else None)
 
 
-def _same_content(stored_content: str, incoming: dict[str, Any]) -> bool:
-    """True when an update would change nothing but meta.versionId and meta.lastUpdated.
+def same_content(current: dict[str, Any], incoming: dict[str, Any],
+                 ignore_meta: tuple[str, ...] = ("versionId", "lastUpdated")) -> bool:
+    """True when the two differ at most in the meta elements named (by default: an update would
+    change nothing but meta.versionId and meta.lastUpdated).
 
     Compared as canonical JSON text, not as values: Decimal("1.5") == Decimal("1.50"), but a
     change of precision is a change of the record.
     """
-    current = jsonio.loads(stored_content)
-    new = copy.deepcopy(incoming)
-    for body in (current, new):
-        meta = body.get("meta")
-        if isinstance(meta, dict):
-            meta.pop("versionId", None)
-            meta.pop("lastUpdated", None)
-            if not meta:
-                body.pop("meta")
-    return jsonio.dumps(current, sort_keys=True) == jsonio.dumps(new, sort_keys=True)
+    def canonical(body: dict[str, Any]) -> str:
+        meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ignore_meta}
+        rest = {k: v for k, v in body.items() if k != "meta"}
+        return jsonio.dumps({**rest, "meta": meta} if meta else rest, sort_keys=True)
+
+    return canonical(current) == canonical(incoming)
 
 
 class FhirStore:

@@ -25,7 +25,7 @@ from gateway import db
 from gateway.fhir import jsonio
 from gateway.fhir.dates import date_range, now_instant
 from gateway.fhir.outcome import FhirError
-from gateway.fhir.store import FhirStore, Repository
+from gateway.fhir.store import FhirStore, Repository, same_content
 from gateway.hl7 import ack as acks
 from gateway.hl7 import parse
 from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, translate
@@ -220,9 +220,11 @@ class Ingestor:
                 extensions = [e for e in meta.get("extension", []) if e.get("url") != SOURCE_TIME_URL]
                 meta["extension"] = [*extensions, {"url": SOURCE_TIME_URL, "valueDateTime": translation.source_time}]
             body["meta"] = meta
-            if current is not None and _same_data(current, body):
-                # The same data from a message of the same time (a re-send under a new control id):
-                # no new version just to name another message as the source.
+            # The same data from a message of the same time (a re-send under a new control id): no new
+            # version just to name another message as the source. The source-time extension still
+            # counts: data confirmed by a newer message is written, so that an older message arriving
+            # later cannot overwrite it.
+            if current is not None and same_content(current, body, ("source", "versionId", "lastUpdated")):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "unchanged"))
                 continue
             result = repo.update(rtype, rid, body)
@@ -244,18 +246,6 @@ def _source_time(resource: dict[str, Any]) -> str | None:
         if extension.get("url") == SOURCE_TIME_URL:
             return extension.get("valueDateTime")
     return None
-
-
-def _same_data(current: dict[str, Any], incoming: dict[str, Any]) -> bool:
-    """True when the two differ at most in meta.source, versionId and lastUpdated. The source-time
-    extension is compared: data confirmed by a newer message is written, so that an older message
-    arriving later cannot overwrite it."""
-    def canonical(body: dict[str, Any]) -> str:
-        meta = {k: v for k, v in (body.get("meta") or {}).items()
-                if k not in ("source", "versionId", "lastUpdated")}
-        return jsonio.dumps({**body, "meta": meta}, sort_keys=True)
-
-    return canonical(current) == canonical(incoming)
 
 
 def _is_newer(current: dict[str, Any], incoming_time: str | None) -> bool:
