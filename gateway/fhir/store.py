@@ -260,14 +260,9 @@ class Repository:
         pks = self.conn.execute(
             insert(db.resource).returning(db.resource.c.pk, sort_by_parameter_order=True), rows
         ).scalars().all()
-        self.conn.execute(insert(db.resource_version), [
-            {"resource_pk": pk, "resource_type": body["resourceType"], "id": body["id"], "version_id": 1,
-             "last_updated": last_updated, "last_updated_ms": instant_ms(last_updated), "method": "POST",
-             "deleted": False, "content": content}
-            for pk, (body, last_updated, content) in zip(pks, bodies, strict=True)
-        ])
         stored = []
         for pk, (body, last_updated, content) in zip(pks, bodies, strict=True):
+            self._insert_version(pk, body, body["resourceType"], body["id"], 1, last_updated, "POST", content)
             self._write_index(pk, body, new=True)
             stored.append(Stored(body["resourceType"], body["id"], 1, last_updated, False, content, pk))
         return stored
