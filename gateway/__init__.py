@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, jsonify
 from flask_cors import CORS
+from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import Engine
 
 from gateway.config import Settings
@@ -68,6 +69,16 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.register_blueprint(hl7_http.bp)
     app.register_blueprint(smart_views.bp)
     app.register_blueprint(smart_discovery.bp)
+    from gateway import portal
+
+    portal.init_app(app)
+    # Every browser form carries a CSRF token, checked before any view runs. The API, HL7 over HTTP,
+    # discovery and the OAuth endpoints apps call (with bearer tokens or client credentials, never
+    # cookies) are exempt; /auth/authorize is a redirect an app starts from its own page.
+    csrf = CSRFProtect(app)
+    for exempt in (api.bp, hl7_http.bp, smart_discovery.bp, smart_views.token, smart_views.introspect,
+                   smart_views.revoke, smart_views.authorize):
+        csrf.exempt(exempt)
     # Apps call the API, token and discovery endpoints from browsers on other origins with bearer
     # tokens (never cookies), so any origin may; the login and consent pages get no CORS at all.
     CORS(app, resources={r"/fhir/*": {}, r"/auth/token": {}, r"/auth/introspect": {}, r"/auth/revoke": {},

@@ -365,3 +365,22 @@ def _single(rule: Rule, pk: Any) -> ColumnElement[bool]:
         return true()
     return _resource_where(pk, lambda r: r.c.resource_type == rule.resource_type,
                            lambda r: r.c.id == rule.resource_id)
+
+
+# --- the patient portal ---
+
+# A portal page never deletes: cancelling an appointment or ending a request is an update.
+PORTAL_INTERACTIONS = frozenset({"read", "vread", "search", "history", "create", "update"})
+
+
+def principal_for_portal(*, fhir_user: str, patient_id: str, acting_for: Mapping[str, bool]) -> Principal:
+    """A signed-in portal session looking at one record: what a user/*.crus token confined to that
+    patient would be, under the same rules (a proxy of a 12-17 year old does not see confidential
+    data). Refused when the login may not act for the patient (any more)."""
+    if patient_id not in acting_for:
+        raise FhirError(403, "You do not have access to this record", code="forbidden")
+    chosen = frozenset({patient_id})
+    limited = chosen if acting_for[patient_id] else frozenset()
+    rule = Rule("*", frozenset("crus"), chosen, limited)
+    return Principal(kind="user", subject=fhir_user, client_id="portal", patients=chosen,
+                     interactions=PORTAL_INTERACTIONS, rules=(rule,), fhir_user=fhir_user)

@@ -92,6 +92,14 @@ class Settings:
     smtp_username: str = ""
     smtp_password: str = ""
     smtp_starttls: bool = False
+    # Patient portal: a signed-in browser session ends after this many idle seconds (the page warns
+    # a minute before); notifications by SMS go to this HTTP provider (JSON POST of to/body, with
+    # the bearer token when set). Without a URL, SMS preferences fall back to email.
+    portal_idle_seconds: int = 900
+    timezone: str = "America/New_York"  # the clinic's: times on pages and in messages
+    sms_url: str = ""
+    sms_token: str = ""
+    sms_from: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -108,7 +108,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response | HTTPException:
         if not request.path.startswith("/fhir"):
-            return exc
+            return _friendly(exc.code or 500, exc) or exc
         code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.code or 500, "processing")
         message = exc.description or exc.name
         if exc.code == 413:
@@ -121,7 +121,17 @@ def register_error_handlers(app: Flask) -> None:
         body = operation_outcome("fatal", "exception", "An internal error occurred; it has been logged")
         if request.path.startswith("/fhir"):
             return fhir_response(body, 500)
-        return Response("Internal error; it has been logged.", 500, content_type="text/plain")
+        return _friendly(500) or Response("Internal error; it has been logged.", 500, content_type="text/plain")
+
+
+def _friendly(status: int, error: Exception | None = None) -> Response | None:
+    """A page instead of a bare error for a person's browser (outside the FHIR API)."""
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) != "text/html" or \
+            request.accept_mimetypes["text/html"] < request.accept_mimetypes["application/json"]:
+        return None
+    from gateway.portal.web import friendly_error
+
+    return friendly_error(status, error)
 
 
 # --- helpers ---

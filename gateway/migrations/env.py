@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
+import gateway.portal.models
 import gateway.smart_auth.models  # noqa: F401  (registers the SMART tables in the metadata)
 from gateway.db import metadata
 

@@ -37,6 +37,8 @@ auth_user = Table(
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_until_ms", BigInteger, nullable=True),
     Column("created_ms", BigInteger, nullable=False),
+    # Raised by "sign out everywhere": sessions started under an older epoch are over.
+    Column("session_epoch", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # A login's right to act for another patient. valid_until is inclusive (a date); a minor's parent

@@ -56,6 +56,7 @@ class User:
     username: str
     fhir_user: str
     totp_secret: str | None
+    session_epoch: int = 0
 
     @property
     def patient_id(self) -> str | None:
@@ -64,7 +65,8 @@ class User:
 
 
 def _user(row: object) -> User:
-    return User(row.id, row.username, row.fhir_user, row.totp_secret)  # type: ignore[attr-defined]
+    return User(row.id, row.username, row.fhir_user, row.totp_secret,  # type: ignore[attr-defined]
+                row.session_epoch or 0)  # type: ignore[attr-defined]
 
 
 def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_secret: str | None = None) -> User:
@@ -90,6 +92,13 @@ def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_
 def get_user(conn: Connection, user_id: int) -> User | None:
     row = conn.execute(select(auth_user).where(auth_user.c.id == user_id)).first()
     return _user(row) if row else None
+
+
+def sign_out_everywhere(engine: Engine, user_id: int) -> None:
+    """End every browser session of a login (each holds the epoch it started under)."""
+    with write_tx(engine) as conn:
+        conn.execute(update(auth_user).where(auth_user.c.id == user_id).values(
+            session_epoch=auth_user.c.session_epoch + 1))
 
 
 def find_user(engine: Engine, username: str) -> User | None:

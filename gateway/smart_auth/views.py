@@ -14,13 +14,13 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import DataRequired
 
-from gateway.smart_auth import keys, launch, people, reset
+from gateway.smart_auth import keys, launch, people, reset, sessions
 from gateway.smart_auth.server import SmartAuth
 
 bp = Blueprint("smart_auth", __name__, url_prefix="/auth", template_folder="templates")
 
 PENDING = "smart_authz"
-USER = "smart_uid"
+USER = sessions.USER
 MFA_USER = "smart_mfa_uid"
 PATIENT = "smart_patient"
 NEXT = "smart_next"
@@ -99,11 +99,7 @@ def _pending() -> dict[str, Any] | None:
 
 
 def _user() -> people.User | None:
-    user_id = session.get(USER)
-    if user_id is None:
-        return None
-    with _smart().engine.connect() as conn:
-        return people.get_user(conn, user_id)
+    return sessions.current_user(_smart().engine, _smart().settings.portal_idle_seconds)
 
 
 # --- the authorization flow ---
@@ -180,7 +176,7 @@ def login() -> Response:
                                                                    form.password.data or ""))
         if error is None:
             pending, after = session.get(PENDING), session.get(NEXT)
-            session.clear()  # a fresh session at login: nothing chosen before it carries over
+            sessions.end()  # a fresh session at login: nothing chosen before it carries over
             if pending is not None:
                 session[PENDING] = pending
             if after is not None:
@@ -188,10 +184,13 @@ def login() -> Response:
             if user.totp_secret:
                 session[MFA_USER] = user.id
                 return redirect(url_for(".mfa"))
-            session[USER] = user.id
+            sessions.start(user)
             _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
-    return _page("login.html", 200 if error is None else 401, form=form, error=error)
+    notice = {"idle": "You were signed out after a period of inactivity.",
+              "elsewhere": "You were signed out because your account signed out everywhere."}.get(
+        session.pop(sessions.ENDED, None) or "")
+    return _page("login.html", 200 if error is None else 401, form=form, error=error, notice=notice)
 
 
 @bp.route("/signup", methods=["GET", "POST"])
@@ -204,10 +203,10 @@ def signup() -> Response:
                                                             form.username.data or "", form.password.data or ""))
         if error is None:
             pending, after = session.get(PENDING), session.get(NEXT)
-            session.clear()
+            sessions.end()
             if pending is not None:
                 session[PENDING] = pending
-            session[USER] = user.id
+            sessions.start(user)
             _sync_after_sign_in(user)
             return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
     return _page("signup.html", 200 if error is None else 400, form=form, error=error)
@@ -261,7 +260,7 @@ def mfa() -> Response:
         _, error = _attempt(lambda: people.check_otp(_smart().engine, user, form.otp.data or ""))
         if error is None:
             session.pop(MFA_USER, None)
-            session[USER] = user.id
+            sessions.start(user)
             _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
     return _page("mfa.html", 200 if error is None else 401, form=form, error=error)
@@ -346,7 +345,7 @@ def apps() -> Response:
 def logout() -> Response:
     form = CsrfOnlyForm()
     if form.validate_on_submit():
-        session.clear()
+        sessions.end()
     return _page("error.html", message="You are signed out.")
 
 
