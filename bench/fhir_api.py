@@ -237,8 +237,10 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Server:
     """`gateway serve` in its own process group; stop() ends it (TERM, then KILL)."""
 
-    def __init__(self, env: dict[str, str], port: int, workers: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, workers: int, log_path: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.extra_args = extra_args
         self.port = port
         self.workers = workers
         self.log_path = log_path
@@ -247,7 +249,8 @@ class Server:
 
     def start(self, ready_timeout: float = 90.0) -> None:
         exe = shutil.which("gateway") or "gateway"
-        command = [exe, "serve", "--host", HOST, "--port", str(self.port), "--workers", str(self.workers)]
+        command = [exe, "serve", "--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
+                   *self.extra_args]
         log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
