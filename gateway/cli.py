@@ -568,6 +568,7 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
         services.audit.close()
         services.engine.dispose()
 
+    click.echo(f"Portal:    {settings.base_url}/  (patients, parents and caregivers sign in here)")
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
