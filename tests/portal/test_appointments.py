@@ -395,3 +395,179 @@ def test_a_stale_version_of_the_slot_loses(portal: Portal, clinic: Any) -> None:
         service._claim(record, stale, "busy-tentative")
     assert caught.value.code == "slot-taken"
     assert slot_of(clinic.store, slots[0])["status"] == "busy"
+
+
+# --- the waitlist ---
+
+def signed_in(app: Any, world: Any, username: str, patient: str, otp: bool = False) -> Portal:
+    who = Portal(app.test_client(), world)
+    who.sign_in(username, otp=otp)
+    if username in ("maria", "linda"):
+        who.choose(patient)
+    return who
+
+
+def waitlist_entries(store: Any, patient: str) -> list[dict[str, Any]]:
+    return [a for a in appointments_of(store, patient) if a["status"] == "waitlist"]
+
+
+def test_waitlist_offer_end_to_end(portal: Portal, clinic: Any, app: Any) -> None:
+    early = future_slots(clinic.store, days=3, count=2)
+    late = future_slots(clinic.store, days=8, count=1)
+    linda = signed_in(app, portal.world, "linda", "linda-chen")
+    taken = hold_and_book(linda, early[0])
+    portal.sign_in("maria")
+    portal.choose("maria-garcia")
+    mine = hold_and_book(portal, late[0], find_url(days=8))
+    reply = portal.post(f"/appointments/{mine}/waitlist", {}, page=f"/appointments/{mine}")
+    assert reply.status_code == 200 and "You are on the waitlist." in text_of(portal.last_html)
+    entry, = waitlist_entries(clinic.store, "maria-garcia")
+    assert entry["supportingInformation"] == [{"reference": f"Appointment/{mine}"}]
+    assert service.instant(entry["requestedPeriod"][0]["end"]) == service.instant(
+        appointment_of(clinic.store, mine)["start"])
+    assert {p["actor"]["reference"] for p in entry["participant"]} >= {"Patient/maria-garcia",
+                                                                       "Practitioner/emily-carter"}
+    # joining twice is refused
+    reply = portal.post(f"/appointments/{mine}/waitlist", {}, page=f"/appointments/{mine}")
+    assert reply.status_code == 400 and "already on the waitlist" in text_of(portal.last_html)
+    assert 'id="offer-' not in portal.get("/appointments")
+    # Linda cancels the earlier time: it is offered to Maria at once, held for her
+    linda.post(f"/appointments/{taken}/cancel", {"reason": "pat"}, page=f"/appointments/{taken}")
+    slot = slot_of(clinic.store, early[0])
+    assert slot["status"] == "busy-tentative"
+    assert [o.slot_id for o in service.open_offers(service.clinic_record(clinic))] == []  # not the clinic's
+    listing = portal.get("/appointments")
+    assert f'id="offer-{entry["id"]}"' in listing and "An earlier time opened" in text_of(listing)
+    assert f'id="offer-{entry["id"]}"' in portal.get("/")
+    # nobody else can hold the offered time
+    daniel = signed_in(app, portal.world, "daniel", "daniel-garcia")
+    reply = daniel.post("/appointments/hold", {"slot": early[0]}, page=find_url())
+    assert reply.status_code == 409
+    # Maria takes it: booked at the earlier time, the later appointment cancelled and its slot free
+    reply = portal.post(f"/appointments/offers/{entry['id']}/accept", {}, page="/appointments")
+    assert reply.status_code == 200 and "The earlier time is booked" in text_of(portal.last_html)
+    booked = [a for a in appointments_of(clinic.store, "maria-garcia") if a["status"] == "booked"
+              and a.get("slot") == [{"reference": f"Slot/{early[0]}"}]]
+    assert len(booked) == 1
+    assert appointment_of(clinic.store, mine)["status"] == "cancelled"
+    assert appointment_of(clinic.store, entry["id"])["status"] == "cancelled"
+    assert slot_of(clinic.store, early[0])["status"] == "busy"
+    assert slot_of(clinic.store, late[0])["status"] == "free"
+    assert not waitlist_entries(clinic.store, "maria-garcia")
+
+
+def test_a_declined_or_expired_offer_goes_to_the_next_on_the_list(portal: Portal, clinic: Any, app: Any) -> None:
+    early = future_slots(clinic.store, days=3, count=1)
+    late = future_slots(clinic.store, days=8, count=2)
+    daniel = signed_in(app, portal.world, "daniel", "daniel-garcia")
+    taken = hold_and_book(daniel, early[0])
+    portal.sign_in("maria")
+    portal.choose("maria-garcia")
+    maria_late = hold_and_book(portal, late[0], find_url(days=8))
+    portal.post(f"/appointments/{maria_late}/waitlist", {}, page=f"/appointments/{maria_late}")
+    linda = signed_in(app, portal.world, "linda", "robert-chen")
+    robert_late = hold_and_book(linda, late[1], find_url(days=8))
+    linda.post(f"/appointments/{robert_late}/waitlist", {}, page=f"/appointments/{robert_late}")
+    daniel.post(f"/appointments/{taken}/cancel", {"reason": "pat"}, page=f"/appointments/{taken}")
+    maria_entry, = waitlist_entries(clinic.store, "maria-garcia")
+    robert_entry, = waitlist_entries(clinic.store, "robert-chen")
+    assert f"offer-{maria_entry['id']}" in portal.get("/appointments")  # first to join, first offered
+    assert "offer-" not in linda.get("/appointments")
+    portal.post(f"/appointments/offers/{maria_entry['id']}/decline", {}, page="/appointments")
+    assert "You stay on the waitlist." in text_of(portal.last_html)
+    assert f"offer-{robert_entry['id']}" in linda.get("/appointments")
+    assert "offer-" not in portal.get("/appointments")
+    # Robert's offer runs out: the sweep takes it back; Maria declined this time, so nobody is offered it
+    result = service.sweep(clinic, now=datetime.now(UTC) + timedelta(hours=2, minutes=5))
+    assert result.expired_offers == [robert_entry["id"]] and result.offers == []
+    assert slot_of(clinic.store, early[0])["status"] == "free"
+    assert "offer-" not in linda.get("/appointments")
+    # an answer to an offer that is gone is refused
+    reply = linda.post(f"/appointments/offers/{robert_entry['id']}/accept", {}, page="/appointments")
+    assert reply.status_code == 409 and "That offer is no longer available." in text_of(linda.last_html)
+
+
+def test_the_sweep_offers_a_slot_the_ehr_frees_but_not_one_free_before_joining(portal: Portal, clinic: Any) -> None:
+    before = future_slots(clinic.store, days=3, count=1)
+    busy = future_slots(clinic.store, days=4, count=1)
+    late = future_slots(clinic.store, days=8, count=1)
+    with clinic.store.writing() as repo:
+        repo.update("Slot", busy[0], {**slot_of(clinic.store, busy[0]), "status": "busy"})
+    portal.sign_in("daniel")
+    mine = hold_and_book(portal, late[0], find_url(days=8))
+    portal.post(f"/appointments/{mine}/waitlist", {}, page=f"/appointments/{mine}")
+    assert service.sweep(clinic).offers == []  # the free slot was there already: book it directly
+    with clinic.store.writing() as repo:  # the EHR frees a slot (e.g. a cancellation at the desk)
+        repo.origin = "hl7"
+        repo.update("Slot", busy[0], {**slot_of(clinic.store, busy[0]), "status": "free"})
+    offers = service.sweep(clinic).offers
+    assert [(o.slot_id, o.patient_id) for o in offers] == [(busy[0], "daniel-garcia")]
+    assert "An earlier time opened" in text_of(portal.get("/"))
+    assert slot_of(clinic.store, before[0])["status"] == "free"
+
+
+def test_waitlist_within_2_hours_is_refused(portal: Portal, clinic: Any) -> None:
+    soon = future_slots(clinic.store, hours_from_now=1, count=1)
+    portal.sign_in("daniel")
+    mine = hold_and_book(portal, soon[0])
+    assert 'id="waitlist-form"' not in portal.get(f"/appointments/{mine}")
+    reply = portal.post(f"/appointments/{mine}/waitlist", {}, page=f"/appointments/{mine}")
+    assert reply.status_code == 400 and "call the office" in text_of(portal.last_html)
+    assert not waitlist_entries(clinic.store, "daniel-garcia")
+
+
+def test_leaving_the_waitlist(portal: Portal, clinic: Any) -> None:
+    late = future_slots(clinic.store, days=8, count=1)
+    portal.sign_in("daniel")
+    mine = hold_and_book(portal, late[0], find_url(days=8))
+    portal.post(f"/appointments/{mine}/waitlist", {}, page=f"/appointments/{mine}")
+    entry, = waitlist_entries(clinic.store, "daniel-garcia")
+    reply = portal.post(f"/appointments/waitlist/{entry['id']}/leave", {}, page=f"/appointments/{mine}")
+    assert reply.status_code == 200 and "You have left the waitlist." in text_of(portal.last_html)
+    assert not waitlist_entries(clinic.store, "daniel-garcia")
+    assert 'id="waitlist-form"' in portal.last_html
+
+
+# --- access ---
+
+def test_a_teens_confidential_appointment_is_hidden_from_the_parent(portal: Portal, clinic: Any, app: Any) -> None:
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=9)
+    with clinic.store.writing() as repo:
+        repo.update("Appointment", "daniel-private", {
+            "resourceType": "Appointment", "id": "daniel-private", "status": "booked",
+            "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                                   "code": "R"}]},
+            "serviceType": [{"text": "Confidential counselling visit"}],
+            "start": start.isoformat(), "end": (start + timedelta(minutes=30)).isoformat(),
+            "participant": [{"actor": {"reference": "Patient/daniel-garcia"}, "status": "accepted"},
+                            {"actor": {"reference": "Practitioner/emily-carter", "display": "Dr. Emily Carter, MD"},
+                             "status": "accepted"}]})
+    portal.sign_in("maria")
+    portal.choose("daniel-garcia")
+    assert "Confidential counselling visit" not in portal.get("/appointments")
+    assert "Confidential counselling visit" not in portal.get("/")
+    portal.get("/appointments/daniel-private", status=404)
+    reply = portal.post("/appointments/daniel-private/cancel", {"reason": "pat"}, page="/appointments")
+    assert reply.status_code == 404
+    daniel = signed_in(app, portal.world, "daniel", "daniel-garcia")
+    assert "Confidential counselling visit" in daniel.get("/appointments")
+
+
+def test_an_ended_relationship_closes_the_appointments_at_once(portal: Portal, clinic: Any, app: Any) -> None:
+    portal.sign_in("linda")
+    portal.choose("robert-chen")
+    assert "Dr. Emily Carter" in portal.get("/appointments/robert-chen-appt-2026-12-10")
+    portal.world.smart.revoke_proxy("linda", "robert-chen")
+    portal.get("/appointments/robert-chen-appt-2026-12-10", status=404)
+    former = signed_in(app, portal.world, "former", "linda-chen-other")
+    former.get("/appointments/robert-chen-appt-2026-12-10", status=404)
+    assert "robert-chen-appt" not in former.get("/appointments")
+
+
+def test_the_clinics_sweep_is_a_plain_function_the_worker_runs(clinic: Any) -> None:
+    from gateway.cli import start_appointment_sweep
+
+    clinic.settings.portal_sweep_seconds = 0
+    assert start_appointment_sweep(clinic.settings) is None
+    result = service.sweep(clinic)
+    assert result == service.SweepResult()

@@ -140,7 +140,7 @@ def appointments_detail(appointment_id: str) -> Response:
 
 @bp.get("/appointments/find")
 def appointments_find() -> Response:
-    return _find(FindForm(request.args), HoldForm(), search=bool(request.args.get("schedule")))
+    return _find(FindForm(request.args), HoldForm(), search="schedule" in request.args)
 
 
 def _find(form: FindForm, hold_form: HoldForm, search: bool, status: int = 200,
