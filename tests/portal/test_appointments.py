@@ -571,3 +571,28 @@ def test_the_clinics_sweep_is_a_plain_function_the_worker_runs(clinic: Any) -> N
     assert start_appointment_sweep(clinic.settings) is None
     result = service.sweep(clinic)
     assert result == service.SweepResult()
+
+
+def test_nobody_answers_an_offer_made_to_another_family(portal: Portal, clinic: Any, app: Any) -> None:
+    early = future_slots(clinic.store, days=3, count=1)
+    late = future_slots(clinic.store, days=8, count=1)
+    daniel = signed_in(app, portal.world, "daniel", "daniel-garcia")
+    taken = hold_and_book(daniel, early[0])
+    linda = signed_in(app, portal.world, "linda", "robert-chen")
+    robert_late = hold_and_book(linda, late[0], find_url(days=8))
+    linda.post(f"/appointments/{robert_late}/waitlist", {}, page=f"/appointments/{robert_late}")
+    daniel.post(f"/appointments/{taken}/cancel", {"reason": "pat"}, page=f"/appointments/{taken}")
+    entry, = waitlist_entries(clinic.store, "robert-chen")
+    portal.sign_in("maria")
+    portal.choose("sofia-garcia")
+    for answer in ("accept", "decline"):
+        reply = portal.post(f"/appointments/offers/{entry['id']}/{answer}", {}, page="/appointments")
+        assert reply.status_code == 404
+    reply = portal.post(f"/appointments/waitlist/{entry['id']}/leave", {}, page="/appointments")
+    assert reply.status_code == 404
+    assert slot_of(clinic.store, early[0])["status"] == "busy-tentative"
+    assert appointment_of(clinic.store, entry["id"])["status"] == "waitlist"
+    # and Linda's own answer must be one of the two
+    reply = linda.post(f"/appointments/offers/{entry['id']}/maybe", {}, page="/appointments")
+    assert reply.status_code == 404
+    assert f"offer-{entry['id']}" in linda.get("/appointments")
