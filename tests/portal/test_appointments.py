@@ -564,13 +564,28 @@ def test_an_ended_relationship_closes_the_appointments_at_once(portal: Portal, c
     assert "robert-chen-appt" not in former.get("/appointments")
 
 
-def test_the_clinics_sweep_is_a_plain_function_the_worker_runs(clinic: Any) -> None:
+def test_the_worker_runs_the_sweep_on_a_thread(clinic: Any) -> None:
+    import time
+
     from gateway.cli import start_appointment_sweep
+    from gateway.portal.record import Record
 
     clinic.settings.portal_sweep_seconds = 0
     assert start_appointment_sweep(clinic.settings) is None
-    result = service.sweep(clinic)
-    assert result == service.SweepResult()
+    assert service.sweep(clinic) == service.SweepResult()  # nothing to do
+    slots = future_slots(clinic.store, days=3, count=1)
+    record = Record(clinic, service.access.SYSTEM, "daniel-garcia")
+    held = service.hold(record, clinic, slots[0], now=datetime.now(UTC) - timedelta(minutes=30))
+    clinic.settings.portal_sweep_seconds = 1
+    sweeper = start_appointment_sweep(clinic.settings)
+    try:
+        deadline = time.monotonic() + 20
+        while appointment_of(clinic.store, held["id"])["status"] != "cancelled" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        sweeper.stop()
+    assert appointment_of(clinic.store, held["id"])["status"] == "cancelled"
+    assert slot_of(clinic.store, slots[0])["status"] == "free"
 
 
 def test_nobody_answers_an_offer_made_to_another_family(portal: Portal, clinic: Any, app: Any) -> None:
