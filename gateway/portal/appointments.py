@@ -426,9 +426,7 @@ def hold(record: Record, services: Any, slot_id: str, reason: str = "", replaces
     now = now or utcnow()
     timing = Timing.of(services.settings)
     if replaces:
-        old = appointment(record, replaces, timing, now)
-        if not old.can_change:
-            raise AppointmentError("too-late")
+        _check_changeable(appointment(record, replaces, timing, now))
     slot = _read_slot(record, slot_id)
     start = instant(slot.get("start"))
     if start is None or start <= now:
@@ -464,6 +462,13 @@ def hold(record: Record, services: Any, slot_id: str, reason: str = "", replaces
         raise
 
 
+def _check_changeable(view: Appointment) -> None:
+    if view.status not in ("pending", "booked"):
+        raise AppointmentError("not-active")
+    if not view.can_change:
+        raise AppointmentError("too-late")
+
+
 def held_until(record: Record, view: Appointment) -> datetime | None:
     """When the hold of a pending appointment ends (None: no hold on its Slot)."""
     if not view.slot_id:
@@ -488,8 +493,8 @@ def book(record: Record, services: Any, appointment_id: str, now: datetime | Non
         raise AppointmentError("hold-expired")
     replaces = next((r.get("reference", "").split("/", 1)[1] for r in view.resource.get("supportingInformation") or []
                      if str(r.get("reference", "")).startswith("Appointment/")), None)
-    if replaces and not appointment(record, replaces, timing, now).can_change:
-        raise AppointmentError("too-late")
+    if replaces:
+        _check_changeable(appointment(record, replaces, timing, now))
     slot = record.read("Slot", view.slot_id or "")
     booked = _set_status(record, view.resource, "booked")
     _claim(record, slot, "busy", comment=None)
@@ -531,15 +536,18 @@ def release(record: Record, services: Any, appointment_id: str, expired: bool = 
     _set_status(record, resource, "cancelled", cancelationReason={
         "coding": [{"system": CANCEL_REASONS, "code": "pat", "display": "Patient"},
                    {"system": PORTAL_REASONS, "code": code[0], "display": code[1]}], "text": code[1]})
-    _free_slot_of(record, services, resource, now)
+    _free_slot_of(record, services, resource, now, holding=True)
 
 
-def _free_slot_of(record: Record, services: Any, resource: dict[str, Any], now: datetime | None) -> str | None:
+def _free_slot_of(record: Record, services: Any, resource: dict[str, Any], now: datetime | None,
+                  holding: bool = False) -> str | None:
+    """Free the appointment's Slot: a hold's only while it is still held (busy-tentative), a booked
+    appointment's while busy; a Slot the EHR has since given to something else is left alone."""
     slot_ref = str(((resource.get("slot") or [{}])[0]).get("reference") or "")
     if not slot_ref.startswith("Slot/"):
         return None
     slot = record.read_reference(slot_ref)
-    if not slot or slot.get("status") == "free":
+    if not slot or slot.get("status") not in (("busy-tentative",) if holding else ("busy", "busy-tentative")):
         return None
     try:
         _claim(record, slot, "free")
