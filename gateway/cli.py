@@ -404,6 +404,17 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
     return WorkerThreads(services, workers, interval).start()
 
 
+def start_appointment_sweep(settings: Settings) -> Any:
+    """The portal's appointment sweep (expired holds and waitlist offers, freed Slots offered to the
+    waitlist) every GATEWAY_PORTAL_SWEEP_SECONDS on a thread; None when that is 0."""
+    if settings.portal_sweep_seconds <= 0:
+        return None
+    from gateway import build_services
+    from gateway.portal.appointments import Sweeper
+
+    return Sweeper(build_services(settings), settings.portal_sweep_seconds).start()
+
+
 class ChildProcess:
     """A `gateway` command (the MLLP listener, the outbox worker) as a child process of `gateway
     serve`. Not a thread of the gunicorn arbiter: the arbiter forks HTTP workers at any time, and a
@@ -462,9 +473,13 @@ def _wait_for_stop(parent: int | None, name: str) -> None:
 @click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
 def worker_command(workers: int, sync_interval: int | None, parent: int | None) -> None:
     """Deliver the outbox to the EHR (and run the periodic sync) until Ctrl-C or SIGTERM."""
-    handle = start_workers(_settings(), workers, sync_interval)
+    settings = _settings()
+    handle = start_workers(settings, workers, sync_interval)
     click.echo(f"outbox: {workers} worker(s) running")
+    sweeper = start_appointment_sweep(settings)
     _wait_for_stop(parent, "outbox")
+    if sweeper is not None:
+        sweeper.stop()
     handle.stop()
     click.echo(f"outbox: stopped ({sum(w.delivered for w in handle.workers)} delivered)")
 

@@ -100,6 +100,13 @@ class Settings:
     sms_url: str = ""
     sms_token: str = ""
     sms_from: str = ""
+    # Portal appointments: a hold keeps a Slot this many minutes while the patient books; a time
+    # offered to the waitlist is kept this long; cancel and reschedule close this many minutes
+    # before the start; `gateway worker` sweeps expired holds and offers every this many seconds.
+    portal_hold_minutes: int = 10
+    portal_offer_minutes: int = 120
+    portal_change_cutoff_minutes: int = 120
+    portal_sweep_seconds: int = 60
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
