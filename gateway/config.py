@@ -100,6 +100,9 @@ class Settings:
     sms_url: str = ""
     sms_token: str = ""
     sms_from: str = ""
+    # The Organization (id) that portal requests to staff are addressed to (Task.owner), and that a
+    # reply goes to when its thread names nobody of the care team.
+    portal_staff_organization: str = "riverside-general"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
