@@ -200,6 +200,33 @@ def test_reply_points_at_the_thread_and_the_message_answered(portal: Portal, app
     assert text.index("that is expected") < text.index("Thank you, she is better today.")
 
 
+def test_portal_messages_go_to_the_ehr_also_when_a_proxy_writes(portal: Portal, app: Any) -> None:
+    from sqlalchemy import select
+
+    from gateway import db
+
+    services = app.extensions["gateway"]
+    services.settings.outbox_message = "hl7"
+    _maria_on(portal, "sofia-garcia")
+    thread = _new_thread(portal, "Practitioner/james-okafor")
+    portal.post(f"/messages/{thread}", {"body": "One more thing: she is 8."})
+    _maria_on(portal, "maria-garcia")
+    own = _new_thread(portal, "Practitioner/emily-carter", "Refill", "Please renew my metformin.")
+    with services.engine.connect() as conn:
+        queued = conn.execute(select(db.outbox.c.kind, db.outbox.c.resource_id, db.outbox.c.patient_id,
+                                     db.outbox.c.payload).order_by(db.outbox.c.id)).all()
+    assert [(q.kind, q.patient_id) for q in queued] == [("message", "sofia-garcia")] * 2 + [("message", "maria-garcia")]
+    assert queued[0].resource_id == thread and queued[2].resource_id == own
+    # (the demo patients' MRN authority, "Riverside General Hospital", is longer than HL7 v2.5.1's HD
+    # allows, so hl7apy refuses to build their messages: the values the MDM^T02 is built from)
+    from gateway.upstream import outbox
+
+    with services.store.reading() as repo:
+        lines = outbox.message_values(repo, services.settings, "message", _read(app, "Communication", thread),
+                                      "key")["message_lines"]
+    assert lines[:2] == ["Subject: Question about Sofia's cough", "From: Maria Elena Garcia (mother), for the patient"]
+
+
 # --- who sees what ---
 
 def test_another_familys_thread_is_not_found_and_cannot_be_answered(portal: Portal, app: Any) -> None:
