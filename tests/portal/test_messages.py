@@ -394,10 +394,10 @@ def test_forms_refuse_a_missing_csrf_token(portal: Portal, app: Any) -> None:
 def test_browser_parent_writes_to_the_doctor_and_reads_the_answer(browser: Any, site: Any) -> None:
     page = browser
     _, world = site
-    browser_sign_in(page, "maria")
+    browser_sign_in(page, "maria")  # her record prefers Spanish: the portal speaks Spanish to her
     page.check("#pick-sofia-garcia")
     page.click("#record-picker button[type=submit]")
-    page.click("nav >> text=Messages")
+    page.click("nav a[href='/messages']")
     page.wait_for_selector("#messages-emergency")
     shot(page, "messages-list")
     page.click("#new-message")
@@ -421,9 +421,10 @@ def test_browser_parent_writes_to_the_doctor_and_reads_the_answer(browser: Any, 
                      "sender": {"reference": "Practitioner/james-okafor", "display": "Dr. James Okafor, MD"},
                      "sent": "2026-11-30T09:00:00-05:00",
                      "payload": [{"contentString": "Please bring her in tomorrow at 9."}]})
-    page.click("nav >> text=Home")
+    page.click("nav a[href='/']")
     page.wait_for_selector("#home-messages")
-    assert "1 unread message" in page.inner_text("#home-unread")
+    # the doctor's answer, besides the two older messages from the clinic she has not opened
+    assert "3 mensajes sin leer" in page.inner_text("#home-unread")
     shot(page, "messages-home-unread")
     page.click("#home-messages >> text=Sofia's cough")
     page.wait_for_selector("#thread-messages")
@@ -433,8 +434,8 @@ def test_browser_parent_writes_to_the_doctor_and_reads_the_answer(browser: Any, 
     page.click("#reply-form button[type=submit]")
     page.wait_for_selector("#sent-notice")
     assert "Thank you, we will be there." in page.inner_text("#thread-messages")
-    page.click("nav >> text=Home")
-    assert "No unread messages." in page.inner_text("#home-unread")
+    page.click("nav a[href='/']")
+    assert "2 mensajes sin leer" in page.inner_text("#home-unread")
     page.set_viewport_size({"width": 375, "height": 800})
     shot(page, "messages-home-phone")
     page.goto("/messages")
