@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from gateway.portal import seen
 from gateway.portal.context import display_name
 from gateway.portal.record import NotVisible, Record
+from gateway.smart_auth.people import age_on
 
 SUBJECT_MAX = 120
 BODY_MAX = 5000
@@ -363,15 +364,35 @@ def _message(record: Record, author: Author, patient_name: str, recipient: dict[
     }
 
 
+CONFIDENTIAL = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R",
+                "display": "restricted"}
+
+
+def may_keep_private(patient: dict[str, Any], writing_for_self: bool, today: date | None = None) -> bool:
+    """A 12-17 year old writing in their own record may keep a conversation from their proxies
+    (labelled R: the access policy hides it from a teen's proxies; an adult's proxies see it anyway,
+    so the choice is not offered to them)."""
+    if not writing_for_self or not patient.get("birthDate"):
+        return False
+    try:
+        born = date.fromisoformat(str(patient["birthDate"])[:10])
+    except ValueError:
+        return False
+    return 12 <= age_on(born, today or date.today()) < 18
+
+
 def start_thread(record: Record, author: Author, patient_name: str, recipient_reference: str, subject: str,
-                 body: str, team: list[Member] | None = None) -> dict[str, Any]:
-    """A new thread to one member of the care team (NotACareTeamMember for anyone else)."""
+                 body: str, team: list[Member] | None = None, private: bool = False) -> dict[str, Any]:
+    """A new thread to one member of the care team (NotACareTeamMember for anyone else); private:
+    labelled confidential (the caller checks may_keep_private)."""
     team = care_team(record) if team is None else team
     member = next((m for m in team if m.reference == recipient_reference), None)
     if member is None:
         raise NotACareTeamMember(recipient_reference)
     resource = _message(record, author, patient_name, {"reference": member.reference, "display": member.name},
                         subject, body)
+    if private:
+        resource["meta"] = {"security": [CONFIDENTIAL]}
     return record.create(resource)
 
 

@@ -262,6 +262,36 @@ def test_the_teens_confidential_conversation_is_hidden_from_his_mother(portal: P
     assert "Thank you, I will come on Tuesday." not in portal.get("/messages/daniel-garcia-msg-iron-result")
 
 
+def test_a_teen_may_keep_a_new_conversation_private_from_his_mother(portal: Portal, app: Any) -> None:
+    teen = Portal(app.test_client(), portal.world)
+    teen.sign_in("daniel")
+    assert 'name="private"' in teen.get("/messages/new")
+    thread = _new_thread(teen, "Practitioner/james-okafor", "Just for the doctor", "A private question.")
+    reply = teen.post("/messages/new", {"recipient": "Practitioner/james-okafor", "subject": "Private",
+                                        "body": "Another private question.", "private": "y"}, follow=False)
+    private = re.search(r"/messages/([^/?#]+)\?sent=1", reply.headers["Location"]).group(1)
+    assert "meta" not in _read(app, "Communication", thread) or not _read(app, "Communication", thread)["meta"].get(
+        "security")
+    assert _read(app, "Communication", private)["meta"]["security"][0]["code"] == "R"
+    _maria_on(portal, "daniel-garcia")
+    listing = text_of(portal.get("/messages"))
+    assert "Just for the doctor" in listing and "Another private question" not in listing
+    assert portal.client.get(f"/messages/{private}").status_code == 404
+    assert 'name="private"' not in portal.get("/messages/new")  # a proxy is not offered the choice
+
+
+@pytest.mark.parametrize("patient", ["maria-garcia", "daniel-garcia"], ids=["an-adult", "a-proxy"])
+def test_compose_refuses_privacy_to_whom_it_is_not_offered(portal: Portal, app: Any, patient: str) -> None:
+    _maria_on(portal, patient)
+    to = "Practitioner/emily-carter" if patient == "maria-garcia" else "Practitioner/james-okafor"
+    before = len(_communications(app, patient))
+    reply = portal.post("/messages/new", {**COMPOSE_OK, "recipient": to, "private": "y"})
+    assert reply.status_code == 400 and 'role="alert"' in portal.last_html
+    assert "Only a patient aged 12 to 17 writing in their own record can keep a conversation private." in text_of(
+        portal.last_html)
+    assert len(_communications(app, patient)) == before
+
+
 def test_an_ended_relationship_closes_the_messages(portal: Portal) -> None:
     portal.sign_in("linda")
     portal.choose("robert-chen")
@@ -444,3 +474,10 @@ def test_browser_parent_writes_to_the_doctor_and_reads_the_answer(browser: Any, 
     shot(page, "messages-thread-phone")
     page.goto("/messages/new")
     shot(page, "messages-new-phone")
+    # the teen's record: his private conversation is not among his mother's threads
+    page.select_option("#switch-patient", "Patient/daniel-garcia")
+    page.click("#record-switcher button[type=submit]")
+    page.goto("/messages")
+    assert "Daniel's lab results" in page.inner_text("#threads")
+    assert "Private question" not in page.inner_text("main")
+    shot(page, "messages-list-teen-phone")

@@ -8,7 +8,7 @@ from flask import Response, redirect, request, url_for
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, SelectField, StringField, TextAreaField
+from wtforms import BooleanField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
 from gateway.portal import context
@@ -36,6 +36,8 @@ class ComposeForm(FlaskForm):
     body = TextAreaField(lazy_gettext("Message"), filters=[_strip], validators=[
         DataRequired(lazy_gettext("Write your message.")),
         Length(max=service.BODY_MAX, message=lazy_gettext("The message can be at most 5,000 characters."))])
+    private = BooleanField(lazy_gettext("Keep this conversation private: only you and your care team will see "
+                                        "it, not a parent or guardian with access to your record"))
 
 
 class ReplyForm(FlaskForm):
@@ -69,15 +71,17 @@ def messages() -> Response:
     return page("messages.html", threads=threads, unread=service.unread_total(threads))
 
 
-def _compose_page(form: ComposeForm, team: list[service.Member], status: int = 200,
-                  error: str | None = None) -> Response:
-    return page("messages_new.html", status, form=form, team=team, error=error)
+def _compose_page(form: ComposeForm, team: list[service.Member], can_keep_private: bool,
+                  status: int = 200) -> Response:
+    return page("messages_new.html", status, form=form, team=team, can_keep_private=can_keep_private)
 
 
 @bp.route("/messages/new", methods=["GET", "POST"])
 def messages_new() -> Response:
     current = visit()
     team = service.care_team(current.record)
+    can_keep_private = service.may_keep_private(current.record.read("Patient", current.record.patient_id),
+                                                current.current.is_self)
     form = ComposeForm()
     form.recipient.choices = [("", _("Choose a member of the care team"))] + [
         (m.reference, f"{m.name} - {m.role}" if m.role else m.name) for m in team]
@@ -85,15 +89,21 @@ def messages_new() -> Response:
         wanted = request.args.get("to")
         if wanted and any(m.reference == wanted for m in team):
             form.recipient.data = wanted
-        return _compose_page(form, team)
-    if not form.validate_on_submit():
-        return _compose_page(form, team, 400)
+        return _compose_page(form, team, can_keep_private)
+    valid = form.validate_on_submit()
+    if form.private.data and not can_keep_private:
+        form.private.errors = [_("Only a patient aged 12 to 17 writing in their own record can keep a "
+                                 "conversation private.")]
+        valid = False
+    if not valid:
+        return _compose_page(form, team, can_keep_private, 400)
     try:
         created = service.start_thread(current.record, author_of(current), current.current.name,
-                                        form.recipient.data, form.subject.data, form.body.data, team)
+                                        form.recipient.data, form.subject.data, form.body.data, team,
+                                        private=bool(form.private.data))
     except service.NotACareTeamMember:
         form.recipient.errors = [_("Choose a member of the care team listed.")]
-        return _compose_page(form, team, 400)
+        return _compose_page(form, team, can_keep_private, 400)
     return redirect(url_for("portal.messages_thread", thread_id=created["id"], sent=1))
 
 
