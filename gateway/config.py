@@ -107,6 +107,9 @@ class Settings:
     portal_offer_minutes: int = 120
     portal_change_cutoff_minutes: int = 120
     portal_sweep_seconds: int = 60
+    # The Organization (id) that portal requests to staff are addressed to (Task.owner), and that a
+    # reply goes to when its thread names nobody of the care team.
+    portal_staff_organization: str = "riverside-general"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

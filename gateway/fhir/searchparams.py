@@ -342,11 +342,19 @@ def params_for(resource_type: str) -> dict[str, SearchParam]:
     return reg.get(resource_type, reg["*"])
 
 
+# R4 names Task among the resources "never in" the patient compartment, so the access policy would
+# take a Task as nobody's record and let every patient-scoped caller read and write any patient's
+# Tasks. A Task for a patient (a refill request, a request to staff) is that patient's data: it is
+# in the compartment by `patient` (Task.for), as R5 puts it there by Task.for too.
+COMPARTMENT_ADDITIONS: dict[str, tuple[str, ...]] = {"Task": ("patient",)}
+
+
 @cache
 def patient_compartment() -> dict[str, tuple[str, ...]]:
     """{resource type: params whose Patient references put a resource in that compartment}."""
     definition = _load_bundle("compartmentdefinition-patient.json")
-    return {r["code"]: tuple(r.get("param", ())) for r in definition["resource"] if r.get("param")}
+    compartment = {r["code"]: tuple(r.get("param", ())) for r in definition["resource"] if r.get("param")}
+    return {**compartment, **COMPARTMENT_ADDITIONS}
 
 
 def iter_types() -> Iterable[str]:

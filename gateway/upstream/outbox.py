@@ -10,7 +10,9 @@ FHIR API, the way the EHR pushes):
   filler id or an upstream id) or was asked for through the outbox;
 - refill-request (OMP^O09, ORC-1 RF): a Task created with code fulfill (task-code), status
   requested, whose focus is a MedicationRequest;
-- message (MDM^T02): a Communication created whose sender is a Patient.
+- message (MDM^T02): a Communication created whose sender is a Patient, or a RelatedPerson of
+  the Patient it is about (a parent or caregiver writing in the portal for the patient): the
+  message goes to the EHR under the patient, with a first line naming who wrote it.
 
 A refill request is a Task rather than a flagged MedicationRequest: the prescription stays as the
 prescriber wrote it, and "please fulfil this request again" is what Task with code `fulfill` and
@@ -113,10 +115,23 @@ def classify(action: str, resource: dict[str, Any], version_id: int) -> str | No
         if (TASK_CODES, "fulfill") in codes and focus.startswith("MedicationRequest/"):
             return "refill-request"
     elif rtype == "Communication" and action == "create" \
-            and (resource.get("sender") or {}).get("reference", "").startswith("Patient/") \
             and status not in ("preparation", "entered-in-error", "not-done"):
-        return "message"
+        sender = (resource.get("sender") or {}).get("reference", "")
+        subject = (resource.get("subject") or {}).get("reference", "")
+        if sender.startswith("Patient/") or (sender.startswith("RelatedPerson/") and subject.startswith("Patient/")):
+            return "message"
     return None
+
+
+def _proxy_of_subject(repo: Repository, resource: dict[str, Any]) -> bool:
+    """A RelatedPerson sender must be related to the Communication's subject (on_write checks it:
+    classify sees the resource only)."""
+    sender = (resource.get("sender") or {}).get("reference", "")
+    if not sender.startswith("RelatedPerson/"):
+        return True
+    related = _read(repo, sender)
+    return related is not None and (related.get("patient") or {}).get("reference") == \
+        (resource.get("subject") or {}).get("reference")
 
 
 class Outbox:
@@ -143,6 +158,8 @@ class Outbox:
             return
         if kind == "appointment-cancel" and not _ehr_knows(repo, resource):
             return  # a request that never left, or an appointment the EHR never had
+        if kind == "message" and not _proxy_of_subject(repo, resource):
+            return  # a RelatedPerson of someone else: not a message of this patient's side
         enqueue(repo, self.settings, kind, channel, resource, result.stored.version_id)
 
 
@@ -369,6 +386,15 @@ def message_values(repo: Repository, settings: Settings, kind: str, resource: di
         if not lines:
             raise BuildError(f"Communication/{resource['id']} has no text payload")
         topic = (resource.get("topic") or {}).get("text") or _coding(resource.get("topic"))[1]
+        sender = (resource.get("sender") or {}).get("reference", "")
+        if sender.startswith("RelatedPerson/"):
+            related = _read(repo, sender) or {}
+            family, given = _person(related)
+            relation = next((c.get("display") or c.get("code") for concept in related.get("relationship") or []
+                             for c in concept.get("coding") or [] if c.get("display") or c.get("code")), None)
+            writer = " ".join(part for part in (given, family) if part) or \
+                str((resource.get("sender") or {}).get("display") or sender)
+            lines.insert(0, f"From: {writer}" + (f" ({relation})" if relation else "") + ", for the patient")
         values.update(message_lines=([f"Subject: {topic}"] if topic else []) + lines, topic=topic,
                       sent=_dtm(resource.get("sent")) or values["now"])
         for recipient in resource.get("recipient") or []:

@@ -4,6 +4,7 @@ compiled catalog the app loads matches the .po file it was compiled from."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from babel.messages.extract import extract_from_dir
 from babel.messages.frontend import parse_mapping_cfg
@@ -34,8 +35,11 @@ def test_every_shown_string_has_a_spanish_translation() -> None:
 
 
 def test_the_compiled_catalog_is_the_po_file() -> None:
+    def plain(value: Any) -> Any:  # plural forms come back as lists from one reader, tuples from the other
+        return tuple(value) if isinstance(value, list | tuple) else value
+
     with open(CATALOG / "messages.po", "rb") as f:
-        po = {m.id: m.string for m in read_po(f) if m.id and m.string and not m.fuzzy}
+        po = {plain(m.id): plain(m.string) for m in read_po(f) if m.id and m.string and not m.fuzzy}
     with open(CATALOG / "messages.mo", "rb") as f:
-        mo = {m.id: m.string for m in read_mo(f) if m.id}
+        mo = {plain(m.id): plain(m.string) for m in read_mo(f) if m.id}
     assert po == mo, "messages.mo is stale: run `pybabel compile -d gateway/portal/translations`"

@@ -268,3 +268,28 @@ def test_a_cancellation_waits_for_its_request_and_fails_when_the_request_failed(
     worker.run_once()
     cancel = items(services)[1]
     assert cancel.status == "failed" and "never delivered" in cancel.last_error
+
+
+def test_a_message_a_proxy_writes_for_the_patient_goes_as_the_patients(services: Any) -> None:
+    """A parent or caregiver writing in the portal is the sender (a RelatedPerson of the patient);
+    the EHR gets the MDM^T02 under the patient, with a line naming who wrote it."""
+    with services.store.writing() as repo:
+        repo.update("RelatedPerson", "mother", {
+            "resourceType": "RelatedPerson", "id": "mother", "patient": {"reference": "Patient/p1"},
+            "relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                                          "code": "MTH", "display": "mother"}]}],
+            "name": [{"family": "Garcia", "given": ["Ana"]}]})
+        repo.update("RelatedPerson", "stranger", {"resourceType": "RelatedPerson", "id": "stranger",
+                                                  "patient": {"reference": "Patient/someone-else"}})
+        repo.create({**records.message("c1"), "sender": {"reference": "RelatedPerson/mother"}}, resource_id="c1")
+        # a RelatedPerson of another patient, or no patient as subject: not a message from the patient's side
+        repo.create({**records.message("c2"), "sender": {"reference": "RelatedPerson/stranger"}}, resource_id="c2")
+        no_subject = {**records.message("c3"), "sender": {"reference": "RelatedPerson/mother"}}
+        del no_subject["subject"]
+        repo.create(no_subject, resource_id="c3")
+    queued = items(services)
+    assert [(i.kind, i.resource_id, i.patient_id) for i in queued] == [("message", "c1", "p1")]
+    validate(queued[0].payload)
+    assert str(segment(queued[0].payload, "PID")(5)) == "Garcia^Maria Elena"
+    lines = [str(s(5)) for s in hl7.parse(queued[0].payload).segments("OBX")]
+    assert lines[:2] == ["Subject: Blood pressure", "From: Ana Garcia (mother), for the patient"]
