@@ -130,7 +130,7 @@ def friendly_error(status: int, error: Exception | None = None) -> Response:
 
 
 @bp.errorhandler(NotVisible)
-def _not_visible(_: NotVisible) -> Response:
+def _not_visible(exc: NotVisible) -> Response:  # not `_`: that is gettext here
     return error_page(404, _("We could not find that in this record."))
 
 
