@@ -1,10 +1,11 @@
 """Notifications: "there is something new in the portal", by email or SMS, never with clinical details.
 
 Events:
-- new-result: an Observation (laboratory or vital signs, with a value, final/amended/corrected/
+- new-result: an Observation (laboratory or vital signs or uncategorised, with a value, final/amended/corrected/
   preliminary, dated within results.NEW_RESULT_DAYS) written to the store;
 - new-message: a Communication created for the patient (recipient the Patient or a RelatedPerson,
-  not sent by a patient);
+  not sent by a patient; not a note the lab feed attached to a result without a sender, which the
+  result's own notice covers);
 - appointment-reminder: a booked Appointment starting within the next 24 hours (a periodic scan).
 
 Queueing: `Notifier.install(store)` makes a store listener (like the outbox) that inserts rows into
@@ -50,7 +51,7 @@ from gateway.fhir.search import search
 from gateway.fhir.store import FhirStore, Repository, WriteResult
 from gateway.portal import i18n
 from gateway.portal.models import portal_notification, portal_preference
-from gateway.portal.results import is_recent, result_of, when_of
+from gateway.portal.results import is_recent, is_result, result_of, when_of
 from gateway.smart_auth import people, reset
 from gateway.smart_auth.models import auth_user, proxy_grant
 
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 EVENTS = ("new-result", "new-message", "appointment-reminder")
 CHANNELS = ("email", "sms", "none")
 RESULT_STATUSES = ("final", "amended", "corrected", "preliminary")
-RESULT_CATEGORIES = ("laboratory", "vital-signs")
 REMINDER_HOURS = 24
 MAX_ATTEMPTS = 6
 BACKOFF_BASE = 60.0
@@ -138,8 +138,7 @@ def event_of(action: str, resource: dict[str, Any]) -> tuple[str, str] | None:
     if rtype == "Observation":
         if resource.get("status") not in RESULT_STATUSES:
             return None
-        categories = {c.get("code") for cat in resource.get("category") or [] for c in cat.get("coding") or []}
-        if not categories & set(RESULT_CATEGORIES) or result_of(resource) is None:
+        if not is_result(resource) or result_of(resource) is None:
             return None
         if not is_recent(str(resource.get("issued") or "") or when_of(resource)):
             return None  # history being loaded, not a result that just came in
@@ -151,6 +150,9 @@ def event_of(action: str, resource: dict[str, Any]) -> tuple[str, str] | None:
         patient = _patient(resource.get("subject"))
         if not patient or _patient(resource.get("sender")):
             return None
+        about = [str(a.get("reference") or "") for a in resource.get("about") or []]
+        if not resource.get("sender") and any(a.startswith(("Observation/", "DiagnosticReport/")) for a in about):
+            return None  # a result's note from the lab feed (ORU NTE): the result's own notice covers it
         recipients = [str((r or {}).get("reference") or "") for r in resource.get("recipient") or []]
         if any(r == f"Patient/{patient}" or r.startswith("RelatedPerson/") for r in recipients):
             return "new-message", patient

@@ -15,7 +15,11 @@ from typing import Any
 
 from gateway.portal.record import Found, NotVisible, Record
 
-CATEGORIES = "laboratory,vital-signs"
+# Results are laboratory and vital-sign Observations. The HL7 ORU feed sends no category, so the
+# filter leaves out the other categories instead of asking for these two: an uncategorised
+# Observation from the lab feed is a result.
+CATEGORIES = ("laboratory", "vital-signs")
+OTHER_CATEGORIES = ("social-history", "survey", "exam", "imaging", "procedure", "therapy", "activity")
 PAGE_SIZE = 25
 NEW_RESULT_DAYS = 90
 TREND_LIMIT = 200
@@ -235,8 +239,14 @@ def result_of(observation: dict[str, Any]) -> Result | None:
 # --- the list ---
 
 def _base_params(record: Record) -> list[tuple[str, str]]:
-    return [("patient", record.reference), ("category", CATEGORIES),
+    return [("patient", record.reference), *[("category:not", c) for c in OTHER_CATEGORIES],
             *[("status:not", status) for status in NOT_SHOWN]]
+
+
+def is_result(observation: dict[str, Any]) -> bool:
+    """The same choice as the searches make, for one Observation in hand."""
+    categories = {c.get("code") for cat in observation.get("category") or [] for c in cat.get("coding") or []}
+    return (not categories or bool(categories & set(CATEGORIES))) and observation.get("status") not in NOT_SHOWN
 
 
 def _parse(value: str) -> datetime | None:

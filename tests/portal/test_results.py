@@ -207,3 +207,34 @@ def test_browser_results_as_older_adult(browser: Any) -> None:
     shot(page, "results-detail-adult")
     page.set_viewport_size({"width": 375, "height": 800})
     shot(page, "results-detail-adult-phone")
+
+
+def test_an_hl7_result_with_a_note_for_the_patient_shows_the_note_and_tells_the_patient(portal: Portal,
+                                                                                        app: Any) -> None:
+    from sqlalchemy import select
+
+    from gateway.portal.models import portal_notification
+    from gateway.smart_auth import people
+    from tests.smart_auth.conftest import PASSWORD
+
+    services = app.extensions["gateway"]
+    people.add_user(services.engine, "jane", PASSWORD, "Patient/HOSP-MRN123")
+    now = datetime.now(UTC) - timedelta(hours=2)
+    stamp = now.strftime("%Y%m%d%H%M%S+0000")
+    er7 = "\r".join([
+        f"MSH|^~\\&|LAB|HOSP|GW|HOSP|{stamp}||ORU^R01^ORU_R01|CTRL-NOTE-1|P|2.5.1",
+        "PID|1||MRN123^^^HOSP^MR||Doe^Jane^Q||19800101|F|||||^NET^Internet^jane@example.org",
+        f"OBR|1|PLC1^EHR|FIL1^LAB|24331-1^Lipid panel^LN|||{stamp}|||||||||||||||{stamp}|||F",
+        f"OBX|1|NM|2345-7^Glucose^LN||187|mg/dL|70-99|H|||F|||{stamp}",
+        "NTE|1|L|Please repeat this test after fasting.|PI^Patient Instructions^HL70364",
+    ]) + "\r"
+    services.hl7.receive(er7, "test", None)
+    portal.sign_in("jane")
+    listing = portal.get("/results")
+    [observation_id] = _rows(listing)
+    page = text_of(portal.get(f"/results/{observation_id}"))
+    assert "187 mg/dL" in page and "70 - 99" in page.replace("70-99", "70 - 99") and "▲ High" in page
+    assert page.count("Please repeat this test after fasting.") >= 1
+    with services.engine.connect() as conn:
+        rows = conn.execute(select(portal_notification)).all()
+    assert [(r.event, r.address) for r in rows] == [("new-result", "jane@example.org")]
