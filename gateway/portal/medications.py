@@ -5,9 +5,11 @@ through the visit's Record; the outbox (gateway/upstream/outbox.py) recognises i
 transaction and sends it to the EHR as OMP^O09 when GATEWAY_OUTBOX_REFILL_REQUEST says so. The
 prescription itself is never changed by the portal.
 
-Refills left: dispenseRequest.numberOfRepeatsAllowed less the refill requests the care team has
-completed. The expected end of the supply: the start of the last fill (validityPeriod.start or
-authoredOn, or the last completed refill) plus expectedSupplyDuration.
+Refills left: dispenseRequest.numberOfRepeatsAllowed less the refills already had: the pharmacy's
+dispenses after the first (MedicationDispense.authorizingPrescription) when the record has them,
+else the refill requests the care team has completed. The expected end of the supply: the last
+dispense plus its daysSupply when there is one, else the start of the last fill (validityPeriod.start
+or authoredOn, or the last completed refill) plus expectedSupplyDuration.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Prescription:
     supply_days: float | None
     refills: list[Refill] = field(default_factory=list)
     security: list[dict[str, Any]] = field(default_factory=list)
+    dispenses: list[tuple[str, float | None]] = field(default_factory=list)  # (handed over, days supply)
 
     @property
     def active(self) -> bool:
@@ -75,7 +78,8 @@ class Prescription:
     def refills_left(self) -> int | None:
         if self.refills_allowed is None:
             return None
-        return max(self.refills_allowed - sum(1 for r in self.refills if r.status == "completed"), 0)
+        used = len(self.dispenses) - 1 if self.dispenses else sum(1 for r in self.refills if r.status == "completed")
+        return max(self.refills_allowed - used, 0)
 
     @property
     def open_request(self) -> Refill | None:
@@ -90,6 +94,11 @@ class Prescription:
         return self.active and not self.expired and self.open_request is None and self.refills_left != 0
 
     def supply_ends(self) -> date | None:
+        handed = [(d, days) for d, days in ((_day(w), days) for w, days in self.dispenses) if d is not None]
+        if handed:
+            last, days = max(handed, key=lambda item: item[0])
+            if days is not None or self.supply_days is not None:
+                return last + timedelta(days=days if days is not None else self.supply_days or 0)
         if self.supply_days is None:
             return None
         start = _day(self.valid_from) or _day(self.authored)
@@ -146,7 +155,8 @@ def _name(record: Record, request: dict[str, Any]) -> str:
     return concept_text((medication or {}).get("code")) or str(reference.get("display") or "")
 
 
-def prescription_of(record: Record, request: dict[str, Any], refills: list[Refill] | None = None) -> Prescription:
+def prescription_of(record: Record, request: dict[str, Any], refills: list[Refill] | None = None,
+                    dispenses: list[tuple[str, float | None]] | None = None) -> Prescription:
     dispense = request.get("dispenseRequest") or {}
     validity = dispense.get("validityPeriod") or {}
     requester = request.get("requester") or {}
@@ -161,7 +171,7 @@ def prescription_of(record: Record, request: dict[str, Any], refills: list[Refil
                         str(request.get("authoredOn") or ""), str(validity.get("start") or ""),
                         str(validity.get("end") or ""), int(allowed) if isinstance(allowed, int) else None,
                         _supply_days(request), refills or [],
-                        list((request.get("meta") or {}).get("security") or []))
+                        list((request.get("meta") or {}).get("security") or []), dispenses or [])
 
 
 def refill_of(task: dict[str, Any]) -> Refill:
@@ -184,18 +194,39 @@ def _refills_by_order(record: Record) -> dict[str, list[Refill]]:
     return out
 
 
+def _dispenses_by_order(record: Record) -> dict[str, list[tuple[str, float | None]]]:
+    found = record.search_all("MedicationDispense", [("patient", record.reference), ("status", "completed")],
+                              limit=1000)
+    out: dict[str, list[tuple[str, float | None]]] = {}
+    for dispense in found.matches:
+        handed = str(dispense.get("whenHandedOver") or dispense.get("whenPrepared") or "")
+        days = dispense.get("daysSupply") or {}
+        unit = str(days.get("code") or days.get("unit") or "d").lower()
+        try:
+            supply: float | None = float(days["value"]) * UNIT_DAYS.get(unit, 1)
+        except (KeyError, TypeError, ValueError):
+            supply = None
+        for prescription in dispense.get("authorizingPrescription") or []:
+            reference = str(prescription.get("reference") or "")
+            if reference.startswith("MedicationRequest/") and handed:
+                out.setdefault(reference.split("/", 1)[1], []).append((handed, supply))
+    return out
+
+
 def prescriptions(record: Record) -> tuple[list[Prescription], list[Prescription]]:
     """(active, past), newest first."""
     found = record.search_all("MedicationRequest", [("patient", record.reference), ("_sort", "-authoredon")],
                               limit=1000)
     refills = _refills_by_order(record)
+    dispenses = _dispenses_by_order(record)
     active, past = [], []
     for request in found.matches:
         if request.get("status") in HIDDEN or request.get("intent") not in (None, "order", "original-order",
                                                                               "reflex-order", "filler-order",
                                                                               "instance-order", "plan"):
             continue
-        prescription = prescription_of(record, request, refills.get(request["id"], []))
+        prescription = prescription_of(record, request, refills.get(request["id"], []),
+                                       dispenses.get(request["id"], []))
         (active if prescription.active else past).append(prescription)
     return active, past
 
@@ -217,7 +248,8 @@ def one(record: Record, request_id: str) -> Prescription:
     request = record.read("MedicationRequest", request_id)
     if request.get("status") in HIDDEN:
         raise NotVisible(f"MedicationRequest/{request_id}")
-    return prescription_of(record, request, _refills_by_order(record).get(request_id, []))
+    return prescription_of(record, request, _refills_by_order(record).get(request_id, []),
+                           _dispenses_by_order(record).get(request_id, []))
 
 
 def request_refill(record: Record, requester: str, request_id: str, note: str = "",

@@ -33,7 +33,7 @@ import logging
 import smtplib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -420,11 +420,6 @@ def deliver_due(store: FhirStore, settings: Settings, limit: int = 50,
     return tally
 
 
-def pending_count(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return len(conn.execute(select(N.id).where(N.status == "pending", N.next_attempt_ms <= now_ms())).all())
-
-
 def run_once(store: FhirStore, settings: Settings, progress: Callable[[str], None] | None = None,
              senders: dict[str, Sender] | None = None) -> Tally:
     """Scan for reminders, then send everything due until nothing is (each row is tried once)."""
@@ -464,10 +459,3 @@ class NotificationWorker:
                 log.exception("notification round failed")
             stop.wait(self.poll_seconds)
 
-
-def history(engine: Engine, user_id: int | None = None, limit: int = 50) -> Iterator[Any]:
-    query = select(portal_notification).order_by(N.id.desc()).limit(limit)
-    if user_id is not None:
-        query = query.where(N.user_id == user_id)
-    with engine.connect() as conn:
-        yield from conn.execute(query).all()

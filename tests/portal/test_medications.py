@@ -266,3 +266,23 @@ def test_browser_refill_as_caregiver(browser: Any) -> None:
     page.set_viewport_size({"width": 375, "height": 800})
     page.goto("/medications")
     shot(page, "medications-list-caregiver-phone")
+
+
+def test_the_pharmacys_dispenses_set_refills_left_and_when_the_supply_ends(portal: Portal, store: Any) -> None:
+    _prescription(store, "dispensed", "robert-chen", days_ago=200, supply=90, repeats=3)
+    handed = date.today() - timedelta(days=85)
+    with store.writing() as repo:
+        for when in (date.today() - timedelta(days=200), handed):
+            repo.create({"resourceType": "MedicationDispense", "status": "completed",
+                         "medicationCodeableConcept": {"text": "Test medicine dispensed"},
+                         "subject": {"reference": "Patient/robert-chen"},
+                         "authorizingPrescription": [{"reference": "MedicationRequest/dispensed"}],
+                         "whenHandedOver": when.isoformat(),
+                         "daysSupply": {"value": 90, "unit": "days", "system": "http://unitsofmeasure.org",
+                                        "code": "d"}})
+    portal.sign_in("robert", otp=True)
+    card = text_of(re.search(r'id="rx-dispensed".*?</li>', portal.get("/medications"), re.S).group(0))
+    assert "Refills left 2" in card  # two fills: the first and one refill
+    section = text_of(re.search(r'id="home-refills".*?</section>', portal.get("/"), re.S).group(0))
+    ends = (handed + timedelta(days=90)).strftime("%b %-d, %Y")
+    assert re.search(rf"Test medicine dispensed\s*:\s*supply ends {ends}", section), section
