@@ -241,8 +241,8 @@ def queue(repo: Repository, settings: Settings, event: str, patient_id: str, res
                "status": "pending", "attempts": 0, "next_attempt_ms": now, "created_ms": now}
         dialect = postgresql if db.is_postgres(conn) else sqlite
         statement = dialect.insert(portal_notification).values(**row).on_conflict_do_nothing(
-            index_elements=["dedup_key"])
-        added += conn.execute(statement).rowcount or 0
+            index_elements=["dedup_key"]).returning(N.id)
+        added += len(conn.execute(statement).all())  # none when this login was told before
     return added
 
 
