@@ -227,7 +227,7 @@ def test_browser_refill_as_parent_and_as_caregiver(browser: Any) -> None:
     page.check("#pick-sofia-garcia")
     page.click("#record-picker button[type=submit]")
     page.wait_for_selector("#home-refills")
-    page.click("nav >> text=Medications")
+    page.click("nav a[href='/medications']")
     page.wait_for_selector("#active-medications")
     shot(page, "medications-list-child")
     page.click("#refill-sofia-garcia-rx-loratadine-5-chewable")
@@ -236,7 +236,7 @@ def test_browser_refill_as_parent_and_as_caregiver(browser: Any) -> None:
     page.fill("#refill-note", "Same pharmacy as last time.")
     page.click("#refill-submit")
     page.wait_for_selector("#refill-requested")
-    assert "Requested" in page.inner_text("#rx-sofia-garcia-rx-loratadine-5-chewable")
+    assert page.get_attribute("#rx-sofia-garcia-rx-loratadine-5-chewable .refill-request", "data-status") == "requested"
     shot(page, "medications-requested-child")
     page.select_option("#switch-patient", "Patient/daniel-garcia")
     page.click("#record-switcher button[type=submit]")
