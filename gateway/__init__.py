@@ -31,6 +31,7 @@ def build_services(settings: Settings) -> Gateway:
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
+    from gateway.portal.notifications import Notifier
     from gateway.smart_auth.server import SmartAuth
     from gateway.upstream.outbox import Outbox
 
@@ -40,6 +41,8 @@ def build_services(settings: Settings) -> Gateway:
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
     # patients' requests to the EHR are queued in the transaction of the local write
     Outbox(settings).install(store)
+    # and the portal's notifications (new result, new message) in the same way
+    Notifier(settings).install(store)
     return Gateway(settings, engine, store, audit, Ingestor(store, settings.base_url, audit),
                    SmartAuth(engine, settings, store))
 

@@ -401,7 +401,17 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
 
     services = build_services(settings)
     interval = settings.upstream_sync_interval if sync_interval is None else sync_interval
-    return WorkerThreads(services, workers, interval).start()
+    handle = WorkerThreads(services, workers, interval)
+    # the portal's notifications go out from the same process, stopped by the same event
+    import threading
+
+    from gateway.portal.notifications import NotificationWorker
+
+    notifier = NotificationWorker(services.store, settings)
+    handle.threads.append(threading.Thread(target=notifier.run, args=(handle.stop_event,), name="notifications",
+                                           daemon=True))
+    handle.notifier = notifier  # type: ignore[attr-defined]
+    return handle.start()
 
 
 def start_appointment_sweep(settings: Settings) -> Any:
@@ -472,16 +482,46 @@ def _wait_for_stop(parent: int | None, name: str) -> None:
               help="seconds between periodic syncs (default GATEWAY_UPSTREAM_SYNC_INTERVAL; 0: none)")
 @click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
 def worker_command(workers: int, sync_interval: int | None, parent: int | None) -> None:
-    """Deliver the outbox to the EHR (and run the periodic sync) until Ctrl-C or SIGTERM."""
+    """Deliver the outbox to the EHR, send the portal's notifications, sweep the portal's expired
+    appointment holds and waitlist offers (and run the periodic sync) until Ctrl-C or SIGTERM."""
     settings = _settings()
     handle = start_workers(settings, workers, sync_interval)
-    click.echo(f"outbox: {workers} worker(s) running")
+    click.echo(f"outbox: {workers} worker(s) running; notifications: running")
     sweeper = start_appointment_sweep(settings)
     _wait_for_stop(parent, "outbox")
     if sweeper is not None:
         sweeper.stop()
     handle.stop()
     click.echo(f"outbox: stopped ({sum(w.delivered for w in handle.workers)} delivered)")
+    click.echo(f"notifications: stopped ({handle.notifier.tally.line()})")
+
+
+@main.command("notify")
+@click.option("--once", is_flag=True, help="queue due reminders, send what is due, print a summary and exit")
+def notify_command(once: bool) -> None:
+    """Send the portal's notifications (email, SMS): once, or until Ctrl-C or SIGTERM."""
+    import threading
+
+    from gateway import build_services
+    from gateway.portal.notifications import NotificationWorker, run_once
+
+    services = build_services(_settings())
+    try:
+        if once:
+            tally = run_once(services.store, services.settings, progress=click.echo)
+        else:
+            worker = NotificationWorker(services.store, services.settings)
+            stop = threading.Event()
+            thread = threading.Thread(target=worker.run, args=(stop, click.echo), name="notifications", daemon=True)
+            thread.start()
+            click.echo("notifications: running (Ctrl-C to stop)")
+            _wait_for_stop(None, "notifications")
+            stop.set()
+            thread.join(timeout=60)
+            tally = worker.tally
+    finally:
+        services.audit.close()
+    click.echo(f"notifications: {tally.line()}")
 
 
 @main.group()

@@ -15,7 +15,7 @@ from flask import Flask
 
 from gateway.portal import models  # noqa: F401  (registers the portal's tables in the metadata)
 
-PAGES = ("home", "appointments", "messages", "requests")
+PAGES = ("home", "results", "medications", "appointments", "messages", "requests", "notifications")
 
 
 def init_app(app: Flask) -> None:

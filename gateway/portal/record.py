@@ -112,8 +112,10 @@ class Record:
         self._audit(interaction, entities=(stored.reference,), contents=(stored.content or "",))
         return stored.resource()
 
-    def create(self, resource: dict[str, Any]) -> dict[str, Any]:
-        return self._write("create", resource, lambda repo: repo.create(resource))
+    def create(self, resource: dict[str, Any], if_none_exist: str | None = None) -> dict[str, Any]:
+        """With if_none_exist (FHIR conditional create), the one matching resource is returned instead
+        when there is one, decided under a lock on the criteria (two requests at once make one)."""
+        return self._write("create", resource, lambda repo: repo.create(resource, if_none_exist=if_none_exist))
 
     def update(self, resource: dict[str, Any], version_id: str | None = None) -> dict[str, Any]:
         """Write a new version of a resource this login can see now; with version_id, only if
