@@ -15,7 +15,7 @@ from flask import Flask
 
 from gateway.portal import models  # noqa: F401  (registers the portal's tables in the metadata)
 
-PAGES = ("home",)
+PAGES = ("home", "sharing", "profile")
 
 
 def init_app(app: Flask) -> None:
