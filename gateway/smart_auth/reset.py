@@ -110,7 +110,10 @@ def request_usernames(engine: Engine, store: Any, mailer: Mailer, base_url: str,
     if not address or "@" not in address:
         return
     with store.reading() as repo:
-        _, found = search(repo, "Patient", [("email", address)], default_count=50, max_count=50)
+        # Token search is exact; people type their address in any case.
+        spellings = ",".join(dict.fromkeys(a.replace("\\", "\\\\").replace(",", "\\,").replace("$", "\\$")
+                                           .replace("|", "\\|") for a in (address, address.lower())))
+        _, found = search(repo, "Patient", [("email", spellings)], default_count=50, max_count=50)
         patients = {f"Patient/{s.id}" for s in found.matches
                     if any(t.get("system") == "email" and str(t.get("value", "")).lower() == address.lower()
                            for t in (s.resource().get("telecom") or []))}

@@ -267,7 +267,7 @@ def signup() -> Response:
                 session[PENDING] = pending
             sessions.start(user)
             _sync_after_sign_in(user)
-            return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
+            return redirect(after or (url_for(".resume") if pending else url_for("portal.home")))
     error = error or first_error(form)
     return _page("signup.html", 200 if error is None else 400, form=form, error=error)
 

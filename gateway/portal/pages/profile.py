@@ -53,7 +53,7 @@ class ContactForm(FlaskForm):
 
 
 class LanguageForm(FlaskForm):
-    lang = SelectField(_l("Language"), choices=list(i18n.LANGUAGES.items()),
+    lang = SelectField(_l("Language"), choices=list(i18n.LANGUAGES.items()), validate_choice=False,
                        validators=[DataRequired(_l("Choose a language."))])
 
     def validate_lang(self, field: Any) -> None:
@@ -199,6 +199,10 @@ def profile_mfa_off() -> Response:
 @bp.get("/profile/access-log")
 def profile_access_log() -> Response:
     cursor = request.args.get("cursor") or None
+    if visit().current.limited:
+        # Who opened a teen's record, and which parts, is the teen's to know: a parent could read
+        # from it which confidential care there is.
+        return page("profile_access_log.html", log=None, first=True)
     try:
         log = service.access_log(services(), visit(), cursor)
     except FhirError as exc:
