@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from gateway.portal.context import Visit, display_name
 from gateway.portal.i18n import LANGUAGES, preferred_language, with_language
+from gateway.portal.record import NotVisible
 from gateway.smart_auth.models import auth_user, proxy_grant
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -42,7 +43,11 @@ def _home_address(patient: dict[str, Any]) -> dict[str, Any]:
 
 
 def contact_of(visit: Visit) -> Contact:
-    patient = visit.record.read("Patient", visit.record.patient_id)
+    """The contact details shown (all empty when the record has no Patient resource yet)."""
+    try:
+        patient = visit.record.read("Patient", visit.record.patient_id)
+    except NotVisible:
+        patient = {}
     telecom = patient.get("telecom") or []
     address = _home_address(patient)
     phone, email = _first(telecom, "phone"), _first(telecom, "email")

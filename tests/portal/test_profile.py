@@ -93,9 +93,12 @@ def test_a_proxy_edits_the_chosen_record_only(portal: Portal) -> None:
 
 
 def test_an_ended_caregiver_cannot_reach_the_record(portal: Portal) -> None:
-    portal.sign_in("former")
-    html = portal.get("/profile", status=None)
+    portal.sign_in("former")  # whose own record has no Patient resource
+    html = portal.get("/profile")
     assert "robert.chen@example.org" not in html and "(413) 555-0161" not in html
+    assert 'id="mfa-start-form"' in html  # the login's own settings still work
+    reply = portal.post("/switch", {"patient": "Patient/robert-chen", "next": "/profile"}, page="/profile")
+    assert reply.status_code == 400 and "robert.chen@example.org" not in portal.last_html
 
 
 def test_language_is_stored_in_the_record_and_applied_at_once(portal: Portal) -> None:
@@ -259,7 +262,7 @@ def test_access_log_names_the_people_who_looked(portal: Portal, app: Any) -> Non
     portal.get("/profile")
     app.extensions["gateway"].audit.flush()
     page = text_of(portal.get("/profile/access-log"))
-    assert "Linda Mei Chen" in page and "Robert Chen" in page and "Viewed Patient" in page
+    assert "Linda Mei Chen" in page and "Robert Chen" in page and "Viewed personal details" in page
     assert "this portal" in page
     # Newest first.
     assert page.index("Robert Chen") < page.index("Linda Mei Chen")

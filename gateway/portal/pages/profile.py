@@ -23,6 +23,19 @@ from gateway.smart_auth.views import say
 nav_item(80, "portal.profile", _l("Profile"))
 
 PENDING_TOTP = "portal_totp_pending"
+# The parts of a record as the access log names them (FHIR resource types, else the type itself).
+PARTS = {"Patient": _l("personal details"), "RelatedPerson": _l("caregiver details"),
+         "Observation": _l("results"), "DiagnosticReport": _l("reports"),
+         "MedicationRequest": _l("medications"), "MedicationStatement": _l("medications"),
+         "Appointment": _l("appointments"), "Communication": _l("messages"), "Task": _l("requests"),
+         "Condition": _l("health problems"), "AllergyIntolerance": _l("allergies"),
+         "Immunization": _l("immunizations"), "Encounter": _l("visits"), "Consent": _l("sharing"),
+         "AuditEvent": _l("access log"), "DocumentReference": _l("documents"), "Procedure": _l("procedures")}
+
+
+def part_label(resource_type: str) -> str:
+    label = PARTS.get(resource_type)
+    return str(label) if label is not None else resource_type
 ISSUER = "Riverside MyChart"
 
 
@@ -202,7 +215,7 @@ def profile_access_log() -> Response:
     if visit().current.limited:
         # Who opened a teen's record, and which parts, is the teen's to know: a parent could read
         # from it which confidential care there is.
-        return page("profile_access_log.html", log=None, first=True)
+        return page("profile_access_log.html", log=None, first=True, part=part_label)
     try:
         log = service.access_log(services(), visit(), cursor)
     except FhirError as exc:
@@ -210,4 +223,4 @@ def profile_access_log() -> Response:
             raise
         return page("error.html", 400, status=400, message=_("That page of the access log is not available; "
                                                               "start again from its first page."))
-    return page("profile_access_log.html", log=log, first=cursor is None)
+    return page("profile_access_log.html", log=log, first=cursor is None, part=part_label)
