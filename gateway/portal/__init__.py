@@ -15,7 +15,8 @@ from flask import Flask
 
 from gateway.portal import models  # noqa: F401  (registers the portal's tables in the metadata)
 
-PAGES = ("home", "results", "medications", "appointments", "messages", "requests", "notifications")
+PAGES = ("home", "results", "medications", "appointments", "messages", "requests", "sharing", "profile",
+         "notifications")
 
 
 def init_app(app: Flask) -> None:

@@ -280,16 +280,30 @@ def issue_activation_code(engine: Engine, patient_id: str, days: int = ACTIVATIO
     return code, expires
 
 
+CODE_UNKNOWN = "This activation code is not valid: we do not know it. Check it and type it again"
+CODE_USED = "This activation code is not valid any more: it has already been used. Sign in with the login made with it"
+CODE_EXPIRED = "This activation code has expired. Ask your care team for a new one"
+USERNAME_MAX = 64
+
+
 def sign_up(engine: Engine, code: str, username: str, password: str) -> User:
     """Create the login the code was issued for; the code is spent only when the login is created."""
     if len(password) < 8:
         raise AuthError("the password needs at least 8 characters")
     if not username.strip():
         raise AuthError("choose a username")
+    if len(username) > USERNAME_MAX or username != username.strip():
+        raise AuthError("a username has at most 64 characters, without spaces at either end")
     with write_tx(engine) as conn:
         row = conn.execute(select(activation_code).where(activation_code.c.code_hash == _code_digest(code))).first()
-        if row is None or row.used_ms is not None or row.expires_ms <= now_ms():
-            failure: str | None = "This activation code is not valid (used, expired or mistyped)"
+        # Three distinct answers help a patient holding a real code; telling them apart needs a real
+        # 80-bit code, and every refusal counts against the address (FailureLimiter in the views).
+        if row is None:
+            failure: str | None = CODE_UNKNOWN
+        elif row.used_ms is not None:
+            failure = CODE_USED
+        elif row.expires_ms <= now_ms():
+            failure = CODE_EXPIRED
         elif conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
             failure = "That username is taken"
         else:
@@ -302,7 +316,50 @@ def sign_up(engine: Engine, code: str, username: str, password: str) -> User:
                 activation_code.c.code_hash == row.code_hash, activation_code.c.used_ms.is_(None)).values(
                 used_ms=now_ms(), user_id=user_row.id)).rowcount
             if claimed != 1:
-                raise AuthError("This activation code has just been used")  # rolls the new login back
+                raise AuthError(CODE_USED)  # rolls the new login back
     if failure:
         raise AuthError(failure)
     return _user(user_row)
+
+
+# --- two-step verification (TOTP) ---
+
+def new_totp_secret() -> str:
+    return pyotp.random_base32()
+
+
+def totp_uri(secret: str, username: str, issuer: str) -> str:
+    """The otpauth:// URI an authenticator app reads (as a QR code or typed in)."""
+    return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=issuer)
+
+
+def enable_totp(engine: Engine, user_id: int, secret: str, otp: str) -> None:
+    """Save the secret as the login's second step, only once a code made from it is shown to work
+    (a wrong code counts as a failed attempt like any other)."""
+    try:
+        pyotp.TOTP(secret).now()
+    except (ValueError, TypeError):
+        raise AuthError("Start the set-up again") from None
+    with write_tx(engine) as conn:
+        row = conn.execute(select(auth_user).where(auth_user.c.id == user_id)).one()
+        if row.totp_secret:
+            failure: str | None = "Two-step verification is already on"
+        else:
+            failure = _judge(conn, row, lambda: pyotp.TOTP(secret).verify(otp.strip(), valid_window=1),
+                             "The code is not valid")
+            if failure is None:
+                conn.execute(update(auth_user).where(auth_user.c.id == user_id).values(totp_secret=secret))
+    if failure:
+        raise AuthError(failure)
+
+
+def disable_totp(engine: Engine, user: User, otp: str) -> None:
+    """Turn the second step off after a current code from the enrolled app."""
+    check_otp(engine, user, otp)
+    with write_tx(engine) as conn:
+        conn.execute(update(auth_user).where(auth_user.c.id == user.id).values(totp_secret=None))
+
+
+def has_totp(engine: Engine, user_id: int) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(select(auth_user.c.totp_secret).where(auth_user.c.id == user_id)).scalar())

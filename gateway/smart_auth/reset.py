@@ -99,3 +99,33 @@ def complete_reset(engine: Engine, token: str, password: str) -> people.User:
     if claimed != 1 or user is None:
         raise AuthError("This reset link is not valid any more; ask for a new one")
     return user
+
+
+def request_usernames(engine: Engine, store: Any, mailer: Mailer, base_url: str, email: str) -> None:
+    """Mail the usernames whose own record has this email address (Patient.telecom) to that address;
+    say nothing either way, so the page cannot tell who is a patient here."""
+    from gateway.fhir.search import search
+
+    address = email.strip()
+    if not address or "@" not in address:
+        return
+    with store.reading() as repo:
+        # Token search is exact; people type their address in any case.
+        spellings = ",".join(dict.fromkeys(a.replace("\\", "\\\\").replace(",", "\\,").replace("$", "\\$")
+                                           .replace("|", "\\|") for a in (address, address.lower())))
+        _, found = search(repo, "Patient", [("email", spellings)], default_count=50, max_count=50)
+        patients = {f"Patient/{s.id}" for s in found.matches
+                    if any(t.get("system") == "email" and str(t.get("value", "")).lower() == address.lower()
+                           for t in (s.resource().get("telecom") or []))}
+    if not patients:
+        return
+    with engine.connect() as conn:
+        names = sorted(conn.execute(select(auth_user.c.username).where(auth_user.c.fhir_user.in_(patients)))
+                       .scalars())
+    if not names:
+        return
+    mailer(address, "Your username",
+           "Someone asked which logins belong to this email address. They are:\n\n"
+           + "".join(f"  {name}\n" for name in names)
+           + f"\nSign in at {base_url}/auth/login\n\n"
+           "If it was not you, ignore this message; nothing has changed.\n")

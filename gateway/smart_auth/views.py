@@ -10,9 +10,11 @@ from typing import Any
 
 from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, session, url_for
+from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
-from wtforms import PasswordField, StringField
-from wtforms.validators import DataRequired
+from wtforms import EmailField, PasswordField, StringField
+from wtforms.validators import DataRequired, Length, Regexp
 
 from gateway.smart_auth import keys, launch, people, reset, sessions
 from gateway.smart_auth.server import SmartAuth
@@ -28,27 +30,44 @@ SINGLE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state",
                  "code_challenge", "code_challenge_method")
 
 
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
 class LoginForm(FlaskForm):
-    username = StringField("Username", validators=[DataRequired()])
-    password = PasswordField("Password", validators=[DataRequired()])
+    username = StringField(_l("Username"), validators=[DataRequired(_l("Enter your username."))])
+    password = PasswordField(_l("Password"), validators=[DataRequired(_l("Enter your password."))])
 
 
 class SignUpForm(FlaskForm):
-    activation_code = StringField("Activation code", validators=[DataRequired()])
-    username = StringField("Username", validators=[DataRequired()])
-    password = PasswordField("Password", validators=[DataRequired()])
+    activation_code = StringField(_l("Activation code"), validators=[
+        DataRequired(_l("Enter the activation code from your care team.")),
+        Length(max=64, message=_l("An activation code is 16 letters and digits."))])
+    username = StringField(_l("Username"), validators=[
+        DataRequired(_l("Choose a username.")),
+        Length(max=people.USERNAME_MAX, message=_l("A username has at most 64 characters."))])
+    password = PasswordField(_l("Password"), validators=[
+        DataRequired(_l("Choose a password.")),
+        Length(min=8, max=256, message=_l("The password needs 8 to 256 characters."))])
 
 
 class ResetRequestForm(FlaskForm):
-    username = StringField("Username", validators=[DataRequired()])
+    username = StringField(_l("Username"), validators=[DataRequired(_l("Enter your username."))])
+
+
+class ForgotUsernameForm(FlaskForm):
+    email = EmailField(_l("Email address"), validators=[
+        DataRequired(_l("Enter the email address in your record.")),
+        Length(max=254, message=_l("An email address has at most 254 characters.")),
+        Regexp(EMAIL_PATTERN, message=_l("Enter an email address like name@example.org."))])
 
 
 class NewPasswordForm(FlaskForm):
-    password = PasswordField("New password", validators=[DataRequired()])
+    password = PasswordField(_l("New password"), validators=[DataRequired(_l("Choose a password."))])
 
 
 class OtpForm(FlaskForm):
-    otp = StringField("Code from your authenticator app", validators=[DataRequired()])
+    otp = StringField(_l("Code from your authenticator app"), validators=[
+        DataRequired(_l("Enter the code from your authenticator app."))])
 
 
 class CsrfOnlyForm(FlaskForm):
@@ -66,6 +85,14 @@ def _page(template: str, status: int = 200, **context: Any) -> Response:
     return response
 
 
+def first_error(form: FlaskForm) -> str | None:
+    """The first field message of a submitted form that did not validate (None when not submitted)."""
+    for errors in form.errors.values():
+        for error in errors:
+            return str(error)
+    return None
+
+
 def _error_page(message: str, status: int = 400) -> Response:
     return _page("error.html", status, message=message)
 
@@ -80,18 +107,47 @@ def _oauth_error(error: OAuth2Error) -> Response:
 
 TOO_MANY = "Too many failed attempts from your address; try again in a few minutes"
 
+# The messages the services raise (in English, as the CLI and the logs show them), as the pages say
+# them in the reader's language.
+MESSAGES = {
+    TOO_MANY: _l("Too many failed attempts from your address; try again in a few minutes"),
+    "Unknown username or wrong password": _l("Unknown username or wrong password"),
+    "Too many failed attempts; try again later": _l("Too many failed attempts; try again later"),
+    "The code is not valid": _l("The code is not valid"),
+    "the password needs at least 8 characters": _l("The password needs at least 8 characters."),
+    "choose a username": _l("Choose a username."),
+    "a username has at most 64 characters, without spaces at either end":
+        _l("A username has at most 64 characters, without spaces at either end."),
+    "That username is taken": _l("That username is taken; choose another."),
+    people.CODE_UNKNOWN: _l("This activation code is not valid: we do not know it. Check it and type it again."),
+    people.CODE_USED: _l("This activation code is not valid any more: it has already been used. Sign in with "
+                         "the login made with it, or use Forgot your username."),
+    people.CODE_EXPIRED: _l("This activation code has expired (codes work for 45 days). Ask your care team "
+                            "for a new one."),
+    "This reset link is not valid any more; ask for a new one":
+        _l("This reset link is not valid any more; ask for a new one."),
+    "Two-step verification is already on": _l("Two-step verification is already on."),
+    "Start the set-up again": _l("Start the set-up again."),
+}
+
+
+def say(message: str) -> str:
+    """A service's message in the reader's language (unknown ones as they are)."""
+    known = MESSAGES.get(message)
+    return str(known) if known is not None else message
+
 
 def _attempt(check: Any) -> tuple[Any, str | None]:
     """Run one sign-in style check unless this address failed too often: (result, error)."""
     limiter = _smart().limiter
     address = request.remote_addr or "?"
     if limiter.blocked(address):
-        return None, TOO_MANY
+        return None, say(TOO_MANY)
     try:
         return check(), None
     except people.AuthError as exc:
         limiter.failed(address)
-        return None, str(exc)
+        return None, say(str(exc))
 
 
 def _pending() -> dict[str, Any] | None:
@@ -125,7 +181,7 @@ def authorize() -> Response:
 def resume() -> Response:
     pending = _pending()
     if pending is None:
-        return _error_page("There is no authorization in progress. Start again from the app.")
+        return _error_page(_("There is no authorization in progress. Start again from the app."))
     user = _user()
     if user is None:
         return redirect(url_for(".login"))
@@ -187,9 +243,12 @@ def login() -> Response:
             sessions.start(user)
             _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
-    notice = {"idle": "You were signed out after a period of inactivity.",
-              "elsewhere": "You were signed out because your account signed out everywhere."}.get(
+    notice = {"idle": _("You were signed out after a period of inactivity."),
+              "elsewhere": _("You were signed out because your account signed out everywhere.")}.get(
         session.pop(sessions.ENDED, None) or "")
+    if error is None and form.is_submitted():
+        error = first_error(form)
+        return _page("login.html", 200 if error is None else 400, form=form, error=error, notice=notice)
     return _page("login.html", 200 if error is None else 401, form=form, error=error, notice=notice)
 
 
@@ -208,7 +267,8 @@ def signup() -> Response:
                 session[PENDING] = pending
             sessions.start(user)
             _sync_after_sign_in(user)
-            return redirect(after or (url_for(".resume") if pending else url_for(".apps")))
+            return redirect(after or (url_for(".resume") if pending else url_for("portal.home")))
+    error = error or first_error(form)
     return _page("signup.html", 200 if error is None else 400, form=form, error=error)
 
 
@@ -216,31 +276,50 @@ def signup() -> Response:
 def reset_request() -> Response:
     smart = _smart()
     if smart.mailer is None:
-        return _page("error.html", message="Password reset by email is not set up here; please ask your care team.")
+        return _page("error.html", message=_("Password reset by email is not set up here; please ask your care "
+                                             "team."))
     form = ResetRequestForm()
     if form.validate_on_submit():
         reset.request_reset(smart.engine, current_app.extensions["gateway"].store, smart.mailer,
                             smart.settings.base_url, form.username.data or "")
         # The same answer whether or not the login exists.
-        return _page("error.html", message="If that login exists and has an email address, a link is on its way. "
-                                           "It works once, within an hour.")
-    return _page("reset.html", form=form)
+        return _page("error.html", message=_("If that login exists and has an email address, a link is on its "
+                                             "way. It works once, within an hour."))
+    error = first_error(form)
+    return _page("reset.html", 200 if error is None else 400, form=form, error=error)
+
+
+@bp.route("/forgot-username", methods=["GET", "POST"])
+def forgot_username() -> Response:
+    """The usernames of the records with this email address, mailed to it; the same answer always."""
+    smart = _smart()
+    if smart.mailer is None:
+        return _page("error.html", message=_("Reminders by email are not set up here; please ask your care team."))
+    form = ForgotUsernameForm()
+    if form.validate_on_submit():
+        reset.request_usernames(smart.engine, current_app.extensions["gateway"].store, smart.mailer,
+                                smart.settings.base_url, form.email.data or "")
+        return _page("error.html", message=_("If a record here has that email address, its usernames are on "
+                                             "their way to it."))
+    errors = [str(e) for e in form.email.errors]
+    return _page("forgot_username.html", 400 if errors else 200, form=form, error=errors[0] if errors else None)
 
 
 @bp.route("/reset/<token>", methods=["GET", "POST"])
 def reset_password(token: str) -> Response:
     smart = _smart()
     if not reset.reset_is_valid(smart.engine, token):
-        return _error_page("This reset link is not valid any more; ask for a new one.")
+        return _error_page(_("This reset link is not valid any more; ask for a new one."))
     form = NewPasswordForm()
     error = None
     if form.validate_on_submit():
         try:
             reset.complete_reset(smart.engine, token, form.password.data or "")
         except people.AuthError as exc:
-            error = str(exc)
+            error = say(str(exc))
         else:
-            return _page("error.html", message="Your password is changed. You can sign in with it now.")
+            return _page("error.html", message=_("Your password is changed. You can sign in with it now."))
+    error = error or first_error(form)
     return _page("new_password.html", 200 if error is None else 400, form=form, error=error, token=token)
 
 
@@ -263,6 +342,9 @@ def mfa() -> Response:
             sessions.start(user)
             _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
+    if error is None and form.is_submitted():
+        error = first_error(form)
+        return _page("mfa.html", 200 if error is None else 400, form=form, error=error)
     return _page("mfa.html", 200 if error is None else 401, form=form, error=error)
 
 
@@ -279,7 +361,7 @@ def patient() -> Response:
             launch.patient_context(_smart(), current_app.extensions["gateway"].store, pending["args"],
                                    pending["scope"], user, chosen)
         except launch.LaunchError as exc:
-            error = str(exc)
+            error = say(str(exc))
         else:
             session[PATIENT] = chosen
             return redirect(url_for(".consent"))
@@ -319,7 +401,7 @@ def _finish(owner: Any, granted: str) -> Response:
     pending = session.pop(PENDING, None)
     session.pop(PATIENT, None)
     if pending is None:
-        return _error_page("There is no authorization in progress.")
+        return _error_page(_("There is no authorization in progress."))
     try:
         location = _smart().authorization_redirect(pending["uri"], pending["args"], owner, granted)
     except OAuth2Error as error:
@@ -346,7 +428,7 @@ def logout() -> Response:
     form = CsrfOnlyForm()
     if form.validate_on_submit():
         sessions.end()
-    return _page("error.html", message="You are signed out.")
+    return _page("error.html", message=_("You are signed out."))
 
 
 # --- endpoints for apps ---
