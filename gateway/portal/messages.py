@@ -35,6 +35,8 @@ ONLINE_WRITTEN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v
                               "code": "ONLINEWRIT", "display": "online written"}], "text": "online written"}
 CARE_TEAM_TYPES = ("Practitioner", "PractitionerRole", "Organization", "CareTeam", "Device", "HealthcareService")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+CONFIDENTIAL = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R",
+                "display": "restricted"}
 
 
 class NotACareTeamMember(Exception):
@@ -93,6 +95,12 @@ class Thread:
     @property
     def unread(self) -> int:
         return sum(1 for m in self.messages if m.unread)
+
+    @property
+    def private(self) -> bool:
+        """Labelled confidential (R or V): hidden from the proxies of a 12-17 year old."""
+        return any(label.get("system") == CONFIDENTIAL["system"] and label.get("code") in ("R", "V")
+                   for label in self.security)
 
     @property
     def last_activity(self) -> str | None:
@@ -362,10 +370,6 @@ def _message(record: Record, author: Author, patient_name: str, recipient: dict[
         "recipient": [recipient],
         "payload": [{"contentString": body}],
     }
-
-
-CONFIDENTIAL = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R",
-                "display": "restricted"}
 
 
 def may_keep_private(patient: dict[str, Any], writing_for_self: bool, today: date | None = None) -> bool:

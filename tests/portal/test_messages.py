@@ -254,6 +254,8 @@ def test_the_teens_confidential_conversation_is_hidden_from_his_mother(portal: P
     teen = Portal(app.test_client(), portal.world)
     teen.sign_in("daniel")
     assert "Private question" in text_of(teen.get("/messages"))
+    assert "This conversation is private" in text_of(teen.get("/messages/daniel-garcia-msg-private-question"))
+    assert "This conversation is private" not in text_of(teen.get("/messages/daniel-garcia-msg-iron-result"))
     teen.post("/messages/daniel-garcia-msg-private-question", {"body": "Thank you, I will come on Tuesday."})
     answer = next(c for c in _communications(app, "daniel-garcia")
                   if c["payload"][0].get("contentString") == "Thank you, I will come on Tuesday.")
@@ -481,3 +483,24 @@ def test_browser_parent_writes_to_the_doctor_and_reads_the_answer(browser: Any, 
     assert "Daniel's lab results" in page.inner_text("#threads")
     assert "Private question" not in page.inner_text("main")
     shot(page, "messages-list-teen-phone")
+
+
+def test_browser_teen_writes_privately_to_his_doctor(browser: Any) -> None:
+    page = browser
+    browser_sign_in(page, "daniel")
+    page.click("nav a[href='/messages']")
+    page.wait_for_selector("#threads")
+    assert "Private question" in page.inner_text("#threads")
+    shot(page, "messages-list-teen-self")
+    page.click("#new-message")
+    page.select_option("#recipient", "Practitioner/james-okafor")
+    page.fill("#subject", "Sleep")
+    page.fill("#body", "I am sleeping better since the last visit.")
+    page.check("#private")
+    shot(page, "messages-new-private")
+    page.click("#compose-form button[type=submit]")
+    page.wait_for_selector("#sent-notice")
+    assert "I am sleeping better" in page.inner_text("#thread-messages")
+    assert page.is_visible("#private-notice")
+    page.set_viewport_size({"width": 375, "height": 800})
+    shot(page, "messages-thread-teen-phone")
