@@ -43,6 +43,10 @@ READ_FAMILY = frozenset({"read", "vread", "search", "history", "everything"})
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 # meta.security labels that proxies of a 12-17 year old never see: R and V always, plus the
 # sensitivity categories configured with GATEWAY_SENSITIVE_LABELS (see configure_sensitive_labels).
+# Types of the patient compartment that are nobody's data when no patient is in them: a clinician's
+# or a room's Schedule (Schedule.actor) is the clinic's bookable calendar, which every patient and
+# app may read; a Schedule with a patient among its actors stays that patient's.
+SHARED_WHEN_UNOWNED = frozenset({"Schedule"})
 ALWAYS_CONFIDENTIAL = frozenset({(CONFIDENTIALITY, "R"), (CONFIDENTIALITY, "V")})
 _confidential_labels: frozenset[tuple[str, str]] = ALWAYS_CONFIDENTIAL
 
@@ -254,6 +258,8 @@ def visible(grant: Grant, resource_type: str, resource_id: str, content: str | d
             return True
         if owners is None:
             owners = compartment_patients(resource, base_url)
+        if not owners and resource_type in SHARED_WHEN_UNOWNED:
+            return True
         if owners & (rule.patients - rule.limited):
             return True
         if owners & rule.limited and not _labelled_confidential(resource_type, resource, base_url):
@@ -352,7 +358,10 @@ def _patients(patients: frozenset[str] | None, limited: frozenset[str], pk: Any)
     if patients is None:
         return true()
     full = patients - limited
-    conditions = [_resource_where(pk, lambda r: r.c.resource_type.not_in(sorted(_compartment_types())))]
+    c = db.compartment.alias("acl_owner")
+    conditions = [_resource_where(pk, lambda r: r.c.resource_type.not_in(sorted(_compartment_types()))),
+                  and_(_resource_where(pk, lambda r: r.c.resource_type.in_(sorted(SHARED_WHEN_UNOWNED))),
+                       not_(exists(select(1).select_from(c).where(c.c.resource_pk == pk))))]
     if full:
         conditions.append(_in_compartment(full, pk))
     if limited:

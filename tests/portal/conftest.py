@@ -189,4 +189,4 @@ def browser_sign_in(page: Any, username: str, password: str = PASSWORD, otp: boo
         page.fill("input[name=otp]", pyotp.TOTP(TOTP_SECRET).now())
         if shots:
             shot(page, f"{shots}-mfa")
-        page.click("form button[type=submit]")
+        page.click("#mfa-form button[type=submit]")

@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from gateway import access, db
+from gateway.fhir.bundles import BundleProcessor, import_file
 from gateway.fhir.outcome import FhirError
-from tests.smart_auth.conftest import load_family
+from tests.smart_auth.conftest import FIXTURES, load_family
 
 LAB = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
 PROXY_OF_TEEN = {"maria-garcia": False, "sofia-garcia": False, "daniel-garcia": True}
@@ -34,6 +35,9 @@ PRINCIPALS = {
 def test_sql_and_in_hand_decisions_agree(name: str, app: Any) -> None:
     services = app.extensions["gateway"]
     load_family(services.store)
+    import_file(BundleProcessor(services.store), str(FIXTURES / "05-schedules.json"))
+    with services.store.writing() as repo:  # a patient's own Schedule is that patient's
+        repo.create({"resourceType": "Schedule", "id": "own", "actor": [{"reference": "Patient/robert-chen"}]})
     principal = access.principal_from_token(client_id="app", fhir_user="Patient/maria-garcia", **PRINCIPALS[name])
     assert principal is not None
     grant = access.authorize(principal, "read", "Observation") if name != "types" else \
@@ -119,3 +123,23 @@ def test_configured_sensitive_labels_hide_more_from_teen_proxies(app: Any) -> No
     with pytest.raises(ValueError):
         access.configure_sensitive_labels("PSY")  # a code without its system
     assert access.configure_sensitive_labels("") == access.ALWAYS_CONFIDENTIAL
+
+
+def test_a_clinicians_schedule_is_readable_by_every_patient_but_a_patients_is_not(app: Any) -> None:
+    services = app.extensions["gateway"]
+    load_family(services.store)
+    import_file(BundleProcessor(services.store), str(FIXTURES / "05-schedules.json"))
+    with services.store.writing() as repo:
+        repo.create({"resourceType": "Schedule", "actor": [{"reference": "Patient/robert-chen"}]})
+    principal = access.principal_from_token(client_id="app", fhir_user="Patient/maria-garcia",
+                                            scope="patient/*.rs", patient_id="maria-garcia",
+                                            acting_for={"maria-garcia": False})
+    grant = access.authorize(principal, "search", "Schedule")
+    r = db.resource.c
+    with services.engine.connect() as conn:
+        rows = conn.execute(select(r.pk, r.id, r.content).where(r.resource_type == "Schedule")).all()
+        allowed = set(conn.execute(select(r.pk).where(r.resource_type == "Schedule", grant.restrict(r.pk))).scalars())
+    visible = {row.pk for row in rows if access.visible(grant, "Schedule", row.id, row.content)}
+    clinic = {row.pk for row in rows if "Patient/" not in row.content}
+    assert len(clinic) == 2 and len(rows) == 3
+    assert allowed == visible == clinic
