@@ -6,7 +6,9 @@ Events:
 - new-message: a Communication created for the patient (recipient the Patient or a RelatedPerson,
   not sent by a patient; not a note the lab feed attached to a result without a sender, which the
   result's own notice covers);
-- appointment-reminder: a booked Appointment starting within the next 24 hours (a periodic scan).
+- appointment-reminder: a booked Appointment starting within the next 24 hours (a periodic scan);
+- appointment-offer: an earlier time offered to a waitlist entry (gateway.portal.appointments puts
+  the offer on the waitlist Appointment when a slot frees up); once per offered slot.
 
 Queueing: `Notifier.install(store)` makes a store listener (like the outbox) that inserts rows into
 portal_notification in the transaction of the write, so a notification exists exactly when the
@@ -57,7 +59,7 @@ from gateway.smart_auth.models import auth_user, proxy_grant
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("new-result", "new-message", "appointment-reminder")
+EVENTS = ("new-result", "new-message", "appointment-reminder", "appointment-offer")
 CHANNELS = ("email", "sms", "none")
 RESULT_STATUSES = ("final", "amended", "corrected", "preliminary")
 REMINDER_HOURS = 24
@@ -80,12 +82,15 @@ SUBJECTS = {
     "new-result": _l("New test result in Riverside MyChart"),
     "new-message": _l("New message in Riverside MyChart"),
     "appointment-reminder": _l("Appointment reminder from Riverside MyChart"),
+    "appointment-offer": _l("An earlier appointment time in Riverside MyChart"),
 }
 LINES = {
     "new-result": _l("There is a new test result in Riverside MyChart."),
     "new-message": _l("There is a new message for you in Riverside MyChart."),
     "appointment-reminder": _l("You have an appointment coming up within a day. The details are in Riverside "
                                "MyChart."),
+    "appointment-offer": _l("An earlier appointment time is being held for you for a short while. Accept or "
+                            "decline it in Riverside MyChart."),
 }
 SIGN_IN = _l("Sign in to see it: %(url)s")
 FOOTER = _l("You can change how you are told about new things under Profile, Notifications.")
@@ -159,6 +164,20 @@ def event_of(action: str, resource: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def offered_slot(resource: dict[str, Any]) -> str | None:
+    """The Slot a waitlist Appointment is being offered now, if any."""
+    from gateway.portal.appointments import EXT_OFFER
+
+    if resource.get("status") != "waitlist":
+        return None
+    for extension in resource.get("extension") or []:
+        if extension.get("url") == EXT_OFFER:
+            for part in extension.get("extension") or []:
+                if part.get("url") == "slot":
+                    return str((part.get("valueReference") or {}).get("reference") or "") or None
+    return None
+
+
 def _patient(reference: dict[str, Any] | None) -> str | None:
     ref = str((reference or {}).get("reference") or "")
     return ref.split("/", 1)[1] if ref.startswith("Patient/") and ref.count("/") == 1 else None
@@ -176,9 +195,16 @@ class Notifier:
 
     def on_write(self, action: str, result: WriteResult, repo: Repository) -> None:
         if result.stored.deleted or not result.changed or \
-                result.stored.resource_type not in ("Observation", "Communication"):
+                result.stored.resource_type not in ("Observation", "Communication", "Appointment"):
             return
         resource = result.stored.resource()
+        if result.stored.resource_type == "Appointment":
+            offered = offered_slot(resource)
+            patient = next((_patient(p.get("actor")) for p in resource.get("participant") or []
+                            if _patient(p.get("actor"))), None)
+            if offered and patient:
+                queue(repo, self.settings, "appointment-offer", patient, resource, key_suffix=f":{offered}")
+            return
         found = event_of(action, resource)
         if found is not None:
             queue(repo, self.settings, found[0], found[1], resource)

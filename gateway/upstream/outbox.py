@@ -231,7 +231,8 @@ def render(kind: str, values: dict[str, Any]) -> str:
         items = values.get(spec["each"]) or [] if spec.get("each") else [None]
         for n, item in enumerate(items, start=1):
             local = {**values, "n": str(n), "item": item}
-            fields = {int(k): _fill(str(v), local, seps) for k, v in spec.items() if isinstance(k, int)}
+            fields = {int(k): _EMPTY_SUBCOMPONENTS.sub("", _fill(str(v), local, seps))
+                      for k, v in spec.items() if isinstance(k, int)}
             last = max((k for k, v in fields.items() if v), default=0)
             segments.append("|".join([name] + [fields.get(i, "") for i in range(1, last + 1)]))
     er7 = "\r".join(segments) + "\r"
@@ -244,6 +245,9 @@ def render(kind: str, values: dict[str, Any]) -> str:
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+# Trailing empty subcomponents a template leaves when optional parts are empty ("HOSP&&^MR" ->
+# "HOSP^MR"). Values are escaped (\T\), so every "&" left in a field is the template's own.
+_EMPTY_SUBCOMPONENTS = re.compile(r"&+(?=[\^~]|$)")
 
 
 def _fill(template: str, values: dict[str, Any], seps: tuple[str, ...]) -> str:
@@ -290,6 +294,20 @@ def _authority(identifier: dict[str, Any] | None) -> str:
     from gateway.upstream.sync import _authority as authority_of
 
     return (authority_of(identifier) or "") if identifier else ""
+
+
+HD_NAMESPACE_MAX = 20  # HD.1 (IS) in v2.5.1
+
+
+def _assigning_authority(identifier: dict[str, Any]) -> dict[str, str]:
+    """CX-4 as HD parts: the namespace (HD.1, at most 20 characters: the authority's name only when
+    it fits, never cut short) and, for an OID system, the universal id (HD.2) with type ISO (HD.3)."""
+    namespace = _authority(identifier)
+    system = str(identifier.get("system") or "")
+    oid = system[len("urn:oid:"):] if system.startswith("urn:oid:") else ""
+    if len(namespace) > HD_NAMESPACE_MAX or namespace == oid:
+        namespace = ""
+    return {"authority": namespace, "authority_uid": oid, "authority_uid_type": "ISO" if oid else ""}
 
 
 def _system_name(system: str | None) -> str:
@@ -340,7 +358,8 @@ def message_values(repo: Repository, settings: Settings, kind: str, resource: di
     if mrn is None:
         raise BuildError(f"Patient/{patient_id} has no identifier to send as PID-3")
     family, given = _person(patient)
-    values.update(patient_mrn=mrn["value"], patient_authority=_authority(mrn), patient_family=family,
+    values.update({f"patient_{k}": v for k, v in _assigning_authority(mrn).items()})
+    values.update(patient_mrn=mrn["value"], patient_family=family,
                   patient_given=given, birth_date=_dtm(patient.get("birthDate")),
                   gender={"male": "M", "female": "F", "other": "O", "unknown": "U"}.get(patient.get("gender", ""), ""))
     if kind in ("appointment-request", "appointment-cancel"):

@@ -439,6 +439,15 @@ def test_waitlist_offer_end_to_end(portal: Portal, clinic: Any, app: Any) -> Non
     listing = portal.get("/appointments")
     assert f'id="offer-{entry["id"]}"' in listing and "An earlier time opened" in text_of(listing)
     assert f'id="offer-{entry["id"]}"' in portal.get("/")
+    # ... and Maria is told (by email: her preference), once for this slot, with no details in the row
+    from sqlalchemy import select
+
+    from gateway.portal.models import portal_notification as n
+    with clinic.engine.connect() as conn:
+        told = conn.execute(select(n.c.event, n.c.patient_id, n.c.address, n.c.dedup_key).where(
+            n.c.event == "appointment-offer")).all()
+    assert [(r.patient_id, r.address) for r in told] == [("maria-garcia", "maria.garcia@example.org")]
+    assert told[0].dedup_key.endswith(f"Slot/{early[0]}")
     # nobody else can hold the offered time
     daniel = signed_in(app, portal.world, "daniel", "daniel-garcia")
     reply = daniel.post("/appointments/hold", {"slot": early[0]}, page=find_url())

@@ -267,14 +267,14 @@ def test_the_preferences_page_saves_a_channel_per_event(portal: Portal, app: Any
     portal.choose("sofia-garcia")
     html = portal.get("/profile/notifications")
     assert 'id="notification-form"' in html
-    for event in ("new-result", "new-message", "appointment-reminder"):
+    for event in ("new-result", "new-message", "appointment-reminder", "appointment-offer"):
         assert re.search(rf'<select[^>]*name="{event}"', html), event
     assert _selected(html, "new-result") == "email" and "maria.garcia@example.org" in text_of(html)
     reply = portal.post("/profile/notifications", {"new-result": "sms", "new-message": "none",
-                                                   "appointment-reminder": "email"})
+                                                   "appointment-reminder": "email", "appointment-offer": "none"})
     assert reply.status_code == 200 and "Your choices are saved." in text_of(portal.last_html)
     assert notifications.preferences(app.extensions["gateway"].engine, _user(app, "maria")) == {
-        "new-result": "sms", "new-message": "none", "appointment-reminder": "email"}
+        "new-result": "sms", "new-message": "none", "appointment-reminder": "email", "appointment-offer": "none"}
     assert _selected(portal.get("/profile/notifications"), "new-result") == "sms"
 
 
@@ -287,7 +287,7 @@ def _selected(html: str, name: str) -> str:
 def test_preferences_refuse_an_unknown_channel(portal: Portal, app: Any) -> None:
     portal.sign_in("daniel")
     reply = portal.post("/profile/notifications", {"new-result": "pigeon", "new-message": "email",
-                                                   "appointment-reminder": "email"})
+                                                   "appointment-reminder": "email", "appointment-offer": "email"})
     assert reply.status_code == 400 and 'role="alert"' in portal.last_html
     assert "Choose email, text message (SMS) or do not tell me." in text_of(portal.last_html)
     assert _saved(app, "daniel") == []
@@ -295,7 +295,8 @@ def test_preferences_refuse_an_unknown_channel(portal: Portal, app: Any) -> None
 
 def test_preferences_refuse_a_missing_event(portal: Portal, app: Any) -> None:
     portal.sign_in("daniel")
-    reply = portal.post("/profile/notifications", {"new-result": "email", "new-message": "email"})
+    reply = portal.post("/profile/notifications", {"new-result": "email", "new-message": "email",
+                                                   "appointment-offer": "email"})
     assert reply.status_code == 400 and "An appointment within the next day" in text_of(portal.last_html)
     assert _saved(app, "daniel") == []
 
@@ -312,9 +313,9 @@ def test_preferences_are_the_logins_own_whoever_record_is_shown(portal: Portal, 
     portal.sign_in("linda")
     portal.choose("robert-chen")
     portal.post("/profile/notifications", {"new-result": "none", "new-message": "none",
-                                           "appointment-reminder": "none"})
+                                           "appointment-reminder": "none", "appointment-offer": "none"})
     assert _saved(app, "robert") == []  # Robert's own choices are untouched
-    assert len(_saved(app, "linda")) == 3
+    assert len(_saved(app, "linda")) == 4
 
 
 def _saved(app: Any, name: str) -> list[Any]:

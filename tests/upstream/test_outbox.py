@@ -75,7 +75,7 @@ def test_each_kind_is_queued_as_its_message_type_and_validates(services: Any) ->
         validate(item.payload)  # hl7apy, STRICT, independent of the build's own check
         assert str(segment(item.payload, "MSH")(10)) == item.idempotency_key
         pid = segment(item.payload, "PID")
-        assert str(pid(3)) == "12345^^^HOSP^MR" and str(pid(5)) == "Garcia^Maria Elena"
+        assert str(pid(3)) == "12345^^^HOSP&1.2.3.4&ISO^MR" and str(pid(5)) == "Garcia^Maria Elena"
     request = queued[0].payload
     arq = segment(request, "ARQ")
     assert str(arq(1)) == "a1^FHIR-GATEWAY" and str(arq(11)) == "20270201100000+0000^20270201103000+0000"
@@ -93,6 +93,23 @@ def test_each_kind_is_queued_as_its_message_type_and_validates(services: Any) ->
     assert str(segment(note, "TXA")(12)) == f"{queued[2].idempotency_key}^FHIR-GATEWAY"
     assert str(segment(note, "TXA")(5)) == "dr1^Smith^John"
     assert str(segment(queued[3].payload, "NTE")(3)) == "Feeling better"
+
+
+def test_a_long_assigner_name_gives_the_oid_in_pid_3_not_a_refusal(services: Any) -> None:
+    # The demo records name their MRN's assigner "Riverside General Hospital" (26 characters), more
+    # than HD.1 holds: the message carries the OID as the universal id instead of being refused.
+    patient = records.patient()
+    patient["identifier"] = [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                                   "code": "MR"}]},
+                              "system": "urn:oid:2.16.840.1.113883.3.4242.1.1", "value": "RG1001001",
+                              "assigner": {"display": "Riverside General Hospital"}}]
+    with services.store.writing() as repo:
+        repo.update("Patient", "p1", patient)
+        repo.create(records.appointment(), resource_id="a1")
+    item, = items(services)
+    assert item.status == "pending", item.last_error
+    validate(item.payload)
+    assert str(segment(item.payload, "PID")(3)) == "RG1001001^^^&2.16.840.1.113883.3.4242.1.1&ISO^MR"
 
 
 def test_queued_in_the_same_transaction_as_the_change(services: Any) -> None:

@@ -17,7 +17,8 @@ from gateway.portal.web import bp, page, services, visit
 
 CHANNEL_LABELS = (("email", _l("Email")), ("sms", _l("Text message (SMS)")), ("none", _l("Do not tell me")))
 EVENT_LABELS: dict[str, Any] = {"new-result": _l("A new test result"), "new-message": _l("A new message"),
-                                "appointment-reminder": _l("An appointment within the next day")}
+                                "appointment-reminder": _l("An appointment within the next day"),
+                                "appointment-offer": _l("An earlier time for an appointment I am waiting for")}
 BAD_CHANNEL = _l("Choose email, text message (SMS) or do not tell me.")
 
 
@@ -31,10 +32,13 @@ class NotificationForm(FlaskForm):
     new_result = _select("new-result")
     new_message = _select("new-message")
     appointment_reminder = _select("appointment-reminder")
+    appointment_offer = _select("appointment-offer")
+
+    def fields(self) -> list[Any]:
+        return [self.new_result, self.new_message, self.appointment_reminder, self.appointment_offer]
 
     def chosen(self) -> dict[str, str]:
-        return {field.name: str(field.data) for field in (self.new_result, self.new_message,
-                                                           self.appointment_reminder)}
+        return {field.name: str(field.data) for field in self.fields()}
 
 
 @bp.route("/profile/notifications", methods=["GET", "POST"])
