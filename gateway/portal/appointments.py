@@ -96,6 +96,11 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def iso_ms(moment: datetime) -> str:
+    """To the millisecond, as the store's lastUpdated: for instants compared with a Slot's change."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def clinic_record(services: Any) -> Record:
     """The gateway's own view, for the clinic's catalogue and the waitlist across patients."""
     return Record(services, access.SYSTEM, "", None)
@@ -601,7 +606,7 @@ def join_waitlist(record: Record, services: Any, appointment_id: str, now: datet
         "description": "Waitlist for an earlier time",
         "requestedPeriod": [{"start": iso(now), "end": iso(view.start or now)}],
         "supportingInformation": [{"reference": f"Appointment/{view.id}"}],
-        "created": iso(now),
+        "created": iso_ms(now),
         "participant": _participants(record, _actor(view.resource, "Practitioner/"),
                                      _actor(view.resource, "Location/")),
     }
