@@ -23,6 +23,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from gateway.db import write_tx
+from gateway.smart_auth import revocation
 from gateway.smart_auth.models import activation_code, auth_user, proxy_grant
 
 ACTIVATION_DAYS = 45
@@ -222,7 +223,9 @@ def revoke_proxy(engine: Engine, username: str, patient_id: str) -> list[str]:
                proxy_grant.c.revoked_ms.is_(None))
     with write_tx(engine) as conn:
         consents = list(conn.execute(select(proxy_grant.c.consent_id).where(*current)).scalars())
-        conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms()))
+        ended = conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms())).rowcount
+        if ended:
+            revocation.bump(conn)  # every process drops what it cached about this user's tokens
     return [c for c in consents if c]
 
 
