@@ -316,8 +316,9 @@ class SmartAuth:
         """End a proxy relationship; every process stops honouring its tokens at once. Returns the
         ids of the Consents it marked inactive."""
         consents = people.revoke_proxy(self.engine, username, patient_id)
-        if self.store is not None:
-            proxies.end_consents(self.store, consents)
+        user = people.find_user(self.engine, username)
+        if self.store is not None and user is not None:
+            proxies.end_proxy_records(self.store, user, consents)
         return consents
 
     def apps_of(self, user_id: int) -> list[dict[str, Any]]:
