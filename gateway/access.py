@@ -164,7 +164,9 @@ def principal_from_token(*, client_id: str, scope: str, patient_id: str | None, 
             rules.append(Rule(s.resource_type, s.letters, frozenset({patient_id}), limited, s.query))
         else:
             rules.append(Rule(s.resource_type, s.letters, everyone, limited_all, s.query))
-    if fhir_user and not backend and scopes.has("fhirUser"):
+    # The fhirUser resource (Patient, RelatedPerson or Person) is readable with the token it came
+    # with: one granted fhirUser, or profile, under which the id_token names it as well.
+    if fhir_user and not backend and (scopes.has("fhirUser") or scopes.has("profile")):
         ftype, _, fid = fhir_user.partition("/")
         rules.append(Rule(ftype, frozenset("r"), None, resource_id=fid))
     patients: frozenset[str] | None = frozenset().union(

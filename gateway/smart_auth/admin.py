@@ -64,7 +64,8 @@ def patient_birth_date(store: Any, patient_id: str) -> str | None:
 
 def grant_proxy(engine: Engine, store: Any, username: str, patient: str, relationship: str,
                 until: date | None = None, today: date | None = None) -> dict[str, Any]:
-    """The grant (policy), then its FHIR record: RelatedPerson and Consent with the same period."""
+    """The grant (policy), then its FHIR record: RelatedPerson and Consent with the same period, and
+    the login's Person linking its own Patient and the RelatedPerson of every current relationship."""
     kind, _, patient_id = patient.partition("/")
     if kind != "Patient" or not patient_id:
         raise AuthError("--patient must be Patient/ID")
@@ -78,7 +79,9 @@ def grant_proxy(engine: Engine, store: Any, username: str, patient: str, relatio
     related_id, consent_id = proxies.record_proxy(store, user, patient_id, relationship, *planned)
     granted = people.grant_proxy(engine, username, patient_id, relationship, birth_date, until=until, today=today,
                                  related_person=related_id, consent_id=consent_id)
-    return {**granted, "related_person": f"RelatedPerson/{related_id}", "consent": f"Consent/{consent_id}"}
+    person_id = proxies.record_person(store, user)
+    return {**granted, "related_person": f"RelatedPerson/{related_id}", "consent": f"Consent/{consent_id}",
+            "person": f"Person/{person_id}"}
 
 
 def launch_url(smart: Any, client_id: str, patient: str, username: str | None = None,

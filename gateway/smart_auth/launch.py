@@ -74,19 +74,30 @@ def _label(store: Any, patient_id: str, is_self: bool) -> str:
 
 
 def fhir_user_for(smart: Any, store: Any, user: people.User, patient_id: str | None) -> str:
-    """The Patient when acting for self; the RelatedPerson when acting for someone else.
+    """Who the user is, as a FHIR resource, in an authorization for `patient_id` (None: no patient).
 
-    That RelatedPerson is the one the user's own Patient links to (as the demo data records a
-    parent), else the one written when the proxy grant was made; without either, the Patient.
+    SMART allows Patient, RelatedPerson or Person for a patient-facing user, Person "only if the
+    other resource types do not apply, for example the authorized representative for >1 patients":
+    - the user's own Patient when acting for themselves, or when they act for no one else;
+    - the RelatedPerson of the relationship when acting for another patient and that patient is the
+      only one they act for besides themselves (the one the user's own Patient links to, as the
+      demo data records a parent, else the one written when the grant was made);
+    - their Person (written or brought up to date here) when they act for several other patients,
+      or when the authorization has no single patient while they may act for others too.
     """
-    if patient_id is None or patient_id == user.patient_id:
+    if patient_id is not None and patient_id == user.patient_id:
         return user.fhir_user
-    with store.reading() as repo:
-        linked = proxies.linked_related_person(repo, user, patient_id)
-    if linked is None:
-        with smart.engine.connect() as conn:
-            linked = people.proxy_record(conn, user.id, patient_id)
-    return f"RelatedPerson/{linked}" if linked else user.fhir_user
+    with smart.engine.connect() as conn:
+        others = set(people.acting_for(conn, user.id)) - {user.patient_id}
+        recorded = people.proxy_record(conn, user.id, patient_id) if patient_id is not None else None
+    if not others:
+        return user.fhir_user
+    if patient_id is not None and others == {patient_id}:
+        with store.reading() as repo:
+            related = proxies.linked_related_person(repo, user, patient_id) or recorded
+        if related:
+            return f"RelatedPerson/{related}"
+    return f"Person/{proxies.record_person(store, user)}"
 
 
 def consent_options(scope: str) -> list[str]:

@@ -170,3 +170,13 @@ password_reset = Table(
     Column("expires_ms", BigInteger, nullable=False),
     Column("used_ms", BigInteger, nullable=True),
 )
+
+# One row (id 1): a counter bumped in the same transaction as every change that takes access away
+# (a revoked grant or token, an ended proxy relationship). A process reuses a token it has cached
+# only while the counter is unchanged, so a revocation reaches every process on its next request.
+revocation_generation = Table(
+    "revocation_generation",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+)

@@ -23,6 +23,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from gateway.db import write_tx
+from gateway.smart_auth import revocation
 from gateway.smart_auth.models import activation_code, auth_user, proxy_grant
 
 ACTIVATION_DAYS = 45
@@ -231,7 +232,9 @@ def revoke_proxy(engine: Engine, username: str, patient_id: str) -> list[str]:
                proxy_grant.c.revoked_ms.is_(None))
     with write_tx(engine) as conn:
         consents = list(conn.execute(select(proxy_grant.c.consent_id).where(*current)).scalars())
-        conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms()))
+        ended = conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms())).rowcount
+        if ended:
+            revocation.bump(conn)  # every process drops what it cached about this user's tokens
     return [c for c in consents if c]
 
 
@@ -242,6 +245,19 @@ def proxy_record(conn: Connection, user_id: int, patient_id: str) -> str | None:
         proxy_grant.c.revoked_ms.is_(None)).order_by(proxy_grant.c.id.desc())).scalar()
 
 
+def _current_grants(conn: Connection, user_id: int, today: date) -> list[Any]:
+    day = today.isoformat()
+    rows = conn.execute(select(proxy_grant).where(
+        proxy_grant.c.user_id == user_id, proxy_grant.c.revoked_ms.is_(None), proxy_grant.c.valid_from <= day))
+    return [row for row in rows if row.valid_until is None or row.valid_until >= day]
+
+
+def current_proxy_records(conn: Connection, user_id: int, today: date | None = None) -> list[str]:
+    """The RelatedPerson ids of a login's current proxy relationships, in a stable order."""
+    grants = _current_grants(conn, user_id, today or date.today())
+    return sorted({row.related_person for row in grants if row.related_person})
+
+
 def acting_for(conn: Connection, user_id: int, today: date | None = None) -> dict[str, bool]:
     """Patient id -> limited (True: a proxy of a 12-17 year old, who does not see confidential data)."""
     today = today or date.today()
@@ -249,12 +265,7 @@ def acting_for(conn: Connection, user_id: int, today: date | None = None) -> dic
     if user is None:
         return {}
     out: dict[str, bool] = {}
-    day = today.isoformat()
-    rows = conn.execute(select(proxy_grant).where(
-        proxy_grant.c.user_id == user_id, proxy_grant.c.revoked_ms.is_(None), proxy_grant.c.valid_from <= day))
-    for row in rows:
-        if row.valid_until is not None and row.valid_until < day:
-            continue
+    for row in _current_grants(conn, user_id, today):
         limited = bool(row.birth_date) and 12 <= age_on(date.fromisoformat(row.birth_date[:10]), today) < 18
         out[row.patient_id] = out.get(row.patient_id, True) and limited
     if user.patient_id:

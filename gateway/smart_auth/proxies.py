@@ -1,8 +1,11 @@
-"""The FHIR record of a proxy relationship: the proxy as a RelatedPerson, the grant as a Consent.
+"""The FHIR record of a proxy relationship: the proxy as a RelatedPerson, the grant as a Consent,
+and the login as a Person linking its own Patient to the RelatedPerson of each relationship.
 
 The access policy reads the proxy_grant table (fast, and it ends by date on its own); these
 resources make the same relationship visible in the record, to the EHR and to FHIR clients.
-A RelatedPerson the proxy's own Patient already links to (Patient.link) is reused.
+A RelatedPerson the proxy's own Patient already links to (Patient.link) is reused. The Person is
+written when a relationship is granted or ended and when the login authorizes an app with it as
+fhirUser (launch.fhir_user_for), so its links also catch up with relationships that ended by date.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.fhir.outcome import FhirError
+from gateway.smart_auth import people
 from gateway.smart_auth.people import User
 
 ROLE_CODES = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
@@ -74,13 +78,38 @@ def record_proxy(store: Any, user: User, patient_id: str, relationship: str, val
     return store.write(write), consent_id
 
 
-def end_consents(store: Any, consent_ids: list[str]) -> None:
-    """Mark the Consents of ended proxy grants inactive."""
+def person_id(user: User) -> str:
+    """The id of the Person that stands for a login (one per login, never reused by another)."""
+    return f"login-{user.id}"
+
+
+def _write_person(repo: Any, user: User) -> str:
+    pid = person_id(user)
+    repo.lock(f"Person/{pid}")  # two grants at once: the second rewrites after the first commits
+    own = (_read(repo, "Patient", user.patient_id) if user.patient_id else None) or {}
+    person: dict[str, Any] = {"resourceType": "Person", "id": pid, "active": True}
+    for key in ("name", "telecom", "gender", "birthDate"):
+        if own.get(key):
+            person[key] = own[key]
+    targets = [user.fhir_user, *(f"RelatedPerson/{rid}" for rid in people.current_proxy_records(repo.conn, user.id))]
+    person["link"] = [{"target": {"reference": target}} for target in targets]
+    repo.update("Person", pid, person, None)  # unchanged content writes no new version
+    return pid
+
+
+def record_person(store: Any, user: User) -> str:
+    """Write the login's Person as its relationships stand now; returns its id."""
+    return store.write(lambda repo: _write_person(repo, user))
+
+
+def end_proxy_records(store: Any, user: User, consent_ids: list[str]) -> None:
+    """After proxy grants ended: their Consents inactive, and the login's Person without their links."""
     def write(repo: Any) -> None:
         for consent_id in consent_ids:
             consent = _read(repo, "Consent", consent_id)
             if consent and consent.get("status") == "active":
                 repo.update("Consent", consent_id, {**consent, "status": "inactive"}, None)
+        if consent_ids or repo.find("Person", person_id(user)) is not None:
+            _write_person(repo, user)
 
-    if consent_ids:
-        store.write(write)
+    store.write(write)

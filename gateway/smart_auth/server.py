@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway import access
 from gateway.config import Settings
 from gateway.db import write_tx
-from gateway.smart_auth import keys, people, proxies, reset
+from gateway.smart_auth import keys, people, proxies, reset, revocation
 from gateway.smart_auth.grants import (
     AuthCode,
     Authorizer,
@@ -87,7 +87,8 @@ class SmartAuth:
         self.server.register_client_auth_method("private_key_jwt", PrivateKeyJwt(self))
         self.server.register_endpoint(SmartIntrospection)
         self.server.register_endpoint(SmartRevocation)
-        self._cache: dict[str, tuple[access.Principal, float]] = {}
+        # token digest -> (principal, reuse until (monotonic s), revocation generation it was resolved under)
+        self._cache: dict[str, tuple[access.Principal, float, int]] = {}
         self._cache_lock = threading.Lock()
         self.mailer = reset.smtp_mailer(settings)
         self.limiter = people.FailureLimiter()
@@ -304,18 +305,20 @@ class SmartAuth:
 
     def revoke_grant(self, grant_id: str) -> None:
         with write_tx(self.engine) as conn:
-            conn.execute(update(oauth_grant).where(oauth_grant.c.grant_id == grant_id,
-                                                   oauth_grant.c.revoked_ms.is_(None)).values(revoked_ms=now_ms()))
+            ended = conn.execute(update(oauth_grant).where(
+                oauth_grant.c.grant_id == grant_id, oauth_grant.c.revoked_ms.is_(None)).values(
+                revoked_ms=now_ms())).rowcount
             conn.execute(update(oauth_token).where(oauth_token.c.grant_id == grant_id).values(revoked=True))
-        self.forget_cached()
+            if ended:  # revoking what is revoked already must not empty every process's cache again
+                revocation.bump(conn)
 
     def revoke_proxy(self, username: str, patient_id: str) -> list[str]:
-        """End a proxy relationship; this process stops honouring its tokens at once. Returns the
+        """End a proxy relationship; every process stops honouring its tokens at once. Returns the
         ids of the Consents it marked inactive."""
         consents = people.revoke_proxy(self.engine, username, patient_id)
-        self.forget_cached()
-        if self.store is not None:
-            proxies.end_consents(self.store, consents)
+        user = people.find_user(self.engine, username)
+        if self.store is not None and user is not None:
+            proxies.end_proxy_records(self.store, user, consents)
         return consents
 
     def apps_of(self, user_id: int) -> list[dict[str, Any]]:
@@ -341,15 +344,20 @@ class SmartAuth:
         self.revoke_grant(grant_id)
         return True
 
-    def forget_cached(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-
     # the resource server side
     def principal_for(self, access_token: str) -> access.Principal | None:
+        """The Principal a bearer token stands for now, or None.
+
+        What a token resolves to is reused for GATEWAY_TOKEN_CACHE_SECONDS (a proxy relationship
+        also ends by date, with no event to announce it), but only while the revocation generation
+        is the one it was resolved under: a revocation committed by any process is honoured here on
+        the next request. The generation is read before the token: an entry resolved while a
+        revocation commits carries the older generation and is not trusted again.
+        """
         h = digest(access_token)
+        generation = revocation.current(self.engine)
         cached = self._cache.get(h)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[2] == generation and cached[1] > time.monotonic():
             return cached[0]
         principal, expires_ms = self._resolve(h)
         if principal is not None:
@@ -357,7 +365,7 @@ class SmartAuth:
             with self._cache_lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[h] = (principal, time.monotonic() + ttl)
+                self._cache[h] = (principal, time.monotonic() + ttl, generation)
         return principal
 
     def _resolve(self, access_hash: str) -> tuple[access.Principal | None, int]:

@@ -41,7 +41,11 @@ def test_standalone_launch_parent_picks_child(world: Any, http: Any, fhir_base: 
     assert http.get("/fhir/Patient/sofia-garcia", _bearer(token["access_token"])).status == 200
     assert http.get("/fhir/Patient/robert-chen", _bearer(token["access_token"])).status == 403
     assert http.get("/fhir/Patient/daniel-garcia", _bearer(token["access_token"])).status == 403
-    # Acting for Sofia, Maria is the RelatedPerson her own record links to; her own record is not in reach.
+    # Acting for Sofia, Maria (who acts for two children) is her Person; her own record is not in reach.
+    from gateway.smart_auth import people, proxies
+
+    person = proxies.person_id(people.find_user(world.smart.engine, "maria"))  # type: ignore[arg-type]
+    assert http.get(f"/fhir/Person/{person}", _bearer(token["access_token"])).status == 200
     assert http.get("/fhir/RelatedPerson/maria-garcia-mother-of-sofia", _bearer(token["access_token"])).status == 200
     assert http.get("/fhir/Patient/maria-garcia", _bearer(token["access_token"])).status == 403
     assert http.get("/fhir/Observation/maria-garcia-hba1c-2026-11-10", _bearer(token["access_token"])).status == 403
@@ -51,7 +55,7 @@ def test_standalone_launch_parent_picks_child(world: Any, http: Any, fhir_base: 
     header = json.loads(base64.urlsafe_b64decode(token["id_token"].split(".")[0] + "=="))
     assert header["alg"] == "RS256"
     claims = jwt.decode(token["id_token"], jwks, algorithms=["RS256"]).claims
-    assert claims["fhirUser"] == f"{fhir_base}/RelatedPerson/maria-garcia-mother-of-sofia"
+    assert claims["fhirUser"] == f"{fhir_base}/Person/{person}"
     assert claims["aud"] == "public-app" and claims["iss"] == fhir_base
 
 
