@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 
 from gateway import db
 
@@ -130,3 +130,24 @@ def test_a_write_that_need_not_be_durable_skips_only_its_own_flush(store: Any) -
         assert level(conn) in ("FULL", "on")
     with db.read_tx(engine) as conn:
         assert level(conn) in ("FULL", "on")
+
+
+def test_tasks_stored_before_task_joined_the_compartment_are_indexed_by_the_migration(tmp_path: Path) -> None:
+    from sqlalchemy import delete
+
+    from gateway.fhir.store import FhirStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
+    db.upgrade(engine, "0006")
+    store = FhirStore(engine)
+    with store.writing() as repo:
+        task = repo.create({"resourceType": "Task", "status": "requested", "intent": "order",
+                            "for": {"reference": "Patient/p1"}}).stored
+        repo.create({"resourceType": "Task", "status": "requested", "intent": "order"})
+    with engine.begin() as conn:  # as a store before Task was in the patient compartment left it
+        conn.execute(delete(db.compartment).where(db.compartment.c.resource_type == "Task"))
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(select(db.compartment.c.resource_pk, db.compartment.c.patient_id)).all()
+    assert [(r.resource_pk, r.patient_id) for r in rows] == [(task.pk, "p1")]
+    engine.dispose()

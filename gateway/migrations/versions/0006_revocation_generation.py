@@ -1,7 +1,9 @@
 """revocation generation: the counter every process checks before reusing a cached token
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
+
+(Re-chained after the portal's 0005 at merge.)
 Create Date: 2026-12-02 10:00:00
 """
 
@@ -9,8 +11,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0005'
-down_revision = '0004'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
