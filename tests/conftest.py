@@ -37,6 +37,23 @@ def _pg_reachable() -> bool:
 BACKENDS = ["sqlite"] + (["postgresql"] if _pg_reachable() else [])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashing() -> Iterator[None]:
+    """Argon2 at its cheapest parameters inside the test process. The product's default costs about
+    0.18 s of CPU per hash or verification here, and the portal and SMART tests create logins and
+    sign in through the login form in almost every test (about 1 s of set-up each); what they test
+    is the flow, not the cost. Verification reads the parameters from each stored hash, so hashes
+    made either way verify. Gateways started as separate processes keep the default."""
+    from argon2 import PasswordHasher
+
+    from gateway.smart_auth import people
+
+    original = people._hasher
+    people._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    people._hasher = original
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if request.param == "sqlite":
