@@ -89,15 +89,29 @@ def fhir_user_for(smart: Any, store: Any, user: people.User, patient_id: str | N
         return user.fhir_user
     with smart.engine.connect() as conn:
         others = set(people.acting_for(conn, user.id)) - {user.patient_id}
-        recorded = people.proxy_record(conn, user.id, patient_id) if patient_id is not None else None
     if not others:
         return user.fhir_user
     if patient_id is not None and others == {patient_id}:
-        with store.reading() as repo:
-            related = proxies.linked_related_person(repo, user, patient_id) or recorded
-        if related:
-            return f"RelatedPerson/{related}"
+        role = acting_as(smart, store, user, patient_id)
+        if role != user.fhir_user:
+            return role
     return f"Person/{proxies.record_person(store, user)}"
+
+
+def acting_as(smart: Any, store: Any, user: people.User, patient_id: str) -> str:
+    """The user's role in one patient's record, for what they write there (a message's sender, a
+    request's requester): their own Patient, else the RelatedPerson of their relationship with the
+    patient (the one their Patient links to, else the one written at the grant); without either,
+    their Patient. Unlike fhir_user_for, never the Person: a message is written by a mother, not by
+    the login that stands for several people."""
+    if patient_id == user.patient_id:
+        return user.fhir_user
+    with store.reading() as repo:
+        related = proxies.linked_related_person(repo, user, patient_id)
+    if related is None:
+        with smart.engine.connect() as conn:
+            related = people.proxy_record(conn, user.id, patient_id)
+    return f"RelatedPerson/{related}" if related else user.fhir_user
 
 
 def consent_options(scope: str) -> list[str]:

@@ -77,7 +77,12 @@ def test_a_refill_request_is_a_task_for_the_care_team_and_goes_to_the_outbox(por
     assert task["code"]["coding"][0] == {"system": TASK_CODES, "code": "fulfill",
                                          "display": "Fulfill the focal request"}
     assert task["for"] == {"reference": "Patient/sofia-garcia"}
-    assert task["requester"] == {"reference": "Patient/maria-garcia"}  # the signed-in login, acting for her child
+    # the signed-in login in her role for the child: Maria as Sofia's mother (RelatedPerson)
+    kind, _, related = task["requester"]["reference"].partition("/")
+    with store.reading() as repo:
+        mother = repo.read("RelatedPerson", related).resource()
+    assert kind == "RelatedPerson" and mother["patient"]["reference"] == "Patient/sofia-garcia"
+    assert "Maria" in str(mother["name"])
     assert task["owner"]["reference"] == "Practitioner/james-okafor"  # the prescriber
     assert task["note"][0]["text"] == "Pharmacy on Main Street, please"
     assert abs(datetime.fromisoformat(task["authoredOn"].replace("Z", "+00:00")) - datetime.now(UTC)) \

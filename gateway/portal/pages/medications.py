@@ -14,6 +14,7 @@ from wtforms.validators import Length, Optional
 
 from gateway.portal import context
 from gateway.portal import medications as service
+from gateway.portal.pages.messages import author_of
 from gateway.portal.web import bp, home_section, nav_item, page, visit
 
 nav_item(30, "portal.medications", _l("Medications"))
@@ -62,7 +63,7 @@ def medications_refill(request_id: str) -> Response:
     if request.method == "POST":
         if form.validate_on_submit():
             try:
-                service.request_refill(current.record, current.user.fhir_user, request_id, form.note.data or "",
+                service.request_refill(current.record, author_of(current).reference, request_id, form.note.data or "",
                                        _refusals())
                 return redirect(url_for("portal.medications", requested=request_id))
             except service.RefillRefused as refused:

@@ -50,7 +50,7 @@ class ReplyForm(FlaskForm):
 def author_of(current: context.Visit) -> service.Author:
     """The login's fhirUser for this record: its Patient, or the RelatedPerson it acts as."""
     gateway = services()
-    reference = launch.fhir_user_for(gateway.smart, gateway.store, current.user, current.record.patient_id)
+    reference = launch.acting_as(gateway.smart, gateway.store, current.user, current.record.patient_id)
     name = next((c.name for c in current.choices if c.is_self), "") or current.user.username
     return service.Author(reference, name)
 
