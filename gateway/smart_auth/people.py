@@ -235,6 +235,8 @@ def revoke_proxy(engine: Engine, username: str, patient_id: str) -> list[str]:
         ended = conn.execute(update(proxy_grant).where(*current).values(revoked_ms=now_ms())).rowcount
         if ended:
             revocation.bump(conn)  # every process drops what it cached about this user's tokens
+    if ended:
+        revocation.publish(engine)
     return [c for c in consents if c]
 
 

@@ -311,6 +311,8 @@ class SmartAuth:
             conn.execute(update(oauth_token).where(oauth_token.c.grant_id == grant_id).values(revoked=True))
             if ended:  # revoking what is revoked already must not empty every process's cache again
                 revocation.bump(conn)
+        if ended:
+            revocation.publish(self.engine)
 
     def revoke_proxy(self, username: str, patient_id: str) -> list[str]:
         """End a proxy relationship; every process stops honouring its tokens at once. Returns the

@@ -156,11 +156,44 @@ def test_the_generation_moves_on_once_per_revocation(app: Any) -> None:
     for _ in range(2):
         with write_tx(engine) as conn:
             revocation.bump(conn)
+        revocation.publish(engine)
     assert revocation.current(engine) == start + 2
     with pytest.raises(RuntimeError), write_tx(engine) as conn:
         revocation.bump(conn)
-        raise RuntimeError("rolled back with the change it announced")
+        raise RuntimeError("rolled back with the change it announced, so never published")
     assert revocation.current(engine) == start + 2
+
+
+def test_a_cached_token_costs_no_database_call_on_sqlite(world: Any, app: Any, fhir_base: str,
+                                                         monkeypatch: Any) -> None:
+    """Checking a cached token: nothing asked of SQLite (a mapped counter), one read of PostgreSQL."""
+    from sqlalchemy import event
+
+    from gateway.smart_auth import revocation
+
+    smart = app.extensions["gateway"].smart
+    token = _token(FlaskHttp(app.test_client()), fhir_base)["access_token"]
+    assert smart.principal_for(token) is not None
+    statements: list[str] = []
+    reads: list[int] = []
+    read = revocation.DatabaseReader.read
+
+    def counted(self: Any) -> int:
+        reads.append(1)
+        return read(self)
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    monkeypatch.setattr(revocation.DatabaseReader, "read", counted)
+    event.listen(smart.engine, "before_cursor_execute", seen)
+    try:
+        for _ in range(3):
+            assert smart.principal_for(token) is not None
+    finally:
+        event.remove(smart.engine, "before_cursor_execute", seen)
+    assert statements == []  # the token itself is not looked up again
+    assert len(reads) == (0 if smart.engine.dialect.name == "sqlite" else 3)
 
 
 def test_the_migration_makes_the_counter_row(tmp_path: Path) -> None:
@@ -174,3 +207,38 @@ def test_the_migration_makes_the_counter_row(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert [tuple(row) for row in conn.execute(select(revocation_generation))] == [(1, 0)]
     engine.dispose()
+
+
+def test_the_shared_counter_loses_no_increment(tmp_path: Path) -> None:
+    """Two mappings of one file stand for two processes; increments from both, in threads, all count."""
+    import threading
+
+    from gateway.smart_auth.revocation import SharedCounter
+
+    path = str(tmp_path / "gateway.sqlite.revocations")
+    one, other = SharedCounter(path), SharedCounter(path)
+    assert one.read() == other.read() == 0
+
+    def bump(counter: SharedCounter) -> None:
+        for _ in range(200):
+            counter.increment()
+
+    threads = [threading.Thread(target=bump, args=(c,)) for c in (one, other, one, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert one.read() == other.read() == 800
+
+
+def test_the_database_reader_replaces_a_lost_connection(app: Any) -> None:
+    from gateway.smart_auth.revocation import DatabaseReader
+
+    reader = DatabaseReader(app.extensions["gateway"].engine)
+    first = reader.read()
+    connection = reader._connection()
+    if hasattr(connection, "autocommit"):
+        assert connection.autocommit is True  # no transaction left open between reads
+    connection.close()  # as a database restart would leave it
+    assert reader.read() == first
+    reader.close()
