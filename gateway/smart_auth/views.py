@@ -301,8 +301,8 @@ def forgot_username() -> Response:
                                 smart.settings.base_url, form.email.data or "")
         return _page("error.html", message=_("If a record here has that email address, its usernames are on "
                                              "their way to it."))
-    errors = [str(e) for e in form.email.errors]
-    return _page("forgot_username.html", 400 if errors else 200, form=form, error=errors[0] if errors else None)
+    error = first_error(form)
+    return _page("forgot_username.html", 200 if error is None else 400, form=form, error=error)
 
 
 @bp.route("/reset/<token>", methods=["GET", "POST"])
