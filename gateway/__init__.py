@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     from gateway import portal
 
     portal.init_app(app)
+    from gateway import admin
+
+    admin.init_app(app)
     # Every browser form carries a CSRF token, checked before any view runs. The API, HL7 over HTTP,
     # discovery and the OAuth endpoints apps call (with bearer tokens or client credentials, never
     # cookies) are exempt; /auth/authorize is a redirect an app starts from its own page.

@@ -395,3 +395,46 @@ def principal_for_portal(*, fhir_user: str, patient_id: str, acting_for: Mapping
     rule = Rule("*", frozenset("crus"), chosen, limited)
     return Principal(kind="user", subject=fhir_user, client_id="portal", patients=chosen,
                      interactions=PORTAL_INTERACTIONS, rules=(rule,), fhir_user=fhir_user)
+
+
+# --- the operator console (/admin) ---
+
+# Staff roles and the console areas each may open. A login holds any number of roles; an area not
+# named here, or a role not listed for it, is refused.
+STAFF_ROLES = ("operator", "front-desk", "security-officer")
+STAFF_AREAS: dict[str, frozenset[str]] = {
+    "messages": frozenset({"operator"}),
+    "outbox": frozenset({"operator"}),
+    "health": frozenset({"operator", "security-officer"}),
+    "apps": frozenset({"security-officer"}),
+    "audit": frozenset({"security-officer"}),
+    "patients": frozenset({"front-desk"}),
+    "resources": frozenset({"operator", "front-desk", "security-officer"}),
+}
+# What each role may read in the store through the console (every patient: staff work across records;
+# every read is audited under the staff member's name).
+_STAFF_READS: dict[str, tuple[str, ...]] = {
+    "operator": ("*",),
+    "front-desk": ("Patient", "RelatedPerson", "Consent", "Person"),
+    "security-officer": ("AuditEvent", "Patient"),
+}
+
+
+def staff_may(roles: frozenset[str] | set[str], area: str) -> bool:
+    """May a login with these roles open this console area?"""
+    allowed_roles = STAFF_AREAS.get(area)
+    return bool(allowed_roles and allowed_roles & set(roles))
+
+
+def check_staff(roles: frozenset[str] | set[str], area: str) -> None:
+    if not staff_may(roles, area):
+        raise FhirError(403, f"The console area {area!r} is not open to this login", code="forbidden")
+
+
+def principal_for_staff(*, username: str, roles: frozenset[str] | set[str]) -> Principal:
+    """A staff member's reads through the console: the types their roles need, on every patient,
+    read-only (changes go through the console's own services, each audited)."""
+    rules = tuple(Rule(rtype, frozenset("rs"), None) for role in sorted(roles) if role in _STAFF_READS
+                  for rtype in _STAFF_READS[role])
+    return Principal(kind="staff", subject=f"staff:{username}", client_id=None, patients=None,
+                     interactions=READ_FAMILY, rules=rules)

@@ -34,6 +34,13 @@ ACTIONS = {
     "read": "R", "vread": "R", "search": "E", "history": "R", "everything": "E", "create": "C",
     "update": "U", "patch": "U", "delete": "D", "transaction": "E", "batch": "E",
 }
+# Actions in the operator console are recorded as "console:<verb>-<what>" (e.g. console:update-message):
+# their own event type, the action as subtype, the verb giving the CRUDE letter.
+CONSOLE = "console:"
+CONSOLE_TYPE = {"system": "urn:gateway:audit-event-type", "code": "console", "display": "Operator console action"}
+CONSOLE_ACTION_SYSTEM = "urn:gateway:console-action"
+CONSOLE_VERBS = {"view": "R", "search": "E", "export": "E", "create": "C", "update": "U", "delete": "D",
+                 "execute": "E"}
 SUBTYPES = {
     "read": "read", "vread": "vread", "search": "search-type", "history": "history-instance",
     "everything": "operation", "create": "create", "update": "update", "patch": "patch",
@@ -102,19 +109,30 @@ def audit_event(record: AuditRecord, patients: set[str]) -> dict[str, Any]:
         "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
                              "code": "humanuser" if record.client_id is None else "dataprocessor"}]},
         "who": {"display": record.agent},
+        "name": record.agent,  # searchable as agent-name
         "requestor": True,
     }
     if record.client_id:
         agent["who"]["identifier"] = {"system": "urn:gateway:client", "value": record.client_id}
+        agent["altId"] = record.client_id  # searchable as altid
     if record.address:
         agent["network"] = {"address": record.address, "type": "2"}
+    if record.interaction.startswith(CONSOLE):
+        name = record.interaction[len(CONSOLE):]
+        event_type: dict[str, Any] = CONSOLE_TYPE
+        subtype = {"system": CONSOLE_ACTION_SYSTEM, "code": name}
+        action = CONSOLE_VERBS.get(name.split("-", 1)[0], "E")
+    else:
+        event_type = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                      "display": "RESTful Operation"}
+        subtype = {"system": "http://hl7.org/fhir/restful-interaction",
+                   "code": SUBTYPES.get(record.interaction, record.interaction)}
+        action = ACTIONS.get(record.interaction, "E")
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-                 "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction",
-                     "code": SUBTYPES.get(record.interaction, record.interaction)}],
-        "action": ACTIONS.get(record.interaction, "E"),
+        "type": event_type,
+        "subtype": [subtype],
+        "action": action,
         "recorded": record.recorded,
         "outcome": record.outcome,
         "agent": [agent],

@@ -283,6 +283,35 @@ def user_add(username: str, password: str, fhir_user: str, totp_secret: str | No
 
 
 @main.group()
+def staff() -> None:
+    """Staff logins of the operator console (/admin)."""
+
+
+@staff.command("add")
+@click.option("--username", required=True)
+@click.option("--password", required=True, help="at least 12 characters")
+@click.option("--role", "roles", multiple=True, required=True,
+              type=click.Choice(["operator", "front-desk", "security-officer"]), help="repeat for several roles")
+@click.option("--totp-secret", default=None, help="base32 TOTP secret; made up and printed when not given")
+@click.option("--practitioner", default=None, help="the staff member's Practitioner/ID, if any")
+def staff_add(username: str, password: str, roles: tuple[str, ...], totp_secret: str | None,
+              practitioner: str | None) -> None:
+    """Create a staff login with its roles; staff always sign in with a second factor."""
+    from gateway.admin.staff import add_staff
+    from gateway.smart_auth.people import totp_uri
+
+    def action(s: Any) -> dict[str, Any]:
+        created, granted = add_staff(s.engine, username, password, list(roles), totp_secret=totp_secret,
+                                     practitioner=practitioner)
+        out: dict[str, Any] = {"username": created.username, "roles": sorted(granted), "mfa": True}
+        if not totp_secret:  # made here: shown this once, for the staff member's authenticator app
+            out["totp_uri"] = totp_uri(created.totp_secret or "", created.username, "FHIR gateway console")
+        return out
+
+    _smart_call(action)
+
+
+@main.group()
 def proxy() -> None:
     """Proxy access: parents, caregivers."""
 

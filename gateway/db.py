@@ -170,7 +170,8 @@ hl7_message = Table(
     Column("message_type", String(32), nullable=True),  # e.g. ADT^A01
     Column("version", String(16), nullable=True),
     Column("content_hash", String(64), nullable=False),
-    # received -> processed | failed | duplicate; a failed message can be reprocessed.
+    # received -> processed | failed | duplicate; a failed message can be reprocessed, or set aside
+    # by an operator as ignored (with the reason in `note`).
     Column("status", String(16), nullable=False),
     Column("flagged", Boolean, nullable=False, default=False),  # same control id, different content
     Column("duplicate_of", BigInteger, nullable=True),
@@ -181,11 +182,15 @@ hl7_message = Table(
     Column("patient_id", String(64), nullable=True),
     Column("mrn", String(255), nullable=True),
     Column("raw", Text, nullable=False),
+    Column("ack_ms", Integer, nullable=True),  # from receipt to the ACK being ready (after commit)
+    Column("note", Text, nullable=True),  # the operator's reason when a message was ignored
     Index("ix_hl7_control", "control_id", "sending_app", "sending_facility"),
     Index("ix_hl7_status", "status", "id"),
     Index("ix_hl7_received", "received_ms"),
     Index("ix_hl7_mrn", "mrn"),
     Index("ix_hl7_patient", "patient_id"),
+    Index("ix_hl7_sender", "sending_app", "id"),
+    Index("ix_hl7_type", "message_type", "id"),
 )
 
 hl7_written = Table(

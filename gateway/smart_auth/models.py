@@ -24,6 +24,8 @@ oauth_client = Table(
     Column("jwks", Text, nullable=True),  # inline JWKS (public keys)
     Column("launch_url", String(1024), nullable=True),
     Column("created_ms", BigInteger, nullable=False),
+    Column("name", String(255), nullable=True),  # shown to staff and on the consent page
+    Column("disabled_ms", BigInteger, nullable=True),  # set: the client gets no tokens and its tokens stop
 )
 
 auth_user = Table(

@@ -17,12 +17,14 @@ from gateway.smart_auth import people
 USER = "smart_uid"
 EPOCH = "smart_epoch"
 SEEN = "smart_seen"
+MFA = "smart_mfa"  # the session began with the second factor (the operator console requires it)
 ENDED = "smart_ended"  # why the last session ended ("idle" or "elsewhere"), shown at the next sign-in
 
 
-def start(user: people.User) -> None:
+def start(user: people.User, *, mfa: bool = False) -> None:
     """Begin a signed-in session (the caller has cleared the old one: no fixation)."""
     session[USER] = user.id
+    session[MFA] = mfa
     session[EPOCH] = user.session_epoch
     session[SEEN] = int(time.time())
 
@@ -44,6 +46,10 @@ def current_user(engine: Engine, idle_seconds: int) -> people.User | None:
     if now - int(session.get(SEEN, 0)) >= 15:  # do not rewrite the cookie on every request
         session[SEEN] = now
     return user
+
+
+def passed_mfa() -> bool:
+    return bool(session.get(MFA))
 
 
 def end(reason: str | None = None) -> None:

@@ -339,7 +339,7 @@ def mfa() -> Response:
         _, error = _attempt(lambda: people.check_otp(_smart().engine, user, form.otp.data or ""))
         if error is None:
             session.pop(MFA_USER, None)
-            sessions.start(user)
+            sessions.start(user, mfa=True)
             _sync_after_sign_in(user)
             return redirect(session.pop(NEXT, None) or url_for(".resume"))
     if error is None and form.is_submitted():

@@ -1,0 +1,62 @@
+"""Staff logins of the operator console: a login (auth_user) with one or more roles, always with
+a second factor. Staff sign in through the same login and MFA pages as patients; what they may open
+is decided by gateway.access from their roles."""
+
+from __future__ import annotations
+
+import pyotp
+from sqlalchemy import Connection, Engine, delete, insert, select
+
+from gateway import access
+from gateway.admin.models import staff_role
+from gateway.db import write_tx
+from gateway.smart_auth import people
+from gateway.smart_auth.models import auth_user
+from gateway.smart_auth.people import AuthError, now_ms
+
+
+def roles_of(conn: Connection, user_id: int) -> frozenset[str]:
+    return frozenset(conn.execute(select(staff_role.c.role).where(staff_role.c.user_id == user_id)).scalars())
+
+
+def _check_roles(roles: list[str]) -> list[str]:
+    unknown = sorted(set(roles) - set(access.STAFF_ROLES))
+    if unknown or not roles:
+        raise AuthError(f"roles must be among {', '.join(access.STAFF_ROLES)} (got {', '.join(unknown) or 'none'})")
+    return sorted(set(roles))
+
+
+def add_staff(engine: Engine, username: str, password: str, roles: list[str], *, totp_secret: str | None = None,
+              practitioner: str | None = None) -> tuple[people.User, frozenset[str]]:
+    """A new staff login with its roles. Staff always sign in with a second factor: without a given
+    secret one is made (the caller shows its provisioning URI once)."""
+    roles = _check_roles(roles)
+    if len(password) < 12:
+        raise AuthError("a staff password needs at least 12 characters")
+    if practitioner is not None and (not practitioner.startswith("Practitioner/") or practitioner == "Practitioner/"):
+        raise AuthError("--practitioner must be Practitioner/ID")
+    secret = totp_secret or people.new_totp_secret()
+    try:
+        pyotp.TOTP(secret).now()
+    except (ValueError, TypeError) as exc:
+        raise AuthError(f"--totp-secret is not usable: {exc}") from None
+    with write_tx(engine) as conn:
+        if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
+            raise AuthError(f"user {username!r} exists already")
+        conn.execute(insert(auth_user).values(
+            username=username, password_hash=people.hash_secret(password), fhir_user=practitioner or "",
+            totp_secret=secret, failed_logins=0, created_ms=now_ms()))
+        row = conn.execute(select(auth_user).where(auth_user.c.username == username)).one()
+        conn.execute(insert(staff_role), [{"user_id": row.id, "role": role} for role in roles])
+    return people.User(row.id, row.username, row.fhir_user, row.totp_secret), frozenset(roles)
+
+
+def set_roles(engine: Engine, username: str, roles: list[str]) -> frozenset[str]:
+    roles = _check_roles(roles)
+    with write_tx(engine) as conn:
+        user_id = conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).scalar()
+        if user_id is None:
+            raise AuthError(f"no login {username!r}")
+        conn.execute(delete(staff_role).where(staff_role.c.user_id == user_id))
+        conn.execute(insert(staff_role), [{"user_id": user_id, "role": role} for role in roles])
+    return frozenset(roles)
