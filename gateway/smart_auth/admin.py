@@ -34,9 +34,11 @@ def check_jwks(jwks: Any) -> None:
         raise AuthError(f"the JWKS cannot be read: {exc}") from None
     if not keyset.keys:
         raise AuthError("the JWKS has no keys")
-    if any(not key.kid for key in keyset.keys):
+    raw_keys = [raw for raw in jwks.get("keys", []) if isinstance(raw, dict)]
+    # The kid as given: joserfc makes one up (the key's thumbprint) for a key that has none.
+    if any(not key.kid for key in keyset.keys) or any(not raw.get("kid") for raw in raw_keys):
         raise AuthError("every key in the JWKS needs a kid")
-    if any(PRIVATE_MEMBERS & set(raw) for raw in jwks.get("keys", []) if isinstance(raw, dict)):
+    if any(PRIVATE_MEMBERS & set(raw) for raw in raw_keys):
         raise AuthError("the JWKS holds private or symmetric key material; give the public keys only")
 
 

@@ -68,6 +68,7 @@ def message(error: service.AppError) -> str:
 
 class RegisterForm(FlaskForm):
     kind = RadioField(_l("Kind of app"), choices=[SelectChoice(value, label) for value, label in KIND_LABELS.items()],
+                      validate_choice=False,  # the service says which kinds there are
                       validators=[DataRequired(_l("Choose what kind of app this is."))])
     client_id = StringField(_l("Client id"), validators=[DataRequired(_l("Enter a client id.")),
                                                          Length(max=128, message=_l("A client id has at most 128 "
