@@ -113,7 +113,7 @@ def parse_filters(args: Mapping[str, str]) -> Filters:
 def agent_names(engine: Engine, user: str) -> list[str]:
     """The agent names a login's events carry: "staff:<username>" for a staff login's console actions,
     and for its portal and app use every fhirUser it may appear as (its own record, the RelatedPerson of
-    each proxy relationship it has had, its Person). A value that is not a username (an agent name as
+    each proxy relationship it has had, and then its Person). A value that is not a username (an agent name as
     shown, such as staff:ana or Patient/123) is searched as it is."""
     if not user:
         return []
@@ -124,10 +124,11 @@ def agent_names(engine: Engine, user: str) -> list[str]:
         names = [f"staff:{row.username}"] if staff.roles_of(conn, row.id) else []
         if row.fhir_user:
             names.append(row.fhir_user)
-        related = conn.execute(select(proxy_grant.c.related_person).where(
-            proxy_grant.c.user_id == row.id, proxy_grant.c.related_person.is_not(None))).scalars().all()
-    names += [f"RelatedPerson/{r}" for r in related]
-    names.append(f"Person/{person_id(User(row.id, row.username, row.fhir_user, None))}")
+        relationships = conn.execute(select(proxy_grant.c.related_person).where(
+            proxy_grant.c.user_id == row.id)).scalars().all()
+    names += [f"RelatedPerson/{r}" for r in relationships if r]
+    if relationships:  # only a login that acts (or acted) for others is ever its Person
+        names.append(f"Person/{person_id(User(row.id, row.username, row.fhir_user, None))}")
     return list(dict.fromkeys(names))
 
 
