@@ -142,16 +142,16 @@ def test_exports(app: Any, console: Any, events: dict[str, str]) -> None:
     assert reply.headers["Content-Disposition"].startswith('attachment; filename="audit-')
     lines = reply.get_data(as_text=True).splitlines()
     exported = [json.loads(line) for line in lines]
-    assert [e["id"] for e in exported] == _found(app)
+    assert [e["id"] for e in exported] == list(reversed(_found(app)))  # stored order, oldest first
     assert all(e["resourceType"] == "AuditEvent" for e in exported)
 
     reply = officer.post("/admin/audit/export", {**filters, "patient": "sofia-garcia", "format": "csv"},
                          page="/admin/audit")
     assert reply.status_code == 200 and reply.mimetype == "text/csv"
     rows = list(csv.DictReader(io.StringIO(reply.get_data(as_text=True))))
-    assert [r["id"] for r in rows] == [events["ana-revoke"], events["maria-as-proxy"]]
-    assert rows[0]["agent"] == "staff:ana" and rows[0]["subtype"] == "execute-revoke-grant"
-    assert rows[0]["patients"] == "Patient/sofia-garcia" and rows[1]["client"] == "public-app"
+    assert [r["id"] for r in rows] == [events["maria-as-proxy"], events["ana-revoke"]]
+    assert rows[1]["agent"] == "staff:ana" and rows[1]["subtype"] == "execute-revoke-grant"
+    assert rows[1]["patients"] == "Patient/sofia-garcia" and rows[0]["client"] == "public-app"
     # A cell a spreadsheet would run as a formula is written as text.
     reply = officer.post("/admin/audit/export", {"client": "odd,client|id", "format": "csv"}, page="/admin/audit")
     (row,) = list(csv.DictReader(io.StringIO(reply.get_data(as_text=True))))
