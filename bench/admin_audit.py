@@ -153,6 +153,7 @@ def _run(url: str, tmp: str, args: argparse.Namespace) -> None:
 
     cases: list[tuple[str, Callable[[], Callable[[], Any]]]] = [
         ("newest 50, no filter", lambda: find()),
+        ("the last day (the page's default)", lambda: find(**{"from": (END - timedelta(days=1)).date().isoformat()})),
         ("patient", lambda: find(patient=f"p{rng.randrange(PATIENTS)}")),
         ("user (staff, exact)", lambda: find(user=f"staff:staff{rng.randrange(STAFF)}")),
         ("user (patient login)", lambda: find(user=f"Patient/p{rng.randrange(PATIENTS)}")),

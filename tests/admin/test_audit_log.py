@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -99,6 +100,10 @@ def test_each_filter_finds_its_events(app: Any, events: dict[str, str]) -> None:
 
 def test_search_page_and_its_own_audit(app: Any, console: Any, events: dict[str, str]) -> None:
     officer = console("security-officer")
+    # The first visit lists the last day: none of the 2020 events.
+    html = officer.get("/admin/audit")
+    yesterday = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    assert f'name="from" value="{yesterday}"' in html and events["formula"] not in html
     html = officer.get(f"/admin/audit?patient=sofia-garcia&from={YEAR[0]}&to={YEAR[1]}")
     assert html.count('class="audit-event"') == 2
     assert events["ana-revoke"] in html and events["maria-as-proxy"] in html

@@ -4,7 +4,7 @@ searches and exports are themselves audited."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from flask import Response, request
 from flask_babel import gettext as _
@@ -47,8 +47,12 @@ def message(error: service.FilterError) -> str:
 @area("audit")
 def audit_log() -> Response:
     values = {k: request.args.get(k, "") for k in ("patient", "user", "client", "action", "from", "to")}
+    if not request.args:
+        # The first visit lists the last day's events: newest first over the whole log costs a sort of
+        # every event (README, Operator console); clearing the field searches it all.
+        values["from"] = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
     try:
-        filters = service.parse_filters(request.args)
+        filters = service.parse_filters(values)
     except service.FilterError as exc:
         return page("audit.html", 400, values=values, error=message(exc), found=None, actions=ACTIONS,
                     export=ExportForm(formdata=None), args={})
