@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sqlite-file", default=None,
                         help="keep the SQLite database here; a file already filled is reused as it is")
+    parser.add_argument("--pg-database", default=None,
+                        help="use (and keep) this PostgreSQL database; one already filled is reused as it is")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pg_name = None
@@ -112,10 +114,13 @@ def main() -> None:
         else:
             import psycopg
 
-            pg_name = f"gw_bench_{uuid.uuid4().hex[:10]}"
+            name = args.pg_database or f"gw_bench_{uuid.uuid4().hex[:10]}"
             with psycopg.connect(args.pg_admin_url, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{pg_name}"')
-            url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + pg_name
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+                if not exists:
+                    conn.execute(f'CREATE DATABASE "{name}"')
+            pg_name = None if args.pg_database else name
+            url = args.pg_admin_url.rsplit("/", 1)[0] + "/" + name
         try:
             _run(url, tmp, args)
         finally:
