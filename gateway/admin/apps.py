@@ -126,8 +126,10 @@ def _get(conn: Connection, client_id: str) -> App:
     return _app(row, n)
 
 
-def active_grants(engine: Engine, client_id: str) -> list[ActiveGrant]:
-    """The client's grants that can still produce or use a token, newest first."""
+def active_grants(engine: Engine, client_id: str, *, limit: int | None = None,
+                  grant_id: str | None = None) -> list[ActiveGrant]:
+    """The client's grants that can still produce or use a token, newest first (at most `limit`;
+    with `grant_id`, that one grant if it is one of them)."""
     now = now_ms()
     t = oauth_token.c
     last_access = select(func.max(t.expires_ms)).where(t.grant_id == oauth_grant.c.grant_id).scalar_subquery()
@@ -139,8 +141,9 @@ def active_grants(engine: Engine, client_id: str) -> list[ActiveGrant]:
             select(oauth_grant, auth_user.c.username, last_access.label("last_access"),
                    refreshable.label("refreshable"))
             .select_from(oauth_grant.outerjoin(auth_user, auth_user.c.id == oauth_grant.c.user_id))
-            .where(oauth_grant.c.client_id == client_id, _active(now))
-            .order_by(oauth_grant.c.created_ms.desc(), oauth_grant.c.grant_id)).all()
+            .where(oauth_grant.c.client_id == client_id, _active(now),
+                   *([oauth_grant.c.grant_id == grant_id] if grant_id is not None else []))
+            .order_by(oauth_grant.c.created_ms.desc(), oauth_grant.c.grant_id).limit(limit)).all()
     return [ActiveGrant(r.grant_id, r.client_id, r.username, r.fhir_user, r.patient_id, r.scope,
                         _iso(r.created_ms) or "", _iso(r.last_access), _iso(r.refreshable)) for r in rows]
 
@@ -336,8 +339,9 @@ def rotate_secret(engine: Engine, client_id: str) -> str:
 def revoke_grant(smart: Any, client_id: str, grant_id: str) -> ActiveGrant:
     """Revoke one active grant of the client with all its tokens, through the SMART server's own
     revocation (so every process refuses them on its next request); returns what was revoked."""
-    grant = next((g for g in active_grants(smart.engine, client_id) if g.grant_id == grant_id), None)
-    if grant is None:
+    found = active_grants(smart.engine, client_id, grant_id=grant_id) if grant_id else []
+    if not found:
         raise AppError("unknown-grant")
+    grant = found[0]
     smart.revoke_grant(grant_id)
     return grant

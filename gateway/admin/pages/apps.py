@@ -151,13 +151,13 @@ def _client_page(client_id: str, http_status: int = 200, edit: EditForm | None =
         app = service.get_app(engine, client_id)
     except service.AppError as exc:
         return page("error.html", 404, status=404, message=message(exc))
-    grants = service.active_grants(engine, client_id)
+    grants = service.active_grants(engine, client_id, limit=GRANTS_SHOWN)
     if edit is None:
         edit = EditForm(formdata=None, data={"client_id": app.client_id, "name": app.name or "",
                                              "redirect_uris": "\n".join(app.redirect_uris), "scope": app.scope,
                                              "launch_url": app.launch_url or "", "jwks_url": app.jwks_url or ""})
-    audit("view-client", description=f"client {client_id}: {len(grants)} active grants")
-    return page("apps_client.html", http_status, app=app, grants=grants[:GRANTS_SHOWN], grant_count=len(grants),
+    audit("view-client", description=f"client {client_id}: {app.active_grants} active grants")
+    return page("apps_client.html", http_status, app=app, grants=grants, grant_count=app.active_grants,
                 edit=edit, action=ClientForm(formdata=None, data={"client_id": app.client_id}),
                 revoke=RevokeForm(formdata=None), kinds=KIND_SHORT, error=error, done=done)
 
