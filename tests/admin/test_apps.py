@@ -44,11 +44,14 @@ def _basic(client_id: str, secret: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
 
 
-def _token(http: Any, fhir_base: str, client_id: str = "public-app", secret: str | None = None) -> dict[str, Any]:
+def _token(http: Any, fhir_base: str, client_id: str = "public-app", secret: str | None = None,
+           shown_as: str | None = None) -> dict[str, Any]:
     """Maria's token for Sofia through a real launch (authorize, login, picker, consent, code exchange)."""
     params, verifier = authorize_params(fhir_base, client_id=client_id)
     launch = run_launch(http, params, verifier, "maria", patient="Patient/sofia-garcia")
     assert "code" in launch.params, launch.location
+    if shown_as:
+        assert f"Allow {shown_as} access?" in text_of(launch.pages[-1])
     if secret is None:
         reply = exchange(http, launch, client_id=client_id)
     else:
@@ -120,7 +123,7 @@ def test_confidential_app_secret_is_shown_once_and_works_with_basic_auth(app: An
     assert stored and secret not in stored and stored.startswith("$argon2") and people.verify_secret(stored, secret)
     # Never shown again.
     assert secret not in officer.get("/admin/apps/client/billing") and secret not in officer.get("/admin/apps")
-    token = _token(http, _fhir_base(app), "billing", secret)
+    token = _token(http, _fhir_base(app), "billing", secret, shown_as="Billing")  # the consent page names it
     assert http.get(SOFIA, _bearer(token)).status == 200
     # And the secret is what authenticates it.
     refresh = {"grant_type": "refresh_token", "refresh_token": token["refresh_token"]}
