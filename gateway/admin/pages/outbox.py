@@ -11,8 +11,8 @@ from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_babel import ngettext
 from flask_wtf import FlaskForm
-from wtforms import IntegerField, SelectField, StringField
-from wtforms.validators import Length, NumberRange, Optional, Regexp, ValidationError
+from wtforms import SelectField, StringField
+from wtforms.validators import Length, Optional, Regexp, ValidationError
 
 from gateway.admin import outbox as service
 from gateway.admin.web import area, audit, bp, current_staff, error_page, nav_item, page, services
@@ -49,12 +49,13 @@ class FilterForm(FlaskForm):
                                                                  "dashes and dots."))])
     key = StringField(_l("Control id or key"), validators=[
         Optional(), Length(max=64, message=_l("A control id has at most 64 characters."))])
-    before = IntegerField(validators=[Optional(), NumberRange(min=1, message=_l("That page does not exist."))])
+    before = StringField(validators=[Optional(), Regexp(r"^[1-9][0-9]{0,17}$",
+                                                        message=_l("That page does not exist."))])
 
     def filters(self) -> service.Filters:
         return service.Filters(self.status.data or None, self.kind.data or None, self.channel.data or None,
                                (self.patient.data or "").strip() or None, (self.key.data or "").strip() or None,
-                               self.before.data)
+                               int(self.before.data) if self.before.data else None)
 
 
 def _first_error(form: FlaskForm) -> str:
