@@ -64,6 +64,11 @@ class Chart:
     top: int = 10
     bottom: int = 168
 
+    @property
+    def empty(self) -> bool:
+        """Nothing was measured in the span (a count of zero is a measurement; a missing sample is not)."""
+        return all(v is None for s in self.series for v in s.values)
+
 
 @dataclass
 class Dashboard:

@@ -57,7 +57,7 @@ class Destination:
 
 def endpoint_of(settings: Settings, channel: str) -> str:
     if channel == "hl7":
-        return f"MLLP {settings.outbox_mllp_host}:{settings.outbox_mllp_port}" if settings.outbox_mllp_port else ""
+        return f"{settings.outbox_mllp_host}:{settings.outbox_mllp_port}" if settings.outbox_mllp_port else ""
     url = settings.upstream_fhir_url
     if not url:
         return ""

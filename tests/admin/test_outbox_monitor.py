@@ -97,7 +97,7 @@ def test_destinations_count_each_status_with_the_last_error_and_the_delivery_rat
     assert message.counts == {"pending": 1, "delivered": 1, "failed": 0, "cancelled": 1}
     assert message.depth == 1 and message.due_now == 1 and message.last_error is None
     assert message.delivered_last_minute == 7 and message.delivered_last_hour == 8
-    assert message.endpoint == f"MLLP 127.0.0.1:{receiver.port}" and message.configured
+    assert message.endpoint == f"127.0.0.1:{receiver.port}" and message.configured
     request = found[("appointment-request", "hl7")]
     assert request.counts["failed"] == 1 and request.last_error_item == failed
     assert request.last_error.startswith("AE") and request.delivered_last_hour == 0
