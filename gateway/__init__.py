@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     services = build_services(settings)
     engine = services.engine
     app.extensions["gateway"] = services
-    metrics.init_app(app)  # first of the request hooks, so the latency it measures covers the others
+    metrics.init_app(app)
     analyzer = db.Analyzer(engine)
     app.before_request(analyzer.tick)
 
