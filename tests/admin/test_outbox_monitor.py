@@ -88,20 +88,22 @@ def test_destinations_count_each_status_with_the_last_error_and_the_delivery_rat
     cancel_item(services.store, cancelled)
     metrics.flush()
     minute = int(time.time() * 1000) // 60_000 * 60_000
-    metrics.add_rows(services.engine, [{"minute_ms": minute - 60_000, "name": metrics.DELIVERY_ROLLUP,
-                                        "label": "delivered message hl7", "count": 7, "total": 0.0, "peak": 0.0}])
+    metrics.add_rows(services.engine, [
+        {"minute_ms": minute - ago * 60_000, "name": metrics.DELIVERY_ROLLUP, "label": "delivered message hl7",
+         "count": count, "total": 0.0, "peak": 0.0} for ago, count in ((1, 7), (60, 5), (1440, 100))])
     found = {(d.kind, d.channel): d for d in service.destinations(services.engine, services.settings)}
     assert set(found) == {("appointment-request", "hl7"), ("appointment-cancel", "hl7"), ("refill-request", "hl7"),
                           ("message", "hl7")}  # configured ones even without items
     message = found[("message", "hl7")]
-    assert message.counts == {"pending": 1, "delivered": 1, "failed": 0, "cancelled": 1}
+    assert message.counts == {"pending": 1, "failed": 0, "cancelled": 1}
     assert message.depth == 1 and message.due_now == 1 and message.last_error is None
     assert message.delivered_last_minute == 7 and message.delivered_last_hour == 8
+    assert message.delivered_last_day == 8 + 5
     assert message.endpoint == f"127.0.0.1:{receiver.port}" and message.configured
     request = found[("appointment-request", "hl7")]
     assert request.counts["failed"] == 1 and request.last_error_item == failed
     assert request.last_error.startswith("AE") and request.delivered_last_hour == 0
-    assert found[("refill-request", "hl7")].counts == dict.fromkeys(service.STATUSES, 0)
+    assert found[("refill-request", "hl7")].counts == dict.fromkeys(service.OPEN_STATUSES, 0)
     assert delivered and pending
 
 
