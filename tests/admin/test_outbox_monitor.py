@@ -247,3 +247,19 @@ def test_only_operators_reach_the_outbox(services: Any, console: Any) -> None:
                                                           "action": "cancel-confirmed"})
         assert reply.status_code == 403
     assert status_of(services, item).status == "pending"
+
+
+def test_the_cli_cancels_as_the_console_does(services: Any, settings: Any) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    (item,) = queue(services, records.message("c1"))
+    runner = CliRunner(env={"GATEWAY_DATABASE_URL": settings.database_url, "GATEWAY_AUDIT_ENABLED": "0",
+                            "GATEWAY_INSTANCE_PATH": settings.instance_path})
+    assert runner.invoke(main, ["outbox", "cancel", str(item)]).output.strip().endswith("it will not be sent")
+    assert runner.invoke(main, ["outbox", "cancel", str(item)]).output.strip().endswith("cancelled already")
+    assert runner.invoke(main, ["outbox", "retry", str(item)]).output.strip().endswith("not sent again")
+    listed = runner.invoke(main, ["outbox", "list", "--status", "cancelled"]).output
+    assert "1 items with status cancelled" in listed and "Communication/c1" in listed
+    assert runner.invoke(main, ["outbox", "cancel", "999999"]).exit_code != 0
