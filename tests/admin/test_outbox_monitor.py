@@ -40,9 +40,12 @@ def settings(settings: Any, receiver: Receiver) -> Any:
 
 
 @pytest.fixture
-def services(app: Any, world: Any) -> Any:
-    """The gateway with the test's patient, and an empty outbox (the demo family's own messages,
-    written when `world` loaded them, are queued too)."""
+def services(app: Any, request: pytest.FixtureRequest) -> Any:
+    """The gateway with the test's patient and an empty outbox. A test that signs in to the console
+    gets the demo family (`world`) first: their messages to the care team are queued too, and are
+    cleared here with the rest."""
+    if "console" in request.fixturenames:
+        request.getfixturevalue("world")
     services = app.extensions["gateway"]
     with services.store.writing() as repo:
         repo.update("Patient", "p1", records.patient())
