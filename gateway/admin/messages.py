@@ -420,7 +420,9 @@ def name_segments(text: str, version: str | None, error_location: str | None = N
             fields.append(FieldView(f"{name}-{number}", definition.name if definition else None,
                                     definition.datatype if definition else None, value, tuple(components),
                                     segment_at_error and error_at is not None and error_at[2] == number))
-        views.append(SegmentView(name, tuple(fields), segment_at_error))
+        # the whole segment is marked only when the location names no field in it
+        whole = segment_at_error and error_at is not None and error_at[2] is None
+        views.append(SegmentView(name, tuple(fields), whole))
     return views
 
 
