@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Response, flash, redirect, request, url_for
-from flask_babel import format_datetime, ngettext
+from flask_babel import ngettext
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
@@ -28,9 +28,14 @@ def _strip(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
-def _status_label(status: str) -> str:
+def _status_labels() -> dict[str, str]:
+    """Each status in the page's language (looked up once a page: a list shows fifty rows)."""
     return {"received": _("received"), "processed": _("processed"), "failed": _("failed"),
-            "duplicate": _("duplicate"), "ignored": _("ignored")}.get(status, status)
+            "duplicate": _("duplicate"), "ignored": _("ignored")}
+
+
+def _status_label(status: str) -> str:
+    return _status_labels().get(status, status)
 
 
 class FilterForm(FlaskForm):
@@ -53,7 +58,8 @@ class FilterForm(FlaskForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.status.choices = [("", _("Any"))] + [(s, _status_label(s)) for s in service.STATUSES]
+        labels = _status_labels()
+        self.status.choices = [("", _("Any"))] + [(s, labels[s]) for s in service.STATUSES]
 
     def validate_status(self, field: SelectField) -> None:
         if field.data and field.data not in service.STATUSES:
@@ -90,8 +96,9 @@ def _list_url(filters: service.Filters, cursor: str | None = None) -> str:
 
 @bp.app_template_filter("message_time")
 def message_time(value: datetime) -> str:
-    """A receipt time in the clinic's zone, to the second (operators match it against sender logs)."""
-    return format_datetime(value, "yyyy-MM-dd HH:mm:ss")
+    """A receipt time (already in the clinic's zone) to the second, the same in every language:
+    operators match it against the senders' logs."""
+    return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @bp.get("/messages")
@@ -122,7 +129,7 @@ def messages() -> Response:
                 next_url=_list_url(filters, found.next_cursor) if found and found.next_cursor else None,
                 first_url=_list_url(filters) if request.args.get("after") else None,
                 reprocessable=service.reprocessable_ids(found) if found else [], back=back,
-                action_form=ActionForm(), status_label=_status_label,
+                action_form=ActionForm(), status_labels=_status_labels(), back_query=urlencode({"back": back}),
                 limit=service.REPROCESS_LIMIT, page_size=service.PAGE_SIZE)
 
 
