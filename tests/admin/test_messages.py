@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from sqlalchemy import insert, select, text
 from gateway import db
 from gateway.admin import messages as service
 from gateway.hl7 import translate
-from tests.portal.conftest import csrf_of, text_of
+from tests.admin.conftest import STAFF_PASSWORD, new_staff
+from tests.portal.conftest import Portal, csrf_of, text_of
 
 ADT = (
     "MSH|^~\\&|{app}|RIVERSIDE|GATEWAY|RIVERSIDE|20261101083000-0500||ADT^{event}^ADT_A01|{control}|P|2.5.1\r"
@@ -48,6 +49,21 @@ def mapping_dir(settings: Any, tmp_path: Path) -> Iterator[Path]:
     settings.hl7_mappings = str(root)
     yield root
     translate.configure_mappings(None)
+
+
+@pytest.fixture
+def console_login(app: Any) -> Callable[..., Portal]:
+    """console_login(*roles): like conftest's `console` (a client signed in with password and TOTP as a
+    new staff login), without the demo family and apps these tests never use (3 s a test)."""
+    app.config["WTF_CSRF_ENABLED"] = True
+
+    def sign_in(*roles: str) -> Portal:
+        username = new_staff(app.extensions["gateway"].engine, *roles)
+        driver = Portal(app.test_client(), None)  # type: ignore[arg-type]
+        driver.sign_in(username, STAFF_PASSWORD, otp=True)
+        driver.username = username  # type: ignore[attr-defined]
+        return driver
+    return sign_in
 
 
 def fix_mappings(root: Path) -> None:
@@ -186,10 +202,10 @@ def test_every_filter_is_answered_from_an_index(app: Any, filters: dict[str, Any
 
 # --- one message ---
 
-def test_detail_names_segments_and_fields_and_shows_ack_and_what_it_wrote(app: Any, console: Any) -> None:
+def test_detail_names_segments_and_fields_and_shows_ack_and_what_it_wrote(app: Any, console_login: Any) -> None:
     outcome = gateway(app).hl7.receive_one(adt("NAMED1"), "mllp", "10.0.0.7")
     assert outcome.status == "processed"
-    driver = console("operator")
+    driver = console_login("operator")
     html = driver.get(f"/admin/messages/{outcome.message_id}")
     assert 'title="PID-5 Patient Name (XPN)"' in html
     assert 'title="MSH-10 Message Control ID (ST)"' in html
@@ -225,8 +241,20 @@ def test_named_fields_follow_the_message_version(app: Any) -> None:
     assert service.humanize("SET_ID_PID", "PID") == "Set ID PID"
 
 
-def test_unknown_message_is_a_friendly_404(console: Any) -> None:
-    driver = console("operator")
+def test_duplicates_unreadable_and_unknown_messages_have_pages_too(app: Any, console_login: Any) -> None:
+    ingest = gateway(app).hl7
+    first = ingest.receive_one(adt("DUP1"), "mllp", None)
+    again = ingest.receive_one(adt("DUP1"), "mllp", None)
+    put_rows(gateway(app).engine, [{"received_ms": at(date(2026, 3, 1)), "raw": "<html>not a message</html>",
+                                    "status": "failed", "error": "no MSH segment"}])
+    with gateway(app).engine.connect() as conn:
+        unreadable = conn.execute(select(db.hl7_message.c.id).where(db.hl7_message.c.status == "failed")).scalar()
+    driver = console_login("operator")
+    html = driver.get(f"/admin/messages/{again.message_id}")
+    assert f'href="/admin/messages/{first.message_id}"' in html and "duplicate of" in text_of(html)
+    html = driver.get(f"/admin/messages/{unreadable}")
+    assert "cannot be split into segments" in text_of(html)
+    assert "&lt;html&gt;not a message&lt;/html&gt;" in html  # shown as text, never as markup
     reply = driver.client.get("/admin/messages/999999")
     assert reply.status_code == 404 and "There is no message 999999" in text_of(reply.get_data(as_text=True))
 
@@ -234,10 +262,10 @@ def test_unknown_message_is_a_friendly_404(console: Any) -> None:
 # --- actions ---
 
 def test_failed_message_reprocessed_from_its_page_after_a_mapping_fix(mapping_dir: Path, app: Any,
-                                                                       console: Any) -> None:
+                                                                       console_login: Any) -> None:
     outcome = gateway(app).hl7.receive_one(adt("FIX1", event="A04"), "mllp", None)
     assert outcome.status == "failed"
-    driver = console("operator")
+    driver = console_login("operator")
     html = driver.get(f"/admin/messages/{outcome.message_id}")
     page = text_of(html)
     assert "event ADT^A04 is not translated" in page
@@ -259,13 +287,13 @@ def test_failed_message_reprocessed_from_its_page_after_a_mapping_fix(mapping_di
     assert len(events) == 2 and any(f"Patient/{row.patient_id}" in entities(e) for e in events)
 
 
-def test_reprocess_many_from_the_list(mapping_dir: Path, app: Any, console: Any) -> None:
+def test_reprocess_many_from_the_list(mapping_dir: Path, app: Any, console_login: Any) -> None:
     ingest = gateway(app).hl7
     failed = [ingest.receive_one(adt(f"MANY{n}", mrn=f"MRN{n}", event="A04"), "mllp", None).message_id
               for n in range(3)]
     processed = ingest.receive_one(adt("FINE"), "mllp", None).message_id
     fix_mappings(mapping_dir)
-    driver = console("operator")
+    driver = console_login("operator")
     html = driver.get("/admin/messages?status=failed")
     assert all(f'name="id" value="{m}"' in html for m in failed)
     # the chosen two, and a processed one sneaked in: left alone
@@ -289,11 +317,11 @@ def test_reprocess_many_from_the_list(mapping_dir: Path, app: Any, console: Any)
         service.reprocess(ingest, gateway(app).engine, range(1, service.REPROCESS_LIMIT + 2))
 
 
-def test_ignore_needs_a_reason_and_only_takes_failed_messages(mapping_dir: Path, app: Any, console: Any) -> None:
+def test_ignore_needs_a_reason_and_only_takes_failed_messages(mapping_dir: Path, app: Any, console_login: Any) -> None:
     ingest = gateway(app).hl7
     failed = ingest.receive_one(adt("IGN1", event="A04"), "mllp", None).message_id
     processed = ingest.receive_one(adt("IGN2"), "mllp", None).message_id
-    driver = console("operator")
+    driver = console_login("operator")
     url = f"/admin/messages/{failed}"
     reply = driver.post(f"{url}/ignore", {"reason": "   "}, page=url)
     assert reply.status_code == 400
@@ -344,14 +372,34 @@ def test_ack_ms_recorded_for_new_failed_duplicate_and_reprocessed_messages(mappi
     assert isinstance(ack_ms()[failed.message_id], int)
 
 
+def test_ack_ms_costs_the_ingest_no_statement_of_its_own(app: Any) -> None:
+    from sqlalchemy import event
+
+    engine = gateway(app).engine
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        outcome = gateway(app).hl7.receive_one(adt("COST1"), "mllp", None)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert outcome.status == "processed"
+    touching = [s for s in statements if "hl7_message" in s and not s.startswith("SELECT")]
+    assert len(touching) == 2, touching  # the raw insert, then the status update that carries ack_ms
+    assert "ack_ms" in touching[1]
+
+
 # --- listing over HTTP ---
 
-def test_list_page_filters_pages_and_refuses_bad_input_with_a_message(app: Any, console: Any) -> None:
+def test_list_page_filters_pages_and_refuses_bad_input_with_a_message(app: Any, console_login: Any) -> None:
     engine = gateway(app).engine
     put_rows(engine, [{"received_ms": at(date(2026, 3, 1)) + n * 1000, "control_id": f"L{n:03d}", "mrn": "M7",
                        "sending_app": "LAB", "message_type": "ORU^R01", "status": "failed", "error_code": "207",
                        "error": "translation failed"} for n in range(55)])
-    driver = console("operator")
+    driver = console_login("operator")
     html = driver.get("/admin/messages?mrn=M7&status=failed")
     assert html.count('<tr id="message-') == 50 and 'id="messages-next"' in html
     next_url = html.split('id="messages-next" href="')[1].split('"')[0].replace("&amp;", "&")
@@ -372,7 +420,7 @@ def test_list_page_filters_pages_and_refuses_bad_input_with_a_message(app: Any, 
 
 # --- the resource view ---
 
-def test_resource_view_reads_through_the_staff_principal(app: Any, console: Any) -> None:
+def test_resource_view_reads_through_the_staff_principal(app: Any, console_login: Any) -> None:
     outcome = gateway(app).hl7.receive_one(adt("RES1"), "mllp", None)
     with gateway(app).engine.connect() as conn:
         patient_id = conn.execute(select(db.hl7_message.c.patient_id)
@@ -380,7 +428,7 @@ def test_resource_view_reads_through_the_staff_principal(app: Any, console: Any)
         encounter = conn.execute(select(db.hl7_written.c.resource_id).where(
             db.hl7_written.c.message_id == outcome.message_id,
             db.hl7_written.c.resource_type == "Encounter")).scalar()
-    operator = console("operator")
+    operator = console_login("operator")
     html = operator.get(f"/admin/resources/Encounter/{encounter}")
     page = text_of(html)
     assert f"Encounter/{encounter}" in page and "Versions" in page
@@ -394,7 +442,7 @@ def test_resource_view_reads_through_the_staff_principal(app: Any, console: Any)
     assert "Lopez-Diaz" not in html and "the current version is 2" in text_of(html)
     assert "Lopez-Diaz" in operator.get(f"/admin/resources/Patient/{patient_id}")
     # the front desk reads Patients but not Encounters: "No access", and the refusal is recorded
-    desk = console("front-desk")
+    desk = console_login("front-desk")
     assert desk.client.get(f"/admin/resources/Patient/{patient_id}").status_code == 200
     reply = desk.client.get(f"/admin/resources/Encounter/{encounter}")
     assert reply.status_code == 403 and "No access" in text_of(reply.get_data(as_text=True))
@@ -407,10 +455,10 @@ def test_resource_view_reads_through_the_staff_principal(app: Any, console: Any)
     assert reply.status_code == 400 and "Nope is not a FHIR resource type" in text_of(reply.get_data(as_text=True))
 
 
-def test_other_roles_are_refused_the_message_browser(app: Any, console: Any) -> None:
+def test_other_roles_are_refused_the_message_browser(app: Any, console_login: Any) -> None:
     outcome = gateway(app).hl7.receive_one(adt("ROLE1"), "mllp", None)
     for role in ("front-desk", "security-officer"):
-        driver = console(role)
+        driver = console_login(role)
         for url in ("/admin/messages", f"/admin/messages/{outcome.message_id}"):
             reply = driver.client.get(url)
             assert reply.status_code == 403, (role, url)

@@ -7,9 +7,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Response, flash, redirect, request, url_for
-from flask_babel import ngettext
 from flask_babel import gettext as _
 from flask_babel import lazy_gettext as _l
+from flask_babel import ngettext
 from flask_wtf import FlaskForm
 from wtforms import DateField, SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, Optional, ValidationError
