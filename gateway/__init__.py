@@ -93,6 +93,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
                         "If-None-Exist", "If-Modified-Since"],
          expose_headers=["Location", "ETag", "Last-Modified", "Content-Location", "WWW-Authenticate"])
     api.register_error_handlers(app)
+    from gateway import security
+
+    security.install(app, https=settings.base_url.startswith("https://"))
 
     @app.get("/healthz")
     def healthz() -> Any:
