@@ -644,15 +644,19 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
 
     if demo:
         from gateway import build_services
+        from gateway.admin.staff import load_demo_staff
         from gateway.smart_auth.admin import load_demo_logins
 
         services = build_services(settings)
         for line in load_demo_logins(services.engine, services.store, settings.base_url):
             click.echo(f"Demo:      {line}")
+        for line in load_demo_staff(services.engine):
+            click.echo(f"Console:   {line}")
         services.audit.close()
         services.engine.dispose()
 
     click.echo(f"Portal:    {settings.base_url}/  (patients, parents and caregivers sign in here)")
+    click.echo(f"Console:   {settings.base_url}/admin/  (staff: operators, front desk, security officers)")
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
