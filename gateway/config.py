@@ -23,6 +23,9 @@ class Settings:
     # (demo mode and tests do). A request that carries a token is always judged by its token.
     open_access: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
+    # Logs of the long-running commands (serve, mllp, worker): "json" lines or "text", on stderr.
+    log_format: str = "json"
+    log_level: str = "INFO"
     default_page_size: int = 20
     max_page_size: int = 1000
     sqlite_synchronous: str = "FULL"
