@@ -12,8 +12,10 @@ installs the request hooks, so tests and embedding applications keep their own l
 
 from __future__ import annotations
 
+import itertools
 import logging
 import logging.config
+import os
 import re
 import time
 import uuid
@@ -24,6 +26,19 @@ from pythonjsonlogger.json import JsonFormatter
 
 access_log = logging.getLogger("gateway.access")
 
+# Request ids made here: a random prefix per process and a counter (unique across processes without
+# a system call per request: os.urandom costs as much as a FHIR read on some kernels).
+_PROCESS = uuid.uuid4().hex[:20]
+_sequence = itertools.count(1)
+
+
+def _new_process_prefix() -> None:
+    global _PROCESS, _sequence
+    _PROCESS = uuid.uuid4().hex[:20]
+    _sequence = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_process_prefix)  # gunicorn workers fork after this import
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SECRETS = re.compile(
     r"(?i)(bearer\s+|(?:password|passwd|secret|client_secret|token|access_token|refresh_token|code|otp|"
@@ -77,7 +92,7 @@ def install(app: Flask) -> None:
     @app.before_request
     def _begin() -> None:
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else f"{_PROCESS}{next(_sequence):012x}"
         g.request_started = time.perf_counter()
 
     @app.after_request

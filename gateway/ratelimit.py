@@ -50,6 +50,11 @@ def install(app: Flask, settings: Settings) -> Limiter:
     app.config["RATELIMIT_KEY_PREFIX"] = settings.ratelimit_prefix
     limiter = Limiter(get_remote_address, app=app, storage_uri=settings.ratelimit_storage,
                       strategy="moving-window", headers_enabled=True)
+    # flask-limiter checks every request of the app before its view (working out the limits costs
+    # about as much as a FHIR read itself); only the sign-in pages have limits, so its check runs
+    # for their blueprint alone. A test holds the limits working (tests/test_ratelimit.py).
+    app.before_request_funcs[None].remove(limiter._check_request_limit)
+    app.before_request_funcs.setdefault("smart_auth", []).append(limiter._check_request_limit)
     for endpoint in SIGN_IN_ENDPOINTS:
         view = app.view_functions.get(endpoint)
         if view is None:
