@@ -95,6 +95,11 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
                         "If-None-Exist", "If-Modified-Since"],
          expose_headers=["Location", "ETag", "Last-Modified", "Content-Location", "WWW-Authenticate"])
     api.register_error_handlers(app)
+    from gateway import logs, ratelimit, security
+
+    security.install(app, https=settings.base_url.startswith("https://"))
+    logs.install(app)
+    ratelimit.install(app, settings)
 
     @app.get("/healthz")
     def healthz() -> Any:

@@ -23,6 +23,13 @@ class Settings:
     # (demo mode and tests do). A request that carries a token is always judged by its token.
     open_access: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
+    # Rate-limit counters (gateway/ratelimit.py): memory:// in one process, redis://host:6379/0 shared.
+    ratelimit_storage: str = "memory://"
+    ratelimit_prefix: str = "gateway"
+    ratelimit_sign_in: str = "60 per minute"
+    # Logs of the long-running commands (serve, mllp, worker): "json" lines or "text", on stderr.
+    log_format: str = "json"
+    log_level: str = "INFO"
     default_page_size: int = 20
     max_page_size: int = 1000
     sqlite_synchronous: str = "FULL"
