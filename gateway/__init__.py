@@ -31,11 +31,13 @@ def build_services(settings: Settings) -> Gateway:
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
+    from gateway.hl7.translate import configure_mappings
     from gateway.portal.notifications import Notifier
     from gateway.smart_auth.server import SmartAuth
     from gateway.upstream.outbox import Outbox
 
     access.configure_sensitive_labels(settings.sensitive_labels)
+    configure_mappings(settings.hl7_mappings or None)
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)

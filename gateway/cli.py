@@ -151,7 +151,7 @@ def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> No
 
 
 @hl7.command("list")
-@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate"]))
+@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate", "ignored"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 def hl7_list(status: str | None, limit: int) -> None:
     """The most recent messages (optionally of one status)."""

@@ -84,6 +84,9 @@ class Settings:
     mllp_max_message_bytes: int = 16 * 1024 * 1024
     # Bearer secret for HL7v2 over HTTP (EHR senders without a SMART backend-services client).
     hl7_http_secret: str = ""
+    # The folder of translation maps (mappings/README.md); empty: the mappings/ shipped beside the
+    # package. Edited maps are read again before a reprocess (console or CLI), without a restart.
+    hl7_mappings: str = ""
     # SMART: access-token lifetime for apps (backend-services tokens always live 300 seconds), and
     # how long one process may reuse what it learnt about a token before asking the database again
     # (revocations in the same process take effect at once; in other processes within this time).

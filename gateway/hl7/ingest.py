@@ -28,7 +28,7 @@ from gateway.fhir.outcome import FhirError
 from gateway.fhir.store import FhirStore, Repository, same_content
 from gateway.hl7 import ack as acks
 from gateway.hl7 import parse
-from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, translate
+from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, reload_mappings_if_changed, translate
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Ingestor:
         return (acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),)
 
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
+        started = time.perf_counter()  # the receipt, for hl7_message.ack_ms
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
         content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
         # Not durable on its own: it must survive the process dying while the message is worked
@@ -97,25 +98,30 @@ class Ingestor:
             ).first()
             if prior is not None and prior.content_hash == content_hash:
                 message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
-                                          duplicate_of=prior.id, ack=prior.ack)
+                                          duplicate_of=prior.id, ack=prior.ack, ack_ms=_ms_since(started))
                 return Outcome(message_id, "duplicate", stored_acks(prior.ack))
             message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
                                       flagged=prior is not None)
-        return self.process(message_id, text, header)
+        return self.process(message_id, text, header, started)
 
     def reprocess(self, message_id: int) -> Outcome:
-        """Run a stored message through translation again (after a mapping fix)."""
+        """Run a stored message through translation again (after a mapping fix: maps changed on disk
+        since they were read are read again first). Its ack_ms then counts from the reprocess's start."""
+        started = time.perf_counter()
+        reload_mappings_if_changed()
         with self.store.reading() as repo:
             row = repo.conn.execute(select(M.raw, M.status).where(M.id == message_id)).first()
         if row is None:
             raise KeyError(message_id)
         header = parse.read_header(row.raw)
-        return self.process(message_id, row.raw, header)
+        return self.process(message_id, row.raw, header, started)
 
     # --- processing ---
 
-    def process(self, message_id: int, text: str, header: parse.Header) -> Outcome:
-        started = time.perf_counter()
+    def process(self, message_id: int, text: str, header: parse.Header, started: float) -> Outcome:
+        """Translate and write a stored message; `started` (perf_counter) is its receipt, and the
+        milliseconds from it to the ACK go into the status update that ends the transaction (no
+        statement of their own: only the commit after it is not counted)."""
         try:
             self._check_header(header)
             translation = translate(parse.parse(text))
@@ -124,21 +130,23 @@ class Ingestor:
                 outcome = Outcome(message_id, "processed", self._acks(header, "A"))
                 repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                     status="processed", ack=outcome.stored_acks, error=None, error_code=None, error_location=None,
-                    patient_id=translation.patient_id,
+                    patient_id=translation.patient_id, ack_ms=_ms_since(started),
                 ))
             log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
             self._audit(header, message_id, translation)
             return outcome
         except UnsupportedMessage as exc:
-            return self._fail(message_id, header, "R", str(exc), exc.code, exc.location)
+            return self._fail(message_id, header, "R", str(exc), exc.code, exc.location, started)
         except (MappingError, parse.ParseError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            return self._fail(message_id, header, "E", reason, exc.code, exc.location)
+            return self._fail(message_id, header, "E", reason, exc.code, exc.location, started)
         except FhirError as exc:
-            return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None)
+            return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None,
+                              started)
         except Exception as exc:  # the listener must answer every message; the cause is logged
             log.exception("message %s failed unexpectedly", message_id)
-            return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None)
+            return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None,
+                              started)
 
     def _audit(self, header: parse.Header, message_id: int, translation: Translation) -> None:
         """The feed writes patient data, so it leaves AuditEvents like any other writer."""
@@ -181,12 +189,13 @@ class Ingestor:
         return tuple(out)
 
     def _fail(self, message_id: int, header: parse.Header, outcome: str, reason: str, code: str,
-              location: str | None) -> Outcome:
+              location: str | None, started: float) -> Outcome:
         result = Outcome(message_id, "failed", self._acks(header, outcome, reason[:80], (code, location, "E")),
                          reason)
         with self.store.writing() as repo:
             repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                 status="failed", ack=result.stored_acks, error=reason, error_code=code, error_location=location,
+                ack_ms=_ms_since(started),
             ))
         log.info("message %s failed (%s at %s): %s", message_id, code, location, reason)
         return result
@@ -234,6 +243,10 @@ class Ingestor:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
         if written:
             repo.conn.execute(insert(db.hl7_written), written)
+
+
+def _ms_since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
 
 
 def _written(message_id: int, rtype: str, rid: str, version: int, action: str) -> dict[str, Any]:
