@@ -102,7 +102,8 @@ def _first_error(form: FlaskForm) -> str:
 
 
 def _ms_date(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="minutes") if ms else ""
+    """An instant in ms as an ISO UTC time (pages show it in the clinic's zone with portal_datetime)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else ""
 
 
 @bp.get("/patients")
@@ -170,7 +171,7 @@ def patients_code(patient_id: str) -> Response:
           description=f"sign-up code issued, valid until {_ms_date(sent.expires_ms)}{how}")
     # Shown on this response only: the code is not in the URL, the session or any log.
     return page("patients_code.html", sent=sent, patient_id=patient_id, until=_ms_date(sent.expires_ms),
-                channel_labels=CHANNEL_LABELS, days=ACTIVATION_DAYS)
+                channel_labels=CHANNEL_LABELS, signup_url=f"{services().settings.base_url}/auth/signup")
 
 
 @bp.post("/patients/<patient_id>/mfa-reset")
