@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from gateway import access
 from gateway.admin import patients
+from gateway.admin.staff import set_roles
 from gateway.fhir.outcome import FhirError
 from gateway.smart_auth import people
 from gateway.smart_auth.models import activation_code, auth_user, proxy_grant
@@ -268,11 +269,7 @@ def test_mfa_reset_needs_two_checks_then_ends_every_session(app: Any, console: A
     assert done[0]["entity"][0]["what"]["reference"] == "Patient/robert-chen"
     assert len([e for e in _audit_events(app, "delete-mfa") if e["outcome"] == "4"]) == 6  # the refusals too
 
-
-def test_a_staff_login_is_not_reset_from_the_front_desk(app: Any, console: Any) -> None:
-    from gateway.admin.staff import set_roles
-
-    set_roles(_services(app).engine, "robert", ["operator"])
+    set_roles(engine, "robert", ["operator"])  # a staff login's second factor is not the front desk's to reset
     with pytest.raises(patients.DeskError, match="staff-login"):
         patients.reset_mfa(_services(app), "robert-chen", "robert", ["photo-id", "address"])
 
@@ -340,7 +337,7 @@ def test_an_adult_guardian_with_no_end_date(app: Any, console: Any) -> None:
     assert not granted.capped and granted.valid_until == (date.today() + timedelta(days=30)).isoformat()
 
 
-@pytest.mark.parametrize(("data", "message"), [
+REFUSED_GRANTS = [
     ({"username": "nobody", "relationship": "GUARD"}, "no portal login with that username"),
     ({"username": "", "relationship": "GUARD"}, "Enter the parent's or guardian's username"),
     ({"username": "linda", "relationship": "BOSS"}, "Choose one of the relationships listed"),
@@ -348,35 +345,43 @@ def test_an_adult_guardian_with_no_end_date(app: Any, console: Any) -> None:
     ({"username": "linda", "relationship": "GUARD", "until": "2030-02-31"}, "year-month-day"),
     ({"username": "maria", "relationship": "MTH"}, "already has access"),
     ({"username": "sofia-login", "relationship": "MTH"}, "own login sees their record"),
-])
-def test_proxy_grants_that_cannot_go_ahead(app: Any, console: Any, data: dict[str, str], message: str) -> None:
+]
+
+
+def test_proxy_changes_that_cannot_go_ahead(app: Any, console: Any) -> None:
     engine = _services(app).engine
     code, _ = people.issue_activation_code(engine, "sofia-garcia")
     people.sign_up(engine, code, "sofia-login", "sofia's password")
     desk = console("front-desk")
     with engine.connect() as conn:
         before = conn.execute(select(proxy_grant)).all()
-    reply = desk.post("/admin/patients/sofia-garcia/proxies", data, page="/admin/patients/sofia-garcia")
-    assert reply.status_code == 400 and message in text_of(desk.last_html)
-    with engine.connect() as conn:
-        assert conn.execute(select(proxy_grant)).all() == before
-
-
-def test_ending_access_that_is_not_there(app: Any, console: Any) -> None:
-    desk = console("front-desk")
+    for data, message in REFUSED_GRANTS:
+        reply = desk.post("/admin/patients/sofia-garcia/proxies", data, page="/admin/patients/sofia-garcia")
+        assert reply.status_code == 400 and message in text_of(desk.last_html), data
     reply = desk.post("/admin/patients/sofia-garcia/proxies/end", {"username": "linda"},
                       page="/admin/patients/sofia-garcia")
     assert reply.status_code == 400 and "does not have access to this record" in text_of(desk.last_html)
     reply = desk.post("/admin/patients/robert-chen/proxies/end", {"username": "former"},
                       page="/admin/patients/robert-chen")
     assert reply.status_code == 400  # ended by date already
+    with engine.connect() as conn:
+        assert conn.execute(select(proxy_grant)).all() == before
 
 
 # --- who may ---
 
-@pytest.mark.parametrize("role", ["operator", "security-officer"])
-def test_only_the_front_desk_acts_on_patients(app: Any, console: Any, role: str) -> None:
-    other = console(role)
+def test_only_the_front_desk_acts_on_patients(app: Any, console: Any) -> None:
+    for role in ("operator", "security-officer"):
+        other = console(role)
+        _post_everything(other, role)
+    engine = _services(app).engine
+    with engine.connect() as conn:
+        assert conn.execute(select(activation_code)).all() == []
+        assert "sofia-garcia" in people.acting_for(conn, people.find_user(engine, "maria").id)  # type: ignore[union-attr]
+    assert people.has_totp(engine, people.find_user(engine, "robert").id)  # type: ignore[union-attr]
+
+
+def _post_everything(other: Portal, role: str) -> None:
     token = csrf_of(other.get("/admin/"))
     for path, data in (("/admin/patients/robert-chen/activation-code", {}),
                        ("/admin/patients/robert-chen/mfa-reset", {"username": "robert",
@@ -385,8 +390,3 @@ def test_only_the_front_desk_acts_on_patients(app: Any, console: Any, role: str)
                        ("/admin/patients/sofia-garcia/proxies/end", {"username": "maria"})):
         reply = other.client.post(path, data={"csrf_token": token, **data})
         assert reply.status_code == 403, (role, path)
-    engine = _services(app).engine
-    with engine.connect() as conn:
-        assert conn.execute(select(activation_code)).all() == []
-        assert "sofia-garcia" in people.acting_for(conn, people.find_user(engine, "maria").id)  # type: ignore[union-attr]
-    assert people.has_totp(engine, people.find_user(engine, "robert").id)  # type: ignore[union-attr]
