@@ -192,7 +192,7 @@ def find_patients(services: Any, principal: access.Principal, *, name: str = "",
         params.append(("identifier", _escape(mrn)))
     if birth_date:
         params.append(("birthdate", birth_date.isoformat()))
-    params.append(("_sort", "family,given,birthdate"))
+    params.append(("_sort", "family,given,birthdate"))  # a long list shows its alphabetical start
     found = record(services, principal, "", address).search("Patient", params, count=RESULTS_SHOWN)
     ids = [str(p.get("id")) for p in found.matches]
     with services.engine.connect() as conn:
