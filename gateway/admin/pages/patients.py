@@ -18,7 +18,7 @@ from gateway.admin import patients as service
 from gateway.admin.web import address, area, audit, bp, current_staff, error_page, nav_item, page, services
 from gateway.portal.pages.sharing import relationship_label
 from gateway.portal.record import NotVisible
-from gateway.smart_auth.people import ACTIVATION_DAYS, MAX_FAILURES
+from gateway.smart_auth.people import ACTIVATION_DAYS
 
 nav_item(40, "patients", "admin.patients", _l("Patients and access"))
 
@@ -122,7 +122,7 @@ def patients() -> Response:
                                               address=address())
             except service.DeskError as exc:
                 error = refusal(exc.code)
-    return page("patients.html", 400 if error else 200, form=form, found=found, error=error, asked=asked)
+    return page("patients.html", 400 if error else 200, form=form, found=found, error=error)
 
 
 def _render(patient_id: str, http_status: int = 200, error: str | None = None, **forms: Any) -> Response:
@@ -138,7 +138,7 @@ def _render(patient_id: str, http_status: int = 200, error: str | None = None, *
                 channels=service.channels_available(services(), file.addresses), check_labels=CHECK_LABELS,
                 channel_labels=CHANNEL_LABELS, relationships=relationships(), label=relationship_label,
                 ms_date=_ms_date, now_ms=int(datetime.now(UTC).timestamp() * 1000), days=ACTIVATION_DAYS,
-                max_failures=MAX_FAILURES, today=date.today().isoformat(), **values)
+                today=date.today().isoformat(), **values)
 
 
 @bp.get("/patients/<patient_id>")
