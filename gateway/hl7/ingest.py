@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy import text as text_sql
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway import db
 from gateway.fhir import jsonio
@@ -36,6 +38,8 @@ SOURCE_TIME_URL = "urn:fhir-gateway:hl7v2-source-time"
 PROCESSING_IDS = {"P", "T", "D"}
 SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
 M = db.hl7_message.c
+RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
+RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,29 @@ class Ingestor:
         try:
             self._check_header(header)
             translation = translate(parse.parse(text))
-            with self.store.writing(origin="hl7") as repo:
-                self._apply(repo, message_id, translation)
-                outcome = Outcome(message_id, "processed", self._acks(header, "A"))
-                repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                    status="processed", ack=outcome.stored_acks, error=None, error_code=None, error_location=None,
-                    patient_id=translation.patient_id, ack_ms=_ms_since(started),
-                ))
+            for attempt in range(1, RACE_ATTEMPTS + 1):
+                try:
+                    with self.store.writing(origin="hl7") as repo:
+                        twin = _processed_twin(repo, header, message_id, text)
+                        if twin is not None:  # the same message, finished meanwhile by another connection
+                            repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                                status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
+                            return Outcome(message_id, "duplicate", stored_acks(twin.ack))
+                        self._apply(repo, message_id, translation)
+                        outcome = Outcome(message_id, "processed", self._acks(header, "A"))
+                        repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                            status="processed", ack=outcome.stored_acks, error=None, error_code=None,
+                            error_location=None, patient_id=translation.patient_id, ack_ms=_ms_since(started),
+                        ))
+                    break
+                except (IntegrityError, OperationalError) as exc:
+                    # Another process created one of these resources (same deterministic id) in the
+                    # same moment, or two messages locked the same resources in opposite orders;
+                    # everything here was rolled back: apply again, now as an update.
+                    if attempt == RACE_ATTEMPTS or (isinstance(exc, OperationalError) and
+                                                    getattr(exc.orig, "sqlstate", None) not in RETRYABLE):
+                        raise
+                    log.info("message %s raced another writer for its resources; applying it again", message_id)
             log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
             self._audit(header, message_id, translation)
             return outcome
@@ -217,7 +237,7 @@ class Ingestor:
         written: list[dict[str, Any]] = []
         for resource in translation.resources:
             rtype, rid = resource["resourceType"], resource["id"]
-            existing = repo.find(rtype, rid)
+            existing = repo.find(rtype, rid, for_update=True)
             current = existing.resource() if existing else None
             if current is not None and _is_newer(current, translation.source_time):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "skipped-older"))
@@ -243,6 +263,26 @@ class Ingestor:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
         if written:
             repo.conn.execute(insert(db.hl7_written), written)
+
+
+def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> Any:
+    """A processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than itself.
+
+    Asked inside the transaction that would apply the message, after waiting for any other
+    transaction applying a message of the same identity (a PostgreSQL advisory lock; SQLite has one
+    writer at a time anyway): two copies sent at once through two connections or two processes are
+    applied once, and the second is the duplicate."""
+    identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
+    if db.is_postgres(repo.conn):
+        key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
+        repo.conn.execute(text_sql("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return repo.conn.execute(
+        select(M.id, M.ack).where(
+            M.control_id == header.control_id, M.sending_app == header.sending_app,
+            M.sending_facility == header.sending_facility, M.status == "processed", M.id != message_id,
+            M.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        ).order_by(M.id.desc()).limit(1)
+    ).first()
 
 
 def _ms_since(started: float) -> int:
