@@ -31,11 +31,13 @@ def build_services(settings: Settings) -> Gateway:
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
+    from gateway.hl7.translate import configure_mappings
     from gateway.portal.notifications import Notifier
     from gateway.smart_auth.server import SmartAuth
     from gateway.upstream.outbox import Outbox
 
     access.configure_sensitive_labels(settings.sensitive_labels)
+    configure_mappings(settings.hl7_mappings or None)
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     metrics.attach(engine, settings)  # this process's per-minute rollups go to this database
@@ -95,6 +97,11 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
                         "If-None-Exist", "If-Modified-Since"],
          expose_headers=["Location", "ETag", "Last-Modified", "Content-Location", "WWW-Authenticate"])
     api.register_error_handlers(app)
+    from gateway import logs, ratelimit, security
+
+    security.install(app, https=settings.base_url.startswith("https://"))
+    logs.install(app)
+    ratelimit.install(app, settings)
 
     @app.get("/healthz")
     def healthz() -> Any:

@@ -20,6 +20,13 @@ def _settings(**overrides: Any) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def _configure_logs(settings: Settings) -> None:
+    """Structured logs for the long-running commands (GATEWAY_LOG_FORMAT json|text, GATEWAY_LOG_LEVEL)."""
+    from gateway import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+
+
 @click.group()
 def main() -> None:
     """FHIR gateway: HL7v2 in, FHIR R4 and SMART on FHIR out."""
@@ -144,7 +151,7 @@ def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> No
 
 
 @hl7.command("list")
-@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate"]))
+@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate", "ignored"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 def hl7_list(status: str | None, limit: int) -> None:
     """The most recent messages (optionally of one status)."""
@@ -517,6 +524,7 @@ def worker_command(workers: int, sync_interval: int | None, parent: int | None) 
     """Deliver the outbox to the EHR, send the portal's notifications, sweep the portal's expired
     appointment holds and waitlist offers (and run the periodic sync) until Ctrl-C or SIGTERM."""
     settings = _settings()
+    _configure_logs(settings)
     handle = start_workers(settings, workers, sync_interval)
     click.echo(f"outbox: {workers} worker(s) running; notifications: running")
     sweeper = start_appointment_sweep(settings)
@@ -632,6 +640,7 @@ def start_mllp(settings: Settings, host: str, port: int) -> Any:
 def mllp_command(host: str | None, port: int | None, parent: int | None) -> None:
     """Run the MLLP listener alone (Ctrl-C or SIGTERM stops it after messages in flight)."""
     settings = _settings()
+    _configure_logs(settings)
     listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port)
     click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}")
     _wait_for_stop(parent, "MLLP")
@@ -686,21 +695,26 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     # configured one, pick it here, before the workers fork, rather than one per worker.
     os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))
     settings = _settings()
+    _configure_logs(settings)
     if demo:
         load_demo(settings)
     from gateway.serving import run_gunicorn
 
     if demo:
         from gateway import build_services
+        from gateway.admin.staff import load_demo_staff
         from gateway.smart_auth.admin import load_demo_logins
 
         services = build_services(settings)
         for line in load_demo_logins(services.engine, services.store, settings.base_url):
             click.echo(f"Demo:      {line}")
+        for line in load_demo_staff(services.engine):
+            click.echo(f"Console:   {line}")
         services.audit.close()
         services.engine.dispose()
 
     click.echo(f"Portal:    {settings.base_url}/  (patients, parents and caregivers sign in here)")
+    click.echo(f"Console:   {settings.base_url}/admin/  (staff: operators, front desk, security officers)")
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
@@ -718,7 +732,9 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     if settings.outbox_worker_in_serve:
         background.append(lambda: ChildProcess("worker"))
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
-    run_gunicorn(host, port, workers, threads, background)
+    from gateway import logs
+
+    run_gunicorn(host, port, workers, threads, background, logs.logconfig(settings.log_format, settings.log_level))
 
 
 if __name__ == "__main__":

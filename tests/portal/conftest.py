@@ -155,6 +155,9 @@ def browser(chromium: Any, site: tuple[str, World], request: pytest.FixtureReque
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # A Content-Security-Policy refusal is only a console message: count it as an error too.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and "Content Security Policy" in msg.text else None)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
