@@ -232,6 +232,7 @@ def test_an_item_page_shows_the_message_and_is_audited(services: Any, console: A
     driver = console("operator")
     html = driver.get(f"/admin/outbox/{item}")
     assert "SRM^S01" in html and 'id="item-payload"' in html and 'id="item-status" class="status-pending"' in html
+    assert 'href="/admin/resources/Appointment/a1" id="item-record"' in html  # into the resource view
     assert text_of(html).count("Cancel: never send it") == 1
     driver.post(f"/admin/outbox/{item}", {"item": [str(item)], "action": "cancel"})
     assert "Cancel this item?" in text_of(driver.last_html)
