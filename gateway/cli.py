@@ -447,6 +447,9 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
     handle.threads.append(threading.Thread(target=notifier.run, args=(handle.stop_event,), name="notifications",
                                            daemon=True))
     handle.notifier = notifier  # type: ignore[attr-defined]
+    from gateway import metrics
+
+    metrics.ROLLUPS.start(sample_depth=True)  # the outbox depth for the health dashboard, busy or not
     return handle.start()
 
 
@@ -563,11 +566,11 @@ def notify_command(once: bool) -> None:
 
 @main.group()
 def outbox() -> None:
-    """What goes back to the EHR: list, retry."""
+    """What goes back to the EHR: list, retry, cancel."""
 
 
 @outbox.command("list")
-@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]))
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed", "cancelled"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 def outbox_list(status: str | None, limit: int) -> None:
     """The most recent outbox items (optionally of one status)."""
@@ -600,6 +603,23 @@ def outbox_retry(item_id: int) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@outbox.command("cancel")
+@click.argument("item_id", type=int)
+def outbox_cancel(item_id: int) -> None:
+    """Never send a pending or failed item."""
+    from gateway import build_services
+    from gateway.upstream.outbox import cancel_item
+
+    services = build_services(_settings())
+    try:
+        change = cancel_item(services.store, item_id)
+    except KeyError:
+        raise click.ClickException(f"no outbox item {item_id}") from None
+    click.echo(f"outbox item {item_id}: " + {"cancelled": "cancelled; it will not be sent",
+                                              "delivered": "delivered already; nothing to do"}
+               .get(change.outcome, "cancelled already"))
+
+
 def start_mllp(settings: Settings, host: str, port: int) -> Any:
     """The MLLP listener on its own thread and event loop, with its own services."""
     from gateway import build_services
@@ -628,6 +648,33 @@ def mllp_command(host: str | None, port: int | None, parent: int | None) -> None
     listener.stop()
 
 
+def _multiprocess_metrics() -> str:
+    """PROMETHEUS_MULTIPROC_DIR for the server's processes (gunicorn workers, the MLLP listener, the
+    outbox worker), each of which writes its counters there for /metrics to add up. Set before
+    anything imports prometheus_client, which decides at import; the workers fork from this process
+    and the child processes inherit the environment. Emptied at start: counters begin at zero when a
+    server starts, as Prometheus expects. Without the variable, a fresh directory of our own."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if "prometheus_client" in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise click.ClickException("internal: prometheus_client was imported before its multiprocess "
+                                   "directory was chosen")
+    chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if chosen:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        for stale in Path(chosen).glob("*.db"):
+            stale.unlink()
+        return chosen
+    made = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(made, ignore_errors=True))
+    return made
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
@@ -640,6 +687,7 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     import os
     import secrets
 
+    metrics_dir = _multiprocess_metrics()
     if demo:
         os.environ["GATEWAY_OPEN_ACCESS"] = "1"
         os.environ.setdefault("GATEWAY_BASE_URL", f"http://{host}:{port}")
@@ -670,6 +718,7 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
+    click.echo(f"Metrics:   {settings.base_url}/metrics  (all processes, from {metrics_dir})")
     mllp_port = settings.mllp_port if mllp_port is None else mllp_port
     if mllp_port:
         click.echo(f"MLLP:      {host}:{mllp_port}")

@@ -120,6 +120,12 @@ class Settings:
     # The Organization (id) that portal requests to staff are addressed to (Task.owner), and that a
     # reply goes to when its thread names nobody of the care team.
     portal_staff_organization: str = "riverside-general"
+    # Metrics (gateway/metrics.py): each process adds its per-minute rollups to the database every this
+    # many seconds (the console's health dashboard reads them) and rollups older than this many days
+    # are pruned; with a token set, GET /metrics wants it as a bearer token.
+    metrics_flush_seconds: float = 5.0
+    metrics_keep_days: int = 8
+    metrics_token: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

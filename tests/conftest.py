@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from werkzeug.serving import make_server
 
-from gateway import create_app, db
+from gateway import create_app, db, metrics
 from gateway.config import Settings
 
 PG_ADMIN_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -101,6 +101,7 @@ def app(settings: Settings) -> Iterator[Any]:
     empty_tables(gateway.engine)
     yield app
     gateway.audit.flush()
+    metrics.flush()  # this test's counts go to its database (the PostgreSQL one is dropped at the end)
     gateway.engine.dispose()
 
 
@@ -135,4 +136,5 @@ def live_server(settings: Settings) -> Iterator[str]:
     finally:
         server.shutdown()
         app.extensions["gateway"].audit.flush()
+        metrics.flush()
         app.extensions["gateway"].engine.dispose()

@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy import text as text_sql
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from gateway import db
+from gateway import db, metrics
 from gateway.fhir import jsonio
 from gateway.fhir.dates import date_range, now_instant
 from gateway.fhir.outcome import FhirError
@@ -53,6 +53,20 @@ class Outcome:
     def stored_acks(self) -> str:
         return "\n".join(self.acks)  # ER7 separates segments with CR, so a line holds one message
 
+    @property
+    def counted_as(self) -> str:
+        """The outcome as metrics count it: a failure acknowledged AR/CR (the message was refused: an
+        unsupported type, version or processing id) is "rejected"; AE/CE is "failed"."""
+        if self.status != "failed":
+            return self.status
+        for ack in self.acks:
+            separator = ack[3:4] or "|"
+            for segment in ack.split("\r"):
+                if segment.startswith("MSA" + separator):
+                    code = segment.split(separator)[1:2]
+                    return "rejected" if code and code[0].endswith("R") else "failed"
+        return "failed"
+
 
 def stored_acks(text: str | None) -> tuple[str, ...]:
     return tuple(line for line in (text or "").split("\n") if line)
@@ -74,6 +88,7 @@ class Ingestor:
             header = parse.read_header(text)
             return [acks.encode_ack(ack, header) for ack in self.receive(text, channel, peer)]
         except parse.ParseError as exc:
+            metrics.hl7_message("unreadable", channel, None)
             log.warning("closing %s connection from %s: no readable MSH (%s)", channel, peer, exc.reason)
             return None
 
@@ -82,9 +97,16 @@ class Ingestor:
         batch, holding those of its messages)."""
         messages = parse.split_batch(text)
         if len(messages) == 1 and messages[0] == text:
-            return self.receive_one(text, channel, peer).acks
-        outcomes = [self.receive_one(m, channel, peer) for m in messages]
+            return self._counted(text, channel, peer).acks
+        outcomes = [self._counted(m, channel, peer) for m in messages]
         return (acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),)
+
+    def _counted(self, text: str, channel: str, peer: str | None) -> Outcome:
+        """receive_one, counted by outcome with the time from receipt to the ACK being ready."""
+        started = time.perf_counter()
+        outcome = self.receive_one(text, channel, peer)
+        metrics.hl7_message(outcome.counted_as, channel, time.perf_counter() - started)
+        return outcome
 
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
         started = time.perf_counter()  # the receipt, for hl7_message.ack_ms
