@@ -138,3 +138,19 @@ def live_server(settings: Settings) -> Iterator[str]:
         app.extensions["gateway"].audit.flush()
         metrics.flush()
         app.extensions["gateway"].engine.dispose()
+
+
+# --- the real browser (portal and console journeys): one Chromium per test process ---
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()

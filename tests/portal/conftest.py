@@ -25,7 +25,6 @@ from gateway.fhir.bundles import BundleProcessor, import_file
 from tests.smart_auth.conftest import FIXTURES, PASSWORD, TOTP_SECRET, World
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def csrf_of(html: str) -> str:
@@ -118,17 +117,6 @@ def portal(app: Any, world: World) -> Portal:
 
 
 # --- the real browser ---
-
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def site(database_url: str, live_server: str, settings: Any) -> Iterator[tuple[str, World]]:
