@@ -27,17 +27,20 @@ class Gateway:
 
 def build_services(settings: Settings) -> Gateway:
     """The services of one process: the web app, the MLLP listener and the CLI all start here."""
-    from gateway import access, db
+    from gateway import access, db, metrics
     from gateway.audit import AuditLog
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
+    from gateway.hl7.translate import configure_mappings
     from gateway.portal.notifications import Notifier
     from gateway.smart_auth.server import SmartAuth
     from gateway.upstream.outbox import Outbox
 
     access.configure_sensitive_labels(settings.sensitive_labels)
+    configure_mappings(settings.hl7_mappings or None)
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
+    metrics.attach(engine, settings)  # this process's per-minute rollups go to this database
     audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
     # patients' requests to the EHR are queued in the transaction of the local write
     Outbox(settings).install(store)
@@ -48,7 +51,7 @@ def build_services(settings: Settings) -> Gateway:
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
-    from gateway import db
+    from gateway import db, metrics
     from gateway.fhir import api
     from gateway.hl7 import http as hl7_http
     from gateway.smart_auth import discovery as smart_discovery
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     services = build_services(settings)
     engine = services.engine
     app.extensions["gateway"] = services
+    metrics.init_app(app)
     analyzer = db.Analyzer(engine)
     app.before_request(analyzer.tick)
 
@@ -93,6 +97,11 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
                         "If-None-Exist", "If-Modified-Since"],
          expose_headers=["Location", "ETag", "Last-Modified", "Content-Location", "WWW-Authenticate"])
     api.register_error_handlers(app)
+    from gateway import logs, ratelimit, security
+
+    security.install(app, https=settings.base_url.startswith("https://"))
+    logs.install(app)
+    ratelimit.install(app, settings)
 
     @app.get("/healthz")
     def healthz() -> Any:

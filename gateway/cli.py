@@ -20,6 +20,13 @@ def _settings(**overrides: Any) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def _configure_logs(settings: Settings) -> None:
+    """Structured logs for the long-running commands (GATEWAY_LOG_FORMAT json|text, GATEWAY_LOG_LEVEL)."""
+    from gateway import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+
+
 @click.group()
 def main() -> None:
     """FHIR gateway: HL7v2 in, FHIR R4 and SMART on FHIR out."""
@@ -144,7 +151,7 @@ def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> No
 
 
 @hl7.command("list")
-@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate"]))
+@click.option("--status", type=click.Choice(["received", "processed", "failed", "duplicate", "ignored"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 def hl7_list(status: str | None, limit: int) -> None:
     """The most recent messages (optionally of one status)."""
@@ -440,6 +447,9 @@ def start_workers(settings: Settings, workers: int = 1, sync_interval: int | Non
     handle.threads.append(threading.Thread(target=notifier.run, args=(handle.stop_event,), name="notifications",
                                            daemon=True))
     handle.notifier = notifier  # type: ignore[attr-defined]
+    from gateway import metrics
+
+    metrics.ROLLUPS.start(sample_depth=True)  # the outbox depth for the health dashboard, busy or not
     return handle.start()
 
 
@@ -514,6 +524,7 @@ def worker_command(workers: int, sync_interval: int | None, parent: int | None) 
     """Deliver the outbox to the EHR, send the portal's notifications, sweep the portal's expired
     appointment holds and waitlist offers (and run the periodic sync) until Ctrl-C or SIGTERM."""
     settings = _settings()
+    _configure_logs(settings)
     handle = start_workers(settings, workers, sync_interval)
     click.echo(f"outbox: {workers} worker(s) running; notifications: running")
     sweeper = start_appointment_sweep(settings)
@@ -555,11 +566,11 @@ def notify_command(once: bool) -> None:
 
 @main.group()
 def outbox() -> None:
-    """What goes back to the EHR: list, retry."""
+    """What goes back to the EHR: list, retry, cancel."""
 
 
 @outbox.command("list")
-@click.option("--status", type=click.Choice(["pending", "delivered", "failed"]))
+@click.option("--status", type=click.Choice(["pending", "delivered", "failed", "cancelled"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 def outbox_list(status: str | None, limit: int) -> None:
     """The most recent outbox items (optionally of one status)."""
@@ -592,6 +603,23 @@ def outbox_retry(item_id: int) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@outbox.command("cancel")
+@click.argument("item_id", type=int)
+def outbox_cancel(item_id: int) -> None:
+    """Never send a pending or failed item."""
+    from gateway import build_services
+    from gateway.upstream.outbox import cancel_item
+
+    services = build_services(_settings())
+    try:
+        change = cancel_item(services.store, item_id)
+    except KeyError:
+        raise click.ClickException(f"no outbox item {item_id}") from None
+    click.echo(f"outbox item {item_id}: " + {"cancelled": "cancelled; it will not be sent",
+                                              "delivered": "delivered already; nothing to do"}
+               .get(change.outcome, "cancelled already"))
+
+
 def start_mllp(settings: Settings, host: str, port: int) -> Any:
     """The MLLP listener on its own thread and event loop, with its own services."""
     from gateway import build_services
@@ -612,11 +640,39 @@ def start_mllp(settings: Settings, host: str, port: int) -> Any:
 def mllp_command(host: str | None, port: int | None, parent: int | None) -> None:
     """Run the MLLP listener alone (Ctrl-C or SIGTERM stops it after messages in flight)."""
     settings = _settings()
+    _configure_logs(settings)
     listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port)
     click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}")
     _wait_for_stop(parent, "MLLP")
     click.echo("MLLP: finishing messages in flight")
     listener.stop()
+
+
+def _multiprocess_metrics() -> str:
+    """PROMETHEUS_MULTIPROC_DIR for the server's processes (gunicorn workers, the MLLP listener, the
+    outbox worker), each of which writes its counters there for /metrics to add up. Set before
+    anything imports prometheus_client, which decides at import; the workers fork from this process
+    and the child processes inherit the environment. Emptied at start: counters begin at zero when a
+    server starts, as Prometheus expects. Without the variable, a fresh directory of our own."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if "prometheus_client" in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise click.ClickException("internal: prometheus_client was imported before its multiprocess "
+                                   "directory was chosen")
+    chosen = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if chosen:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        for stale in Path(chosen).glob("*.db"):
+            stale.unlink()
+        return chosen
+    made = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(made, ignore_errors=True))
+    return made
 
 
 @main.command()
@@ -631,6 +687,7 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     import os
     import secrets
 
+    metrics_dir = _multiprocess_metrics()
     if demo:
         os.environ["GATEWAY_OPEN_ACCESS"] = "1"
         os.environ.setdefault("GATEWAY_BASE_URL", f"http://{host}:{port}")
@@ -638,24 +695,30 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     # configured one, pick it here, before the workers fork, rather than one per worker.
     os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))
     settings = _settings()
+    _configure_logs(settings)
     if demo:
         load_demo(settings)
     from gateway.serving import run_gunicorn
 
     if demo:
         from gateway import build_services
+        from gateway.admin.staff import load_demo_staff
         from gateway.smart_auth.admin import load_demo_logins
 
         services = build_services(settings)
         for line in load_demo_logins(services.engine, services.store, settings.base_url):
             click.echo(f"Demo:      {line}")
+        for line in load_demo_staff(services.engine):
+            click.echo(f"Console:   {line}")
         services.audit.close()
         services.engine.dispose()
 
     click.echo(f"Portal:    {settings.base_url}/  (patients, parents and caregivers sign in here)")
+    click.echo(f"Console:   {settings.base_url}/admin/  (staff: operators, front desk, security officers)")
     click.echo(f"FHIR API:  {settings.fhir_base}  (CapabilityStatement at {settings.fhir_base}/metadata)")
     click.echo(f"Health:    {settings.base_url}/healthz  {settings.base_url}/readyz")
     click.echo(f"HL7v2:     POST {settings.base_url}/hl7/v2")
+    click.echo(f"Metrics:   {settings.base_url}/metrics  (all processes, from {metrics_dir})")
     mllp_port = settings.mllp_port if mllp_port is None else mllp_port
     if mllp_port:
         click.echo(f"MLLP:      {host}:{mllp_port}")
@@ -669,7 +732,9 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     if settings.outbox_worker_in_serve:
         background.append(lambda: ChildProcess("worker"))
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
-    run_gunicorn(host, port, workers, threads, background)
+    from gateway import logs
+
+    run_gunicorn(host, port, workers, threads, background, logs.logconfig(settings.log_format, settings.log_level))
 
 
 if __name__ == "__main__":

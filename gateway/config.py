@@ -23,6 +23,13 @@ class Settings:
     # (demo mode and tests do). A request that carries a token is always judged by its token.
     open_access: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
+    # Rate-limit counters (gateway/ratelimit.py): memory:// in one process, redis://host:6379/0 shared.
+    ratelimit_storage: str = "memory://"
+    ratelimit_prefix: str = "gateway"
+    ratelimit_sign_in: str = "60 per minute"
+    # Logs of the long-running commands (serve, mllp, worker): "json" lines or "text", on stderr.
+    log_format: str = "json"
+    log_level: str = "INFO"
     default_page_size: int = 20
     max_page_size: int = 1000
     sqlite_synchronous: str = "FULL"
@@ -77,6 +84,9 @@ class Settings:
     mllp_max_message_bytes: int = 16 * 1024 * 1024
     # Bearer secret for HL7v2 over HTTP (EHR senders without a SMART backend-services client).
     hl7_http_secret: str = ""
+    # The folder of translation maps (mappings/README.md); empty: the mappings/ shipped beside the
+    # package. Edited maps are read again before a reprocess (console or CLI), without a restart.
+    hl7_mappings: str = ""
     # SMART: access-token lifetime for apps (backend-services tokens always live 300 seconds), and
     # how long one process may reuse what it learnt about a token before asking the database again
     # (revocations in the same process take effect at once; in other processes within this time).
@@ -110,6 +120,12 @@ class Settings:
     # The Organization (id) that portal requests to staff are addressed to (Task.owner), and that a
     # reply goes to when its thread names nobody of the care team.
     portal_staff_organization: str = "riverside-general"
+    # Metrics (gateway/metrics.py): each process adds its per-minute rollups to the database every this
+    # many seconds (the console's health dashboard reads them) and rollups older than this many days
+    # are pruned; with a token set, GET /metrics wants it as a bearer token.
+    metrics_flush_seconds: float = 5.0
+    metrics_keep_days: int = 8
+    metrics_token: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -216,7 +216,7 @@ outbox = Table(
     Column("id", PK, primary_key=True, autoincrement=True),
     Column("kind", String(32), nullable=False),  # appointment-request, appointment-cancel, refill-request, message
     Column("channel", String(8), nullable=False),  # hl7 or fhir
-    Column("status", String(16), nullable=False),  # pending -> delivered | failed (re-sendable)
+    Column("status", String(16), nullable=False),  # pending -> delivered | failed (re-sendable) | cancelled
     Column("resource_type", String(64), nullable=False),
     Column("resource_id", String(64), nullable=False),
     Column("version_id", Integer, nullable=False),

@@ -25,7 +25,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 
 def run_gunicorn(host: str, port: int, workers: int, threads: int,
-                 background: list[Callable[[], Any]] | None = None) -> None:
+                 background: list[Callable[[], Any]] | None = None, logconfig: dict[str, Any] | None = None) -> None:
     """Serve HTTP. `background` starts services beside the workers once the arbiter is ready (the
     MLLP listener and the outbox worker, each a child process) and each handle's stop() runs when it
     exits (the MLLP listener finishes the messages in flight)."""
@@ -48,5 +48,6 @@ def run_gunicorn(host: str, port: int, workers: int, threads: int,
         "worker_class": "gthread" if threads > 1 else "sync",
         "graceful_timeout": 30,
         "timeout": 60,
-        "accesslog": None,
+        "accesslog": None,  # the app writes its own access line (gateway.logs): route templates, no paths
+        **({"logconfig_dict": logconfig} if logconfig else {}),
     }).run()

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from werkzeug.serving import make_server
 
-from gateway import create_app, db
+from gateway import create_app, db, metrics
 from gateway.config import Settings
 
 PG_ADMIN_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -101,6 +101,7 @@ def app(settings: Settings) -> Iterator[Any]:
     empty_tables(gateway.engine)
     yield app
     gateway.audit.flush()
+    metrics.flush()  # this test's counts go to its database (the PostgreSQL one is dropped at the end)
     gateway.engine.dispose()
 
 
@@ -135,4 +136,21 @@ def live_server(settings: Settings) -> Iterator[str]:
     finally:
         server.shutdown()
         app.extensions["gateway"].audit.flush()
+        metrics.flush()
         app.extensions["gateway"].engine.dispose()
+
+
+# --- the real browser (portal and console journeys): one Chromium per test process ---
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()

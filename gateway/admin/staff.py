@@ -60,3 +60,21 @@ def set_roles(engine: Engine, username: str, roles: list[str]) -> frozenset[str]
         conn.execute(delete(staff_role).where(staff_role.c.user_id == user_id))
         conn.execute(insert(staff_role), [{"user_id": user_id, "role": role} for role in roles])
     return frozenset(roles)
+
+
+# Demo only (`gateway serve --demo`): one login per role, sharing a published TOTP secret.
+DEMO_STAFF_PASSWORD = "console demo 2026"
+DEMO_TOTP_SECRET = "DEMOCONSOLESECRETDEMOCONSOLE2345"
+DEMO_STAFF = (("operator", "operator"), ("frontdesk", "front-desk"), ("security", "security-officer"))
+
+
+def load_demo_staff(engine: Engine) -> list[str]:
+    """The demo's staff logins (idempotent); lines to print."""
+    lines = []
+    for username, role in DEMO_STAFF:
+        if people.find_user(engine, username) is None:
+            add_staff(engine, username, DEMO_STAFF_PASSWORD, [role], totp_secret=DEMO_TOTP_SECRET)
+        lines.append(f"{username} / {DEMO_STAFF_PASSWORD}: {role}")
+    lines.append(f"console TOTP secret {DEMO_TOTP_SECRET} (the current code: "
+                 f"python3 -c 'import pyotp; print(pyotp.TOTP(\"{DEMO_TOTP_SECRET}\").now())')")
+    return lines

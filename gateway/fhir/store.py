@@ -146,9 +146,11 @@ class Repository:
             raise gone(resource_type, resource_id)
         return self._stored(row)
 
-    def find(self, resource_type: str, resource_id: str) -> Stored | None:
-        """The current version, or None when absent or deleted."""
-        row = self._current_row(resource_type, resource_id)
+    def find(self, resource_type: str, resource_id: str, for_update: bool = False) -> Stored | None:
+        """The current version, or None when absent or deleted. for_update: on PostgreSQL, wait for
+        any other transaction writing it and lock it until this one ends, so that a decision taken on
+        what was read (unchanged, older) still holds when this transaction writes."""
+        row = self._current_row(resource_type, resource_id, for_update)
         return None if row is None or row.deleted else self._stored(row)
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:

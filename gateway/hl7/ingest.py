@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy import text as text_sql
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from gateway import db
+from gateway import db, metrics
 from gateway.fhir import jsonio
 from gateway.fhir.dates import date_range, now_instant
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.store import FhirStore, Repository, same_content
 from gateway.hl7 import ack as acks
 from gateway.hl7 import parse
-from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, translate
+from gateway.hl7.translate import MappingError, Translation, UnsupportedMessage, reload_mappings_if_changed, translate
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ SOURCE_TIME_URL = "urn:fhir-gateway:hl7v2-source-time"
 PROCESSING_IDS = {"P", "T", "D"}
 SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
 M = db.hl7_message.c
+RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
+RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,20 @@ class Outcome:
     @property
     def stored_acks(self) -> str:
         return "\n".join(self.acks)  # ER7 separates segments with CR, so a line holds one message
+
+    @property
+    def counted_as(self) -> str:
+        """The outcome as metrics count it: a failure acknowledged AR/CR (the message was refused: an
+        unsupported type, version or processing id) is "rejected"; AE/CE is "failed"."""
+        if self.status != "failed":
+            return self.status
+        for ack in self.acks:
+            separator = ack[3:4] or "|"
+            for segment in ack.split("\r"):
+                if segment.startswith("MSA" + separator):
+                    code = segment.split(separator)[1:2]
+                    return "rejected" if code and code[0].endswith("R") else "failed"
+        return "failed"
 
 
 def stored_acks(text: str | None) -> tuple[str, ...]:
@@ -70,6 +88,7 @@ class Ingestor:
             header = parse.read_header(text)
             return [acks.encode_ack(ack, header) for ack in self.receive(text, channel, peer)]
         except parse.ParseError as exc:
+            metrics.hl7_message("unreadable", channel, None)
             log.warning("closing %s connection from %s: no readable MSH (%s)", channel, peer, exc.reason)
             return None
 
@@ -78,11 +97,19 @@ class Ingestor:
         batch, holding those of its messages)."""
         messages = parse.split_batch(text)
         if len(messages) == 1 and messages[0] == text:
-            return self.receive_one(text, channel, peer).acks
-        outcomes = [self.receive_one(m, channel, peer) for m in messages]
+            return self._counted(text, channel, peer).acks
+        outcomes = [self._counted(m, channel, peer) for m in messages]
         return (acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),)
 
+    def _counted(self, text: str, channel: str, peer: str | None) -> Outcome:
+        """receive_one, counted by outcome with the time from receipt to the ACK being ready."""
+        started = time.perf_counter()
+        outcome = self.receive_one(text, channel, peer)
+        metrics.hl7_message(outcome.counted_as, channel, time.perf_counter() - started)
+        return outcome
+
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
+        started = time.perf_counter()  # the receipt, for hl7_message.ack_ms
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
         content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
         # Not durable on its own: it must survive the process dying while the message is worked
@@ -97,48 +124,71 @@ class Ingestor:
             ).first()
             if prior is not None and prior.content_hash == content_hash:
                 message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
-                                          duplicate_of=prior.id, ack=prior.ack)
+                                          duplicate_of=prior.id, ack=prior.ack, ack_ms=_ms_since(started))
                 return Outcome(message_id, "duplicate", stored_acks(prior.ack))
             message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
                                       flagged=prior is not None)
-        return self.process(message_id, text, header)
+        return self.process(message_id, text, header, started)
 
     def reprocess(self, message_id: int) -> Outcome:
-        """Run a stored message through translation again (after a mapping fix)."""
+        """Run a stored message through translation again (after a mapping fix: maps changed on disk
+        since they were read are read again first). Its ack_ms then counts from the reprocess's start."""
+        started = time.perf_counter()
+        reload_mappings_if_changed()
         with self.store.reading() as repo:
             row = repo.conn.execute(select(M.raw, M.status).where(M.id == message_id)).first()
         if row is None:
             raise KeyError(message_id)
         header = parse.read_header(row.raw)
-        return self.process(message_id, row.raw, header)
+        return self.process(message_id, row.raw, header, started)
 
     # --- processing ---
 
-    def process(self, message_id: int, text: str, header: parse.Header) -> Outcome:
-        started = time.perf_counter()
+    def process(self, message_id: int, text: str, header: parse.Header, started: float) -> Outcome:
+        """Translate and write a stored message; `started` (perf_counter) is its receipt, and the
+        milliseconds from it to the ACK go into the status update that ends the transaction (no
+        statement of their own: only the commit after it is not counted)."""
         try:
             self._check_header(header)
             translation = translate(parse.parse(text))
-            with self.store.writing(origin="hl7") as repo:
-                self._apply(repo, message_id, translation)
-                outcome = Outcome(message_id, "processed", self._acks(header, "A"))
-                repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                    status="processed", ack=outcome.stored_acks, error=None, error_code=None, error_location=None,
-                    patient_id=translation.patient_id,
-                ))
+            for attempt in range(1, RACE_ATTEMPTS + 1):
+                try:
+                    with self.store.writing(origin="hl7") as repo:
+                        twin = _processed_twin(repo, header, message_id, text)
+                        if twin is not None:  # the same message, finished meanwhile by another connection
+                            repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                                status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
+                            return Outcome(message_id, "duplicate", stored_acks(twin.ack))
+                        self._apply(repo, message_id, translation)
+                        outcome = Outcome(message_id, "processed", self._acks(header, "A"))
+                        repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
+                            status="processed", ack=outcome.stored_acks, error=None, error_code=None,
+                            error_location=None, patient_id=translation.patient_id, ack_ms=_ms_since(started),
+                        ))
+                    break
+                except (IntegrityError, OperationalError) as exc:
+                    # Another process created one of these resources (same deterministic id) in the
+                    # same moment, or two messages locked the same resources in opposite orders;
+                    # everything here was rolled back: apply again, now as an update.
+                    if attempt == RACE_ATTEMPTS or (isinstance(exc, OperationalError) and
+                                                    getattr(exc.orig, "sqlstate", None) not in RETRYABLE):
+                        raise
+                    log.info("message %s raced another writer for its resources; applying it again", message_id)
             log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
             self._audit(header, message_id, translation)
             return outcome
         except UnsupportedMessage as exc:
-            return self._fail(message_id, header, "R", str(exc), exc.code, exc.location)
+            return self._fail(message_id, header, "R", str(exc), exc.code, exc.location, started)
         except (MappingError, parse.ParseError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            return self._fail(message_id, header, "E", reason, exc.code, exc.location)
+            return self._fail(message_id, header, "E", reason, exc.code, exc.location, started)
         except FhirError as exc:
-            return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None)
+            return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None,
+                              started)
         except Exception as exc:  # the listener must answer every message; the cause is logged
             log.exception("message %s failed unexpectedly", message_id)
-            return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None)
+            return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None,
+                              started)
 
     def _audit(self, header: parse.Header, message_id: int, translation: Translation) -> None:
         """The feed writes patient data, so it leaves AuditEvents like any other writer."""
@@ -181,12 +231,13 @@ class Ingestor:
         return tuple(out)
 
     def _fail(self, message_id: int, header: parse.Header, outcome: str, reason: str, code: str,
-              location: str | None) -> Outcome:
+              location: str | None, started: float) -> Outcome:
         result = Outcome(message_id, "failed", self._acks(header, outcome, reason[:80], (code, location, "E")),
                          reason)
         with self.store.writing() as repo:
             repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                 status="failed", ack=result.stored_acks, error=reason, error_code=code, error_location=location,
+                ack_ms=_ms_since(started),
             ))
         log.info("message %s failed (%s at %s): %s", message_id, code, location, reason)
         return result
@@ -208,7 +259,7 @@ class Ingestor:
         written: list[dict[str, Any]] = []
         for resource in translation.resources:
             rtype, rid = resource["resourceType"], resource["id"]
-            existing = repo.find(rtype, rid)
+            existing = repo.find(rtype, rid, for_update=True)
             current = existing.resource() if existing else None
             if current is not None and _is_newer(current, translation.source_time):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "skipped-older"))
@@ -234,6 +285,30 @@ class Ingestor:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
         if written:
             repo.conn.execute(insert(db.hl7_written), written)
+
+
+def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> Any:
+    """A processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than itself.
+
+    Asked inside the transaction that would apply the message, after waiting for any other
+    transaction applying a message of the same identity (a PostgreSQL advisory lock; SQLite has one
+    writer at a time anyway): two copies sent at once through two connections or two processes are
+    applied once, and the second is the duplicate."""
+    identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
+    if db.is_postgres(repo.conn):
+        key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
+        repo.conn.execute(text_sql("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return repo.conn.execute(
+        select(M.id, M.ack).where(
+            M.control_id == header.control_id, M.sending_app == header.sending_app,
+            M.sending_facility == header.sending_facility, M.status == "processed", M.id != message_id,
+            M.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        ).order_by(M.id.desc()).limit(1)
+    ).first()
+
+
+def _ms_since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
 
 
 def _written(message_id: int, rtype: str, rid: str, version: int, action: str) -> dict[str, Any]:

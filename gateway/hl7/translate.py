@@ -10,7 +10,8 @@ What goes where is data (mappings/README.md describes the format):
 This module is the interpreter. It does only what the data cannot say, and each such piece says so:
 walking the parsed fields, unescaping, v2 date/number syntax, choosing Observation.value[x] from
 OBX-2, date arithmetic (start + duration), decoding ED payloads and hashing business keys into ids.
-translate() is pure: the maps are read once (cached) and nothing else is touched.
+translate() is pure: the maps are read once (cached; read again before a reprocess when a file
+changed, see reload_mappings_if_changed) and nothing else is touched.
 """
 
 from __future__ import annotations
@@ -182,9 +183,60 @@ def load_mappings(root: Path = MAPPINGS_DIR) -> Mappings:
     )
 
 
-@functools.cache
+@dataclass(frozen=True)
+class _Loaded:
+    root: Path
+    fingerprint: tuple[tuple[str, int, int], ...]
+    mappings: Mappings
+
+
+_mappings_root: Path = MAPPINGS_DIR
+_loaded: _Loaded | None = None
+
+
+def _fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every file under the mappings folder with its change time and size: a fix shows up here."""
+    entries = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((str(path.relative_to(root)), stat.st_mtime_ns, stat.st_size))
+    return tuple(entries)
+
+
+def _load(root: Path) -> Mappings:
+    global _loaded
+    fingerprint = _fingerprint(root)
+    loaded = _Loaded(root, fingerprint, load_mappings(root))
+    _loaded = loaded
+    return loaded.mappings
+
+
+def configure_mappings(root: str | Path | None = None) -> Path:
+    """Translate with the maps in this folder (GATEWAY_HL7_MAPPINGS; default the mappings/ beside the
+    package). A process-wide choice, like the maps' cache."""
+    global _mappings_root
+    _mappings_root = Path(root).resolve() if root else MAPPINGS_DIR
+    return _mappings_root
+
+
 def mappings() -> Mappings:
-    return load_mappings()
+    """The maps, read once and kept: every message translates with them (no file access per message)."""
+    loaded = _loaded
+    if loaded is not None and loaded.root == _mappings_root:
+        return loaded.mappings
+    return _load(_mappings_root)
+
+
+def reload_mappings_if_changed() -> bool:
+    """Read the maps again when a file under the folder changed since they were read (a mapping fix
+    made while the gateway runs), so that reprocessing a message uses the fix without a restart; True
+    when they were read again. Costs a walk of the folder, so it runs before a reprocess, not per message."""
+    loaded = _loaded
+    if loaded is not None and loaded.root == _mappings_root and loaded.fingerprint == _fingerprint(_mappings_root):
+        return False
+    _load(_mappings_root)
+    return True
 
 
 def _codes(message_map: dict[str, Any]) -> list[str]:

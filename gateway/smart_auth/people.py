@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,35 +141,6 @@ def _judge(conn: Connection, row: Any, passes: Callable[[], bool], refusal: str)
         return refusal
     conn.execute(update(auth_user).where(auth_user.c.id == row.id).values(failed_logins=0, locked_until_ms=None))
     return None
-
-
-class FailureLimiter:
-    """Failed attempts per client address in a sliding window, in this process.
-
-    The per-login lockout stops guessing one account's password; this stops one address trying
-    many accounts (or many activation codes).
-    """
-
-    def __init__(self, limit: int = 20, window_seconds: float = 600.0) -> None:
-        self.limit = limit
-        self.window = window_seconds
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def blocked(self, address: str) -> bool:
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if t > time.monotonic() - self.window]
-            if recent:
-                self._failures[address] = recent
-            else:
-                self._failures.pop(address, None)
-            return len(recent) >= self.limit
-
-    def failed(self, address: str) -> None:
-        with self._lock:
-            if len(self._failures) > 100_000:
-                self._failures.clear()
-            self._failures.setdefault(address, []).append(time.monotonic())
 
 
 def _count_failure(conn: Connection, user_id: int, failures: int) -> None:
@@ -310,7 +280,7 @@ def sign_up(engine: Engine, code: str, username: str, password: str) -> User:
     with write_tx(engine) as conn:
         row = conn.execute(select(activation_code).where(activation_code.c.code_hash == _code_digest(code))).first()
         # Three distinct answers help a patient holding a real code; telling them apart needs a real
-        # 80-bit code, and every refusal counts against the address (FailureLimiter in the views).
+        # 80-bit code, and every refusal counts against the address (gateway.ratelimit.FailureLimiter in the views).
         if row is None:
             failure: str | None = CODE_UNKNOWN
         elif row.used_ms is not None:

@@ -27,7 +27,7 @@ from joserfc.jwk import KeySet
 from sqlalchemy import Engine, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway import access
+from gateway import access, ratelimit
 from gateway.config import Settings
 from gateway.db import write_tx
 from gateway.smart_auth import keys, people, proxies, reset, revocation
@@ -91,7 +91,7 @@ class SmartAuth:
         self._cache: dict[str, tuple[access.Principal, float, int]] = {}
         self._cache_lock = threading.Lock()
         self.mailer = reset.smtp_mailer(settings)
-        self.limiter = people.FailureLimiter()
+        self.limiter = ratelimit.FailureLimiter(ratelimit.storage(settings))
         # JWKS URL -> (fetched at, key set), monotonic seconds.
         self._jwks_cache: dict[str, tuple[float, KeySet]] = {}
 

@@ -16,6 +16,7 @@ from flask_wtf import FlaskForm
 from wtforms import EmailField, PasswordField, StringField
 from wtforms.validators import DataRequired, Length, Regexp
 
+from gateway import metrics
 from gateway.smart_auth import keys, launch, people, reset, sessions
 from gateway.smart_auth.server import SmartAuth
 
@@ -442,7 +443,10 @@ def _no_store(response: Response) -> Response:
 
 @bp.post("/token")
 def token() -> Response:
-    return _no_store(_smart().server.create_token_response())
+    response = _smart().server.create_token_response()
+    if response.status_code == 200:
+        metrics.token_issued(request.form.get("grant_type"))
+    return _no_store(response)
 
 
 @bp.post("/introspect")

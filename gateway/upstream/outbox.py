@@ -52,7 +52,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from sqlalchemy import Connection, bindparam, insert, select, text, update
 
-from gateway import db
+from gateway import db, metrics
 from gateway.config import Settings
 from gateway.fhir import jsonio
 from gateway.fhir.dates import now_instant
@@ -581,6 +581,9 @@ class Worker:
                 return Result(Outcome.RETRY, "waits for the appointment request to be delivered first")
             if request == "failed":
                 return Result(Outcome.FAILED, "the appointment request it cancels was never delivered (failed)")
+            if request == "cancelled":
+                return Result(Outcome.FAILED, "the appointment request it cancels was cancelled in the outbox, "
+                                              "so the EHR never had it")
         try:
             if item.channel == "hl7":
                 return self._deliver_hl7(item)
@@ -737,7 +740,8 @@ class Worker:
         with self.store.writing() as repo:
             # only while the claim is still ours (the attempt we made): a late worker records nothing
             repo.conn.execute(_RECORD, rows)
-        for item, result in outcomes:
+        for (item, result), row in zip(outcomes, rows, strict=True):
+            metrics.outbox_delivery(row["status"] if row["status"] != "pending" else "retry", item.kind, item.channel)
             if self.audit is not None and result.outcome == Outcome.DELIVERED:
                 entities = (f"{item.resource_type}/{item.resource_id}",) + \
                     ((f"Patient/{item.patient_id}",) if item.patient_id else ())
@@ -781,15 +785,33 @@ def list_items(conn: Connection, status: str | None = None, limit: int = 50) -> 
     return list(conn.execute(query).all())
 
 
-def retry(store: FhirStore, settings: Settings, item_id: int) -> str:
-    """Send a failed (or waiting) item again now; an item never built is built from the current version."""
+@dataclass(frozen=True)
+class Change:
+    """What a retry or a cancel did to one item. outcome: queued (a failed item pending again, its
+    attempts afresh), due (a pending item due now), cancelled (never sent from now on), delivered or
+    was-cancelled (nothing to do), unbuildable (still cannot be built: detail says why)."""
+
+    item_id: int
+    outcome: str
+    detail: str = ""
+
+
+def retry_item(store: FhirStore, settings: Settings, item_id: int) -> Change:
+    """Make a failed or pending item due now; an item never built is built from the current version.
+    A pending item keeps its attempt count: one a worker is sending at this moment may then go a
+    second time, which the receiver recognises (the same MSH-10, the same outbox identifier).
+    KeyError: no such item; ValueError: its resource is gone."""
     with store.writing() as repo:
         row = repo.conn.execute(select(db.outbox).where(OB.id == item_id).with_for_update()).first() \
             if db.is_postgres(repo.conn) else repo.conn.execute(select(db.outbox).where(OB.id == item_id)).first()
         if row is None:
             raise KeyError(item_id)
-        if row.status == "delivered":
-            return "delivered already; nothing to do"
+        if row.status in ("delivered", "cancelled"):
+            return Change(item_id, "delivered" if row.status == "delivered" else "was-cancelled")
+        if row.status == "pending":
+            repo.conn.execute(update(db.outbox).where(OB.id == item_id, OB.status == "pending")
+                              .values(next_attempt_ms=_now_ms()))
+            return Change(item_id, "due")
         values: dict[str, Any] = {"status": "pending", "next_attempt_ms": _now_ms(), "attempts": 0,
                                   "last_error": None}
         if not row.payload:
@@ -802,9 +824,32 @@ def retry(store: FhirStore, settings: Settings, item_id: int) -> str:
                     if row.channel == "hl7" else jsonio.dumps({"resource": resource})
             except BuildError as exc:
                 repo.conn.execute(update(db.outbox).where(OB.id == item_id).values(last_error=f"not built: {exc}"))
-                return f"still cannot be built: {exc}"
+                return Change(item_id, "unbuildable", str(exc))
         repo.conn.execute(update(db.outbox).where(OB.id == item_id).values(**values))
-    return "queued again"
+    return Change(item_id, "queued")
+
+
+def retry(store: FhirStore, settings: Settings, item_id: int) -> str:
+    """retry_item, said in a line (`gateway outbox retry`)."""
+    change = retry_item(store, settings, item_id)
+    return {"queued": "queued again", "due": "queued again", "delivered": "delivered already; nothing to do",
+            "was-cancelled": "cancelled; it is not sent again"}.get(change.outcome,
+                                                                    f"still cannot be built: {change.detail}")
+
+
+def cancel_item(store: FhirStore, item_id: int) -> Change:
+    """A pending or failed item becomes cancelled: no worker claims it again (claims take pending
+    items only) and an outcome of a delivery under way is not recorded over it (records need pending).
+    KeyError: no such item."""
+    with store.writing() as repo:
+        changed = repo.conn.execute(update(db.outbox).where(OB.id == item_id, OB.status.in_(("pending", "failed")))
+                                    .values(status="cancelled")).rowcount
+        if changed:
+            return Change(item_id, "cancelled")
+        status = repo.conn.execute(select(OB.status).where(OB.id == item_id)).scalar()
+    if status is None:
+        raise KeyError(item_id)
+    return Change(item_id, "delivered" if status == "delivered" else "was-cancelled")
 
 
 class WorkerThreads:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.admin.staff import add_staff
-from tests.portal.conftest import Portal, browser, chromium, portal, site  # noqa: F401  (fixtures shared with the portal)
+from tests.portal.conftest import Portal, browser, portal, site  # noqa: F401  (fixtures shared with the portal)
 from tests.smart_auth.conftest import TOTP_SECRET, World
 
 STAFF_PASSWORD = "staff password 2026"

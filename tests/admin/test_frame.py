@@ -104,3 +104,14 @@ def test_the_cli_creates_staff_with_a_second_factor(settings: Any, app: Any, mon
     result = CliRunner().invoke(main, ["staff", "add", "--username", "x", "--password", STAFF_PASSWORD,
                                        "--role", "janitor"])
     assert result.exit_code != 0
+
+
+def test_the_demo_has_one_staff_login_per_role(app: Any) -> None:
+    engine = app.extensions["gateway"].engine
+    first = staff.load_demo_staff(engine)
+    assert staff.load_demo_staff(engine) == first  # idempotent
+    with engine.connect() as conn:
+        for username, role in staff.DEMO_STAFF:
+            user = staff.people.find_user(engine, username)
+            assert user is not None and user.totp_secret == staff.DEMO_TOTP_SECRET
+            assert staff.roles_of(conn, user.id) == {role}

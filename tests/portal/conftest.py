@@ -25,7 +25,6 @@ from gateway.fhir.bundles import BundleProcessor, import_file
 from tests.smart_auth.conftest import FIXTURES, PASSWORD, TOTP_SECRET, World
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def csrf_of(html: str) -> str:
@@ -119,17 +118,6 @@ def portal(app: Any, world: World) -> Portal:
 
 # --- the real browser ---
 
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def site(database_url: str, live_server: str, settings: Any) -> Iterator[tuple[str, World]]:
     """The live gateway with the demo family (SQLite run only: the browser journeys take minutes,
@@ -155,6 +143,9 @@ def browser(chromium: Any, site: tuple[str, World], request: pytest.FixtureReque
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # A Content-Security-Policy refusal is only a console message: count it as an error too.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and "Content Security Policy" in msg.text else None)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"

@@ -115,7 +115,10 @@ def test_sign_up_refuses_a_taken_username(portal: Portal) -> None:
 
 
 def test_guessing_codes_is_slowed(portal: Portal) -> None:
-    portal.world.smart.limiter.limit = 3
+    from gateway import ratelimit
+
+    smart = portal.world.smart
+    smart.limiter = ratelimit.FailureLimiter(ratelimit.storage(smart.settings), limit=3)
     for i in range(3):
         _sign_up(portal, activation_code=f"AAAA-BBBB-CCCC-DDD{i}")
     reply = _sign_up(portal, activation_code=_code(portal))

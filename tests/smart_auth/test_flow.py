@@ -295,9 +295,10 @@ def test_password_reset_through_an_emailed_link(world: Any, http: Any) -> None:
 
 
 def test_one_address_failing_on_many_logins_is_slowed(world: Any, http: Any, fhir_base: str) -> None:
+    from gateway import ratelimit
     from tests.smart_auth.conftest import csrf
 
-    world.smart.limiter.limit = 3
+    world.smart.limiter = ratelimit.FailureLimiter(ratelimit.storage(world.smart.settings), limit=3)
     page = http.get("/auth/login").text
     for username in ("maria", "linda", "robert"):
         reply = http.post("/auth/login", {"csrf_token": csrf(page), "username": username, "password": "wrong-pass"})
