@@ -14,7 +14,7 @@ from flask import Flask
 
 from gateway.admin import models  # noqa: F401  (registers the console's tables in the metadata)
 
-PAGES: tuple[str, ...] = ("messages", "resources", "patients", "outbox", "health")
+PAGES: tuple[str, ...] = ("messages", "resources", "patients", "outbox", "health", "apps", "audit")
 
 
 def init_app(app: Flask) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy import (
 
 from gateway import db
 from gateway.fhir.dates import date_range, instant_ms
-from gateway.fhir.indexer import normalize
+from gateway.fhir.indexer import MAX_LEN, normalize
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.searchparams import SearchParam, params_for, patient_compartment
 from gateway.fhir.store import Repository, Stored
@@ -257,6 +257,11 @@ class SearchBuilder:
             return _token_condition(c.system, c.code, value)
         if param.type == "string":
             if modifier == "exact":
+                if len(value) < MAX_LEN:
+                    # A value shorter than the stored maximum was stored whole, so its normalized
+                    # form is equal too; that equality is what the (type, param, value) index serves
+                    # (value_exact has no index of its own).
+                    return and_(c.value == normalize(value), c.value_exact == value)
                 return c.value_exact == value
             pattern = _like_prefix(normalize(value)) + "%"
             if modifier == "contains":

@@ -21,19 +21,35 @@ DEFAULT_APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_acce
 DEFAULT_BACKEND_SCOPE = "system/*.cruds"
 
 
+# Members of a JWK that hold private key material (RFC 7518 section 6).
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def check_jwks(jwks: Any) -> None:
+    """A client's JWKS as the token endpoint will use it: readable, every key with a kid, public keys
+    only (a private key sent by mistake is refused rather than stored)."""
+    try:
+        keyset = KeySet.import_key_set(jwks)
+    except (JoseError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise AuthError(f"the JWKS cannot be read: {exc}") from None
+    if not keyset.keys:
+        raise AuthError("the JWKS has no keys")
+    raw_keys = [raw for raw in jwks.get("keys", []) if isinstance(raw, dict)]
+    # The kid as given: joserfc makes one up (the key's thumbprint) for a key that has none.
+    if any(not key.kid for key in keyset.keys) or any(not raw.get("kid") for raw in raw_keys):
+        raise AuthError("every key in the JWKS needs a kid")
+    if any(PRIVATE_MEMBERS & set(raw) for raw in raw_keys):
+        raise AuthError("the JWKS holds private or symmetric key material; give the public keys only")
+
+
 def register_client(engine: Engine, client_id: str, redirect_uris: list[str], *, public: bool = False,
                     secret: str | None = None, jwks_url: str | None = None, jwks: dict[str, Any] | None = None,
-                    scope: str | None = None, launch_url: str | None = None) -> dict[str, Any]:
+                    scope: str | None = None, launch_url: str | None = None, name: str | None = None) -> dict[str, Any]:
     kinds = [public, bool(secret), bool(jwks_url), jwks is not None]
     if sum(kinds) != 1:
         raise AuthError("choose exactly one of --public, --secret, --jwks-url, --jwks-file")
     if jwks is not None:
-        try:
-            keyset = KeySet.import_key_set(jwks)
-        except (JoseError, ValueError, TypeError) as exc:
-            raise AuthError(f"the JWKS cannot be read: {exc}") from None
-        if any(not key.kid for key in keyset.keys):
-            raise AuthError("every key in the JWKS needs a kid")
+        check_jwks(jwks)
     client_type = "public" if public else "confidential-symmetric" if secret else "confidential-asymmetric"
     if scope is None:
         scope = DEFAULT_APP_SCOPE + (" " + DEFAULT_BACKEND_SCOPE if client_type == "confidential-asymmetric" else "")
@@ -43,9 +59,10 @@ def register_client(engine: Engine, client_id: str, redirect_uris: list[str], *,
         conn.execute(insert(oauth_client).values(
             client_id=client_id, client_type=client_type, secret_hash=people.hash_secret(secret) if secret else None,
             redirect_uris=json.dumps(redirect_uris), scope=scope, jwks_url=jwks_url,
-            jwks=json.dumps(jwks) if jwks is not None else None, launch_url=launch_url, created_ms=now_ms()))
-    return {"client_id": client_id, "client_type": client_type, "redirect_uris": redirect_uris, "scope": scope,
-            "jwks_url": jwks_url, "launch_url": launch_url,
+            jwks=json.dumps(jwks) if jwks is not None else None, launch_url=launch_url, created_ms=now_ms(),
+            name=name or None))
+    return {"client_id": client_id, "name": name or None, "client_type": client_type, "redirect_uris": redirect_uris,
+            "scope": scope, "jwks_url": jwks_url, "launch_url": launch_url,
             "token_endpoint_auth_method": {"public": "none", "confidential-symmetric": "client_secret_basic",
                                            "confidential-asymmetric": "private_key_jwt"}[client_type]}
 

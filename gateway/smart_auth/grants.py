@@ -32,6 +32,7 @@ from authlib.oauth2.rfc6749 import (
     InvalidScopeError,
     OAuth2Request,
     TokenMixin,
+    UnauthorizedClientError,
 )
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant, RefreshTokenGrant
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
@@ -66,6 +67,10 @@ class Client(ClientMixin):
         self.jwks_url: str | None = row.jwks_url
         self.jwks: str | None = row.jwks
         self.launch_url: str | None = row.launch_url
+        self.name: str | None = row.name
+        # A disabled client (the console) is refused at the token endpoint and at /authorize, and its
+        # tokens count as revoked; it may still introspect (to learn its tokens are inactive).
+        self.disabled: bool = row.disabled_ms is not None
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -180,6 +185,8 @@ class SmartCodeGrant(AuthorizationCodeGrant):
 
     def validate_authorization_request(self) -> str:
         redirect_uri = super().validate_authorization_request()
+        if self.request.client.disabled:
+            raise UnauthorizedClientError("This client is disabled", redirect_uri=redirect_uri)
         try:
             self.server.smart.check_smart_request(self.request)
         except InvalidRequestError as error:
@@ -312,6 +319,8 @@ class SmartServer(AuthorizationServer):
 
     def authenticate_client(self, request: OAuth2Request, methods: list[str], endpoint: str = "token") -> Client:
         client = super().authenticate_client(request, methods, endpoint)
+        if client.disabled and endpoint == "token":
+            raise InvalidClientError(description="This client is disabled")
         body_id = request.form.get("client_id")
         if body_id and body_id != client.client_id:
             raise InvalidClientError(description="client_id in the body differs from the authenticated client")

@@ -375,10 +375,12 @@ class SmartAuth:
             row = conn.execute(
                 select(oauth_token.c.expires_ms, oauth_token.c.revoked, oauth_token.c.scope, oauth_token.c.client_id,
                        oauth_grant.c.user_id, oauth_grant.c.patient_id, oauth_grant.c.fhir_user,
-                       oauth_grant.c.revoked_ms)
-                .select_from(oauth_token.join(oauth_grant, oauth_grant.c.grant_id == oauth_token.c.grant_id))
+                       oauth_grant.c.revoked_ms, oauth_client.c.disabled_ms)
+                .select_from(oauth_token.join(oauth_grant, oauth_grant.c.grant_id == oauth_token.c.grant_id)
+                             .join(oauth_client, oauth_client.c.client_id == oauth_token.c.client_id))
                 .where(oauth_token.c.access_hash == access_hash)).first()
-            if row is None or row.revoked or row.revoked_ms is not None or row.expires_ms <= now_ms():
+            if row is None or row.revoked or row.revoked_ms is not None or row.disabled_ms is not None \
+                    or row.expires_ms <= now_ms():
                 return None, 0
             acting = people.acting_for(conn, row.user_id) if row.user_id is not None else None
         principal = access.principal_from_token(
@@ -390,11 +392,13 @@ class SmartAuth:
         row = token.row
         with self.engine.connect() as conn:
             grant = conn.execute(select(oauth_grant).where(oauth_grant.c.grant_id == row.grant_id)).first()
+            disabled = conn.execute(select(oauth_client.c.disabled_ms).where(
+                oauth_client.c.client_id == row.client_id)).scalar() is not None
             acting = people.acting_for(conn, grant.user_id) if grant and grant.user_id is not None else None
             user = people.get_user(conn, grant.user_id) if grant and grant.user_id is not None else None
         expires_ms = row.refresh_expires_ms if token.is_refresh else row.expires_ms
         spent = token.is_refresh and row.refresh_used
-        alive = (grant is not None and grant.revoked_ms is None and not row.revoked and not spent
+        alive = (grant is not None and grant.revoked_ms is None and not row.revoked and not spent and not disabled
                  and (expires_ms or 0) > now_ms()
                  and access.principal_from_token(client_id=row.client_id, scope=row.scope,
                                                  patient_id=grant.patient_id, fhir_user=grant.fhir_user,

@@ -393,7 +393,8 @@ def consent() -> Response:
                                      granted, fhir_user)
         return _finish(owner, granted)
     client = _smart().query_client(pending["args"].get("client_id", ""))
-    return _page("consent.html", form=form, client_id=client.client_id if client else "?",
+    # The name staff gave the app in the console, else its client id.
+    return _page("consent.html", form=form, client_id=(client.name or client.client_id) if client else "?",
                  options=launch.consent_options(pending["scope"]), requested=set(pending["scope"].split()),
                  patient=context.patient_id)
 

@@ -342,6 +342,20 @@ def test_string_exact_and_contains(client: Any, named_patients: None) -> None:
     ])
 
 
+def test_string_exact_at_and_past_the_stored_length(client: Any, store: Any) -> None:
+    """:exact compares the normalized value too (so that an index serves it) only below the stored
+    maximum; a value stored clipped still matches by its first 255 characters, as before."""
+    long_name = "Ä" + "b" * 299
+    seed(store, patient("l1", name=[{"family": long_name}]), patient("l2", name=[{"family": "Äb"}]))
+    assert_cases(client, "Patient", [
+        (f"family:exact={long_name[:255]}", {"l1"}),
+        (f"family:exact={long_name[:254]}", set()),
+        (f"family:exact={long_name}", set()),
+        ("family:exact=Äb", {"l2"}),
+        ("family:exact=Ab", set()),
+    ])
+
+
 def test_string_like_wildcards_are_literal(client: Any, named_patients: None) -> None:
     assert_cases(client, "Patient", [
         ("family=under_", {"s5"}),
