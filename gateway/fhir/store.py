@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway import db
@@ -93,6 +93,8 @@ def _lock_key(text_value: str) -> int:
 _CURRENT = select(db.resource).where(
     db.resource.c.resource_type == bindparam("t"), db.resource.c.id == bindparam("i"))
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_CURRENT_MANY = select(db.resource).where(
+    tuple_(db.resource.c.resource_type, db.resource.c.id).in_(bindparam("keys", expanding=True)))
 # The write path's statements, built once for the same reason.
 _INSERT_RESOURCE = insert(db.resource).returning(db.resource.c.pk)
 _UPDATE_RESOURCE = (
@@ -150,6 +152,14 @@ class Repository:
         """The current version, or None when absent or deleted."""
         row = self._current_row(resource_type, resource_id)
         return None if row is None or row.deleted else self._stored(row)
+
+    def find_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
+        """The current versions of several resources in one statement, keyed by (type, id); absent
+        and deleted ones are left out (as find() gives None for them)."""
+        if not keys:
+            return {}
+        rows = self.conn.execute(_CURRENT_MANY, {"keys": list(dict.fromkeys(keys))}).all()
+        return {(r.resource_type, r.id): self._stored(r) for r in rows if not r.deleted}
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:
         self.flush()
