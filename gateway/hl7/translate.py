@@ -373,11 +373,15 @@ class PlainText(str):
     encoded when the resource is finished."""
 
 
+_BLANKABLE = (str, dict, list)
+_IMMUTABLE = (str, int, float, bool)
+
+
 def _is_blank(value: Any) -> bool:
     if value is None:
         return True
     # only empty text, objects and lists; a zero or False is a value
-    return not value if isinstance(value, str | dict | list) else False
+    return not value if isinstance(value, _BLANKABLE) else False
 
 
 def _prune(value: Any) -> Any:
@@ -637,7 +641,7 @@ class _Run:
                 continue
             if compiled.constant:
                 value = compiled.value
-                if not isinstance(value, str | int | float | bool):
+                if not isinstance(value, _IMMUTABLE):
                     value = copy.deepcopy(value)
                 self.assign(into, compiled.target, value, rule)  # type: ignore[arg-type]
                 continue
