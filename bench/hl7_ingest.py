@@ -1,18 +1,26 @@
 """HL7v2 ingest benchmark: the whole pipeline over MLLP beside plain parsing of the same messages.
 
     python bench/hl7_ingest.py [--messages 20000] [--database sqlite|postgresql] [--memory 100000]
+                               [--processes 1]
 
 Phases, all in one run on this machine:
-  baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages
+  baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages (python-hl7
+             again after the throughput phases: the ratios use the mean), and python-hl7's CPU
+             time per message
   one        the in-scope corpus messages, repeated with unique control ids, over one MLLP connection:
-             messages/s and resources/s end to end (each ACK is received after its commit)
+             messages/s and resources/s end to end (each ACK is received after its commit), and the
+             listener's CPU time per message
   four       the same over four connections at once
   latency    p50/p99 ACK latency at a steady 100 messages/s
   memory     (with --memory N) resident memory of the listener every 10% of N messages
 
-The listener is `gateway mllp` in its own process on a fresh database (a temporary SQLite file,
-or a gw_bench_<random> PostgreSQL database that is dropped afterwards). Loopback only; every loop is
-bounded in count and time. Results are printed and written to bench/results/hl7_ingest-<time>.json.
+The listener is `gateway mllp [--processes N]` in its own process(es) on a fresh database (a
+temporary SQLite file, or a gw_bench_<random> PostgreSQL database that is dropped afterwards).
+Loopback only; every loop is bounded in count and time. Results are printed and written to
+bench/results/hl7_ingest-<time>.json.
+
+On a machine other work shares, rates move with that work; the CPU columns (listener CPU per
+message against python-hl7's CPU per parse) move much less and say what the pipeline costs.
 """
 
 from __future__ import annotations
