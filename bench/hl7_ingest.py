@@ -310,6 +310,12 @@ def main() -> None:
                     send_stream(listener.port, payloads(f"m{k}-", step))
                     memory.append({"messages": (k + 1) * step, "rss_mb": round(listener.rss_mb(), 1)})
                     print(f"  {(k + 1) * step:>7} messages: {memory[-1]['rss_mb']} MB", flush=True)
+        except BaseException:
+            log = Path(tmp) / "mllp.log"
+            if log.exists():  # the listener's side of what went wrong, before the temp dir goes
+                print("listener log (last 40 lines):", *log.read_text(errors="replace").splitlines()[-40:],
+                      sep="\n", file=sys.stderr)
+            raise
         finally:
             listener.close()
     results.update({"one_connection": one, "four_connections": four, "latency_at_100_per_s": latency,
