@@ -291,6 +291,7 @@ def main() -> None:
             baseline["python-hl7_before"], baseline["python-hl7_after"] = baseline["python-hl7"], after["python-hl7"]
             baseline["python-hl7"] = (baseline["python-hl7"] + after["python-hl7"]) / 2
             baseline["python-hl7_cpu_ms"] = parse_cpu
+            results["parse_only"] = {k: round(v, 2) for k, v in baseline.items()}
             for phase in (one, four):
                 phase["resources_per_s"] = round(phase["messages_per_s"] * resources_per_message, 1)
                 phase["vs_python_hl7_parse"] = round(phase["messages_per_s"] / baseline["python-hl7"], 2)
