@@ -1,18 +1,26 @@
 """HL7v2 ingest benchmark: the whole pipeline over MLLP beside plain parsing of the same messages.
 
     python bench/hl7_ingest.py [--messages 20000] [--database sqlite|postgresql] [--memory 100000]
+                               [--processes 1]
 
 Phases, all in one run on this machine:
-  baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages
+  baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages (python-hl7
+             again after the throughput phases: the ratios use the mean), and python-hl7's CPU
+             time per message
   one        the in-scope corpus messages, repeated with unique control ids, over one MLLP connection:
-             messages/s and resources/s end to end (each ACK is received after its commit)
+             messages/s and resources/s end to end (each ACK is received after its commit), and the
+             listener's CPU time per message
   four       the same over four connections at once
   latency    p50/p99 ACK latency at a steady 100 messages/s
   memory     (with --memory N) resident memory of the listener every 10% of N messages
 
-The listener is `gateway mllp` in its own process on a fresh database (a temporary SQLite file,
-or a gw_bench_<random> PostgreSQL database that is dropped afterwards). Loopback only; every loop is
-bounded in count and time. Results are printed and written to bench/results/hl7_ingest-<time>.json.
+The listener is `gateway mllp [--processes N]` in its own process(es) on a fresh database (a
+temporary SQLite file, or a gw_bench_<random> PostgreSQL database that is dropped afterwards).
+Loopback only; every loop is bounded in count and time. Results are printed and written to
+bench/results/hl7_ingest-<time>.json.
+
+On a machine other work shares, rates move with that work; the CPU columns (listener CPU per
+message against python-hl7's CPU per parse) move much less and say what the pipeline costs.
 """
 
 from __future__ import annotations
@@ -71,6 +79,17 @@ def with_control_id(text: str, control: str) -> bytes:
     return (sep.join(fields) + "\r" + rest).encode("utf-8")
 
 
+def parse_cpu_ms(texts: list[str], seconds: float = 3.0) -> float:
+    """CPU milliseconds python-hl7 spends parsing one message (independent of other load)."""
+    import hl7
+
+    done, started = 0, time.process_time()
+    while time.process_time() - started < seconds:
+        hl7.parse(texts[done % len(texts)])
+        done += 1
+    return (time.process_time() - started) * 1000 / done
+
+
 def parse_rates(texts: list[str], seconds: float = 5.0) -> dict[str, float]:
     import hl7
     from hl7apy.parser import parse_message
@@ -95,7 +114,7 @@ def parse_rates(texts: list[str], seconds: float = 5.0) -> dict[str, float]:
 
 
 class Listener:
-    def __init__(self, database: str, workdir: Path) -> None:
+    def __init__(self, database: str, workdir: Path, processes: int = 1) -> None:
         self.database = database
         self.workdir = workdir
         self.pg_name: str | None = None
@@ -113,7 +132,8 @@ class Listener:
                     "GATEWAY_INSTANCE_PATH": str(workdir)}
         subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=self.env, check=True,
                        capture_output=True)
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp"], env=self.env,
+        extra = ["--processes", str(processes)] if processes != 1 else []
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp", *extra], env=self.env,
                                         stdout=(workdir / "mllp.log").open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -124,12 +144,29 @@ class Listener:
                 time.sleep(0.2)
         raise RuntimeError("the MLLP listener did not start")
 
+    def pids(self) -> list[int]:
+        pids = [self.process.pid]
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        return pids
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the listener and its worker processes so far."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return total / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the listener and its worker processes together."""
+        total = 0.0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def close(self) -> None:
         self.process.terminate()
@@ -181,8 +218,10 @@ def send_stream(port: int, payloads: list[bytes], latencies: list[float] | None 
     return acked, bad
 
 
-def run_connections(port: int, batches: list[list[bytes]], max_seconds: float) -> dict[str, Any]:
+def run_connections(port: int, batches: list[list[bytes]], max_seconds: float,
+                    listener: Listener | None = None) -> dict[str, Any]:
     results: list[tuple[int, int]] = [(0, 0)] * len(batches)
+    cpu_before = listener.cpu_seconds() if listener else 0.0
     deadline = time.perf_counter() + max_seconds
 
     def worker(i: int) -> None:
@@ -196,8 +235,11 @@ def run_connections(port: int, batches: list[list[bytes]], max_seconds: float) -
         t.join()
     elapsed = time.perf_counter() - started
     acked = sum(r[0] for r in results)
-    return {"messages": acked, "not_aa": sum(r[1] for r in results), "seconds": round(elapsed, 2),
-            "messages_per_s": round(acked / elapsed, 1)}
+    phase = {"messages": acked, "not_aa": sum(r[1] for r in results), "seconds": round(elapsed, 2),
+             "messages_per_s": round(acked / elapsed, 1)}
+    if listener and acked:
+        phase["listener_cpu_ms_per_message"] = round((listener.cpu_seconds() - cpu_before) * 1000 / acked, 2)
+    return phase
 
 
 def main() -> None:
@@ -207,6 +249,8 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--memory", type=int, default=0, help="messages for the memory phase (e.g. 100000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="cap per phase")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="listener processes (gateway mllp --processes): connections are spread over them")
     args = parser.parse_args()
 
     corpus = in_scope_messages()
@@ -215,6 +259,7 @@ def main() -> None:
     print(f"{len(corpus)} in-scope corpus messages, {resources_per_message:.1f} resources each on average")
     print("baseline: parsing the same messages ...", flush=True)
     baseline = parse_rates(texts)
+    parse_cpu = parse_cpu_ms(texts)
     for name in ("python-hl7", "hl7apy"):
         refused = int(baseline[f"{name}_refused"])
         note = f", refused {refused} of {len(texts)}" if refused else ""
@@ -225,21 +270,33 @@ def main() -> None:
     def payloads(prefix: str, count: int) -> list[bytes]:
         return [with_control_id(texts[i % len(texts)], f"{run_id}{prefix}{i}") for i in range(count)]
 
-    results: dict[str, Any] = {"database": args.database, "corpus_messages": len(corpus),
+    results: dict[str, Any] = {"database": args.database, "processes": args.processes, "corpus_messages": len(corpus),
                                "resources_per_message": round(resources_per_message, 2),
                                "parse_only": {k: round(v, 1) for k, v in baseline.items()}}
     with tempfile.TemporaryDirectory(prefix="hl7-bench-") as tmp:
-        listener = Listener(args.database, Path(tmp))
+        listener = Listener(args.database, Path(tmp), args.processes)
         try:
-            send_stream(listener.port, payloads("w", 20))  # warm-up: imports, compiled maps
+            # warm-up: imports, compiled maps; four connections so that every listener process warms
+            run_connections(listener.port, [payloads(f"w{c}-", 20) for c in range(4)], args.max_seconds)
             print(f"one connection: {args.messages} messages ...", flush=True)
-            one = run_connections(listener.port, [payloads("a", args.messages)], args.max_seconds)
+            one = run_connections(listener.port, [payloads("a", args.messages)], args.max_seconds, listener)
             print(f"four connections: {args.messages} messages ...", flush=True)
             per = args.messages // 4
-            four = run_connections(listener.port, [payloads(f"b{c}-", per) for c in range(4)], args.max_seconds)
+            four = run_connections(listener.port, [payloads(f"b{c}-", per) for c in range(4)], args.max_seconds,
+                                   listener)
+            # Other work on the machine moves every rate: the parse baseline is taken again after the
+            # throughput phases and the ratios use the mean of the two (both are printed).
+            print("baseline again ...", flush=True)
+            after = parse_rates(texts, seconds=3.0)
+            baseline["python-hl7_before"], baseline["python-hl7_after"] = baseline["python-hl7"], after["python-hl7"]
+            baseline["python-hl7"] = (baseline["python-hl7"] + after["python-hl7"]) / 2
+            baseline["python-hl7_cpu_ms"] = parse_cpu
+            results["parse_only"] = {k: round(v, 2) for k, v in baseline.items()}
             for phase in (one, four):
                 phase["resources_per_s"] = round(phase["messages_per_s"] * resources_per_message, 1)
                 phase["vs_python_hl7_parse"] = round(phase["messages_per_s"] / baseline["python-hl7"], 2)
+                if "listener_cpu_ms_per_message" in phase:
+                    phase["cpu_vs_python_hl7_parse"] = round(parse_cpu / phase["listener_cpu_ms_per_message"], 2)
             print(f"steady 100 messages/s for {args.latency_seconds:.0f}s ...", flush=True)
             latencies: list[float] = []
             send_stream(listener.port, payloads("l", int(args.latency_seconds * 100)), latencies, pace=0.01)
@@ -254,15 +311,24 @@ def main() -> None:
                     send_stream(listener.port, payloads(f"m{k}-", step))
                     memory.append({"messages": (k + 1) * step, "rss_mb": round(listener.rss_mb(), 1)})
                     print(f"  {(k + 1) * step:>7} messages: {memory[-1]['rss_mb']} MB", flush=True)
+        except BaseException:
+            log = Path(tmp) / "mllp.log"
+            if log.exists():  # the listener's side of what went wrong, before the temp dir goes
+                print("listener log (last 40 lines):", *log.read_text(errors="replace").splitlines()[-40:],
+                      sep="\n", file=sys.stderr)
+            raise
         finally:
             listener.close()
     results.update({"one_connection": one, "four_connections": four, "latency_at_100_per_s": latency,
                     "memory": memory})
     print()
-    print(f"{'phase':<22}{'msg/s':>10}{'res/s':>10}{'vs python-hl7 parse':>22}")
+    print(f"python-hl7 parse: {baseline['python-hl7_before']:.1f}/s before, {baseline['python-hl7_after']:.1f}/s after "
+          f"the throughput phases; {parse_cpu:.2f} ms CPU per message")
+    print(f"{'phase':<22}{'msg/s':>10}{'res/s':>10}{'vs python-hl7 parse':>22}{'CPU ms/msg':>12}{'CPU ratio':>11}")
     for name, phase in (("one connection", one), ("four connections", four)):
         print(f"{name:<22}{phase['messages_per_s']:>10}{phase['resources_per_s']:>10}"
-              f"{phase['vs_python_hl7_parse']:>21}x   (not AA: {phase['not_aa']})")
+              f"{phase['vs_python_hl7_parse']:>21}x{phase.get('listener_cpu_ms_per_message', 0):>12}"
+              f"{phase.get('cpu_vs_python_hl7_parse', 0):>10}x   (not AA: {phase['not_aa']})")
     print(f"ACK latency at 100/s: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
     if memory:
         print(f"RSS: {memory[0]['rss_mb']} MB after {memory[0]['messages']}, "

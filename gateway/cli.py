@@ -620,8 +620,9 @@ def outbox_cancel(item_id: int) -> None:
                .get(change.outcome, "cancelled already"))
 
 
-def start_mllp(settings: Settings, host: str, port: int) -> Any:
-    """The MLLP listener on its own thread and event loop, with its own services."""
+def start_mllp(settings: Settings, host: str, port: int, **options: Any) -> Any:
+    """The MLLP listener on its own thread and event loop, with its own services (options: see
+    MLLPServer, e.g. the channels to worker processes)."""
     from gateway import build_services
     from gateway.hl7.ack import warm_up
     from gateway.hl7.mllp import start_in_thread
@@ -630,22 +631,54 @@ def start_mllp(settings: Settings, host: str, port: int) -> Any:
     warm_up()  # validate every version's ACK template now, not on a sender's first message
     return start_in_thread(lambda raw: services.hl7.handle(raw, "mllp"), host, port,
                            read_timeout=settings.mllp_read_timeout,
-                           max_message_bytes=settings.mllp_max_message_bytes)
+                           max_message_bytes=settings.mllp_max_message_bytes, **options)
 
 
 @main.command("mllp")
 @click.option("--host", default=None, help="default GATEWAY_MLLP_HOST (127.0.0.1)")
 @click.option("--port", default=None, type=int, help="default GATEWAY_MLLP_PORT (2575)")
+@click.option("--processes", default=None, type=int,
+              help="listener processes sharing the connections (default GATEWAY_MLLP_PROCESSES, 1)")
 @click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
-def mllp_command(host: str | None, port: int | None, parent: int | None) -> None:
+@click.option("--handoff-fd", type=int, default=None, hidden=True,
+              help="a worker process: take connections from this channel to the listener")
+def mllp_command(host: str | None, port: int | None, processes: int | None, parent: int | None,
+                 handoff_fd: int | None) -> None:
     """Run the MLLP listener alone (Ctrl-C or SIGTERM stops it after messages in flight)."""
+    import os
+    import socket
+    import subprocess
+
     settings = _settings()
     _configure_logs(settings)
-    listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port)
-    click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}")
+    if handoff_fd is not None:
+        worker = start_mllp(settings, "", 0, handoff=socket.socket(fileno=handoff_fd))
+        _wait_for_stop(parent, "MLLP worker")
+        worker.stop()
+        return
+    children: list[subprocess.Popen[bytes]] = []
+    channels: list[socket.socket] = []
+    for _ in range(max(processes or settings.mllp_processes, 1) - 1):
+        ours, theirs = socket.socketpair()
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "mllp", "--handoff-fd", str(theirs.fileno()),
+             "--parent", str(os.getpid())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL))
+        theirs.close()
+        channels.append(ours)
+    listener = start_mllp(settings, host or settings.mllp_host, settings.mllp_port if port is None else port,
+                          workers=channels)
+    processes_note = f" ({len(children) + 1} processes)" if children else ""
+    click.echo(f"MLLP listening on {host or settings.mllp_host}:{listener.port}{processes_note}")
     _wait_for_stop(parent, "MLLP")
     click.echo("MLLP: finishing messages in flight")
+    for child in children:
+        child.terminate()  # SIGTERM: each finishes the messages it has in hand
     listener.stop()
+    for child in children:
+        try:
+            child.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 def _multiprocess_metrics() -> str:

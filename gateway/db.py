@@ -326,7 +326,78 @@ class WriterGate:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
+class WalSync:
+    """Group commit for SQLite: durable commits share fsyncs of the write-ahead log.
+
+    With synchronous=FULL every commit fsyncs the WAL while it holds the database's only write lock,
+    so writers queue behind each other's disk waits. Here a durable transaction commits with
+    synchronous=NORMAL (its frames written to the WAL, not yet flushed), releases the lock, and then
+    waits in sync() for an fdatasync of the WAL file that began after its commit; one fdatasync
+    covers every commit written before it started, so concurrent writers share it, and the next
+    writer works while this one waits for the disk. The caller returns (and an HL7 ACK goes out)
+    only after that flush: the commit is as durable as under FULL. Frames a checkpoint has already
+    copied were flushed by the checkpoint itself (NORMAL still syncs the WAL before a checkpoint
+    and the database after it). A WAL file seen for the first time also gets its directory flushed,
+    as SQLite does for a new journal, so the file itself survives a power cut.
+    """
+
+    def __init__(self, database_path: str) -> None:
+        self.path = database_path
+        self._cond = threading.Condition()
+        self._started = 0  # flushes begun
+        self._completed = 0  # flushes finished (the newest begun before it are then durable too)
+        self._running = False
+        self._wal_inode: int | None = None
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1  # the first flush to begin after this commit
+            while self._completed < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                try:
+                    self._flush()
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._completed = number
+
+    def _flush(self) -> None:
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            # no WAL: the last connection checkpointed it into the database file and removed it
+            fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode != self._wal_inode:
+            directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self._wal_inode = inode
+
+
 _gates: weakref.WeakKeyDictionary[Engine, WriterGate | None] = weakref.WeakKeyDictionary()
+_syncs: weakref.WeakKeyDictionary[Engine, WalSync] = weakref.WeakKeyDictionary()
+
+
+def _wal_sync(engine: Engine) -> WalSync:
+    try:
+        return _syncs[engine]
+    except KeyError:
+        sync = _syncs[engine] = WalSync(os.path.abspath(engine.url.database or ""))
+        return sync
 
 
 def _writer_gate(engine: Engine) -> WriterGate | None:
@@ -351,20 +422,27 @@ def write_tx(engine: Engine, durable: bool = True) -> Iterator[Connection]:
     """
     gate = _writer_gate(engine)
     if gate is not None:
-        with gate.held(), _write_tx(engine, durable) as conn:
+        # durable commits on SQLite: group commit (see WalSync), the flush waited for after the
+        # write lock is released
+        with gate.held(), _write_tx(engine, durable, group=durable) as conn:
+            wal = conn.info.get("wal_sync")
             yield conn
+        if wal is not None:
+            wal.sync()
     else:
         with _write_tx(engine, durable) as conn:
             yield conn
 
 
 @contextmanager
-def _write_tx(engine: Engine, durable: bool) -> Iterator[Connection]:
+def _write_tx(engine: Engine, durable: bool, group: bool = False) -> Iterator[Connection]:
     with engine.connect() as conn:
         # info belongs to the pooled DBAPI connection and outlives this checkout: the flags must go
         # again, or every later read on this connection would take SQLite's write lock.
         conn.info["write"] = True
-        relaxed = not durable and conn.info.get("synchronous", "").upper() in ("FULL", "EXTRA")
+        syncing = conn.info.get("synchronous", "").upper() in ("FULL", "EXTRA")
+        relaxed = (not durable or group) and syncing
+        conn.info["wal_sync"] = _wal_sync(engine) if durable and group and syncing else None
         if relaxed:  # outside any transaction, where SQLite allows it
             conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -374,6 +452,7 @@ def _write_tx(engine: Engine, durable: bool) -> Iterator[Connection]:
                 yield conn
         finally:
             conn.info.pop("write", None)
+            conn.info.pop("wal_sync", None)
             if relaxed:
                 conn.connection.driver_connection.execute(f"PRAGMA synchronous={conn.info['synchronous']}")
 

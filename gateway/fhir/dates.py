@@ -9,6 +9,7 @@ two ranges. A value without a time zone is taken as UTC (the server's zone).
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -26,8 +27,12 @@ def _epoch_ms(dt: datetime) -> int:
     return calendar.timegm(dt.utctimetuple()) * 1000 + dt.microsecond // 1000
 
 
+@functools.lru_cache(maxsize=4096)
 def date_range(value: str) -> tuple[int, int]:
-    """The inclusive millisecond range a FHIR date/dateTime/instant string covers."""
+    """The inclusive millisecond range a FHIR date/dateTime/instant string covers.
+
+    Cached: the same values come back again and again (a message's source time is compared for
+    each of its resources, index rows repeat their resource's dates)."""
     match = _DATE_RE.match(value.strip())
     if not match:
         raise ValueError(f"not a valid FHIR date: {value!r}")

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+import orjson
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import text as text_sql
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -40,6 +41,13 @@ SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
 M = db.hl7_message.c
 RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
 RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
+# Every message runs these: built once, not per call.
+_PRIOR = select(M.id, M.content_hash, M.ack).where(
+    M.control_id == bindparam("control_id"), M.sending_app == bindparam("sending_app"),
+    M.sending_facility == bindparam("sending_facility"), M.status == "processed",
+).order_by(M.id.desc()).limit(1)
+_INSERT_MESSAGE = insert(db.hl7_message).returning(M.id)
+_INSERT_WRITTEN = insert(db.hl7_written)
 
 
 @dataclass(frozen=True)
@@ -116,12 +124,8 @@ class Ingestor:
         # on (a message that crashes us stays on file); the durable commit that precedes its ACK
         # takes it to the disk. A duplicate acknowledges data that was made durable before.
         with self.store.writing(durable=False) as repo:
-            prior = repo.conn.execute(
-                select(M.id, M.content_hash, M.ack).where(
-                    M.control_id == header.control_id, M.sending_app == header.sending_app,
-                    M.sending_facility == header.sending_facility, M.status == "processed",
-                ).order_by(M.id.desc()).limit(1)
-            ).first()
+            prior = repo.conn.execute(_PRIOR, {"control_id": header.control_id, "sending_app": header.sending_app,
+                                               "sending_facility": header.sending_facility}).first()
             if prior is not None and prior.content_hash == content_hash:
                 message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
                                           duplicate_of=prior.id, ack=prior.ack, ack_ms=_ms_since(started))
@@ -197,7 +201,8 @@ class Ingestor:
         sender = "|".join(p for p in (header.sending_app, header.sending_facility) if p) or "unknown sender"
         self.audit.record("update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
                           entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
-                          contents=tuple(jsonio.dumps(r) for r in translation.resources),
+                          # read only for the patients they name: orjson, decimals as text
+                          contents=tuple(orjson.dumps(r, default=str).decode() for r in translation.resources),
                           description=f"HL7 message {message_id} {header.message_code_and_trigger}")
 
     def _check_header(self, header: parse.Header) -> None:
@@ -245,21 +250,24 @@ class Ingestor:
     def _insert(self, repo: Repository, text: str, header: parse.Header, channel: str, peer: str | None,
                 content_hash: str, status: str, **values: Any) -> int:
         received = now_instant()
-        return repo.conn.execute(insert(db.hl7_message).values(
-            received_at=received, received_ms=date_range(received)[0], channel=channel, peer=peer,
-            sending_app=header.sending_app, sending_facility=header.sending_facility,
-            control_id=header.control_id, message_type=header.message_code_and_trigger, version=header.version,
-            content_hash=content_hash, status=status, raw=text, mrn=parse.first_mrn(text), **values,
-        ).returning(M.id)).scalar_one()
+        row = {"received_at": received, "received_ms": date_range(received)[0], "channel": channel, "peer": peer,
+               "sending_app": header.sending_app, "sending_facility": header.sending_facility,
+               "control_id": header.control_id, "message_type": header.message_code_and_trigger,
+               "version": header.version, "content_hash": content_hash, "status": status, "raw": text,
+               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, **values}
+        return repo.conn.execute(_INSERT_MESSAGE, row).scalar_one()
 
     # --- writing the resources ---
 
     def _apply(self, repo: Repository, message_id: int, translation: Translation) -> None:
         source = f"{self.base_url}/hl7/messages/{message_id}"
         written: list[dict[str, Any]] = []
+        # Locked on PostgreSQL until the commit: what is decided below on what was read (unchanged,
+        # older) still holds when it is written, whatever another process is applying meanwhile.
+        found = repo.find_many([(r["resourceType"], r["id"]) for r in translation.resources], for_update=True)
         for resource in translation.resources:
             rtype, rid = resource["resourceType"], resource["id"]
-            existing = repo.find(rtype, rid, for_update=True)
+            existing = found.get((rtype, rid))
             current = existing.resource() if existing else None
             if current is not None and _is_newer(current, translation.source_time):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "skipped-older"))
@@ -284,7 +292,7 @@ class Ingestor:
         for old_id, surviving_id in translation.merges:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
         if written:
-            repo.conn.execute(insert(db.hl7_written), written)
+            repo.conn.execute(_INSERT_WRITTEN, written)
 
 
 def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> Any:

@@ -10,12 +10,14 @@ whatever each read returns, so memory per connection stays at one message plus o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,44 @@ class _Connection:
         self.busy = False  # a message is being handled or its ACK written: shutdown waits for it
 
 
+class _Worker:
+    """The listener's side of a channel to a worker process: connections go over it as file
+    descriptors (SCM_RIGHTS), and the worker sends a byte back for each one it has closed."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.open = 0
+        self.alive = True
+
+    def hand_over(self, connection: socket.socket) -> bool:
+        if not self.alive:
+            return False
+        try:
+            socket.send_fds(self.channel, [b"c"], [connection.fileno()])
+        except OSError as exc:  # the worker is gone: this process keeps its connections
+            log.warning("MLLP worker process unreachable (%s); serving its share here", exc)
+            self.alive = False
+            self.open = 1 << 30
+            return False
+        self.open += 1
+        return True
+
+    def closed_connections(self) -> None:
+        try:
+            data = self.channel.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.alive = False
+            self.open = 1 << 30
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            return
+        self.open = max(self.open - data.count(b"-"), 0)
+
+
 class MLLPServer:
     """Receives MLLP frames on many persistent connections and answers each with the handler's ACK.
 
@@ -119,7 +159,11 @@ class MLLPServer:
 
     def __init__(self, handler: Handler, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, write_timeout: float | None = None,
-                 idle_timeout: float | None = None, max_workers: int | None = None) -> None:
+                 idle_timeout: float | None = None, max_workers: int | None = None,
+                 workers: list[socket.socket] | None = None, handoff: socket.socket | None = None) -> None:
+        """workers: channels to listener processes that accepted connections may be handed to (each
+        goes where the fewest are open, so that the processes share the CPUs); handoff: this process
+        is such a worker, and takes its connections from that channel instead of listening."""
         self.handler = handler
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout if write_timeout is not None else read_timeout
@@ -131,13 +175,85 @@ class MLLPServer:
         self._connections: set[_Connection] = set()
         self._closing = False
         self._stopped: asyncio.Event | None = None
+        self._workers = [_Worker(channel) for channel in workers or []]
+        self._handoff = handoff
+        self._listening: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._adopting = 0  # connections this process accepted and has not yet started serving
+        self._adoptions: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen; port 0 picks a free port, readable from .port afterwards."""
         self._stopped = asyncio.Event()
-        self._server = await asyncio.start_server(self._accept, host, port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("MLLP listening on %s:%s", host, self.port)
+        loop = asyncio.get_running_loop()
+        if self._handoff is not None:
+            self._handoff.setblocking(False)
+            loop.add_reader(self._handoff.fileno(), self._receive_handoff)
+            log.info("MLLP worker process taking connections from its listener")
+            return
+        if not self._workers:
+            self._server = await asyncio.start_server(self._accept, host, port)
+            self.port = self._server.sockets[0].getsockname()[1]
+            log.info("MLLP listening on %s:%s", host, self.port)
+            return
+        # Connections are accepted here and handed over before a byte is read from them (a stream
+        # server would start reading at once).
+        self._listening = socket.create_server((host, port), reuse_port=False)
+        self._listening.setblocking(False)
+        self.port = self._listening.getsockname()[1]
+        for worker in self._workers:
+            worker.channel.setblocking(False)
+            loop.add_reader(worker.channel.fileno(), worker.closed_connections)
+        self._accepting = asyncio.create_task(self._accept_loop(self._listening))
+        log.info("MLLP listening on %s:%s (%d worker processes)", host, self.port, len(self._workers))
+
+    async def _accept_loop(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            connection, _ = await loop.sock_accept(listening)
+            here = len(self._connections) + self._adopting
+            worker = min(self._workers, key=lambda w: w.open)
+            if worker.open < here and worker.hand_over(connection):
+                connection.close()  # the worker holds its own descriptor of it now
+                continue
+            self._adopting += 1
+            self._track(asyncio.create_task(self._adopt(connection)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    async def _adopt(self, connection: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=connection)
+        except OSError:
+            connection.close()
+            return
+        finally:
+            if self._handoff is None:
+                self._adopting -= 1
+        await self._accept(reader, writer)
+        if self._handoff is not None:
+            with contextlib.suppress(OSError):
+                self._handoff.send(b"-")  # the listener counts this process's open connections
+
+    def _receive_handoff(self) -> None:
+        assert self._handoff is not None
+        try:
+            data, fds, _, _ = socket.recv_fds(self._handoff, 64, 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:
+            connection = socket.socket(fileno=fd)
+            if self._closing:
+                connection.close()
+                continue
+            connection.setblocking(False)
+            self._track(asyncio.get_running_loop().create_task(self._adopt(connection)))
+        if not data:  # the listener is gone: serve what is open, take nothing new
+            asyncio.get_running_loop().remove_reader(self._handoff.fileno())
 
     async def serve_forever(self) -> None:
         """Wait until shutdown() has finished."""
@@ -150,6 +266,13 @@ class MLLPServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listening is not None:
+            self._listening.close()
+        loop = asyncio.get_running_loop()
+        for channel in [w.channel for w in self._workers] + ([self._handoff] if self._handoff else []):
+            loop.remove_reader(channel.fileno())
         for connection in list(self._connections):
             if not connection.busy:
                 connection.task.cancel()  # waiting for bytes: nothing in flight to finish
@@ -331,8 +454,7 @@ class ServerThread:
         await self.server.shutdown(self._grace)
 
 
-def start_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0, **options: float | None
-                    ) -> ServerThread:
+def start_in_thread(handler: Handler, host: str = "127.0.0.1", port: int = 0, **options: Any) -> ServerThread:
     """Start an MLLPServer (options as its keyword arguments) in a daemon thread; returns once it listens."""
     return ServerThread(MLLPServer(handler, **options), host, port).start()  # type: ignore[arg-type]
 

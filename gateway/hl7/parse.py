@@ -525,6 +525,8 @@ class Message:
 
 def split_field(value: str, seps: Separators) -> list[list[list[str]]]:
     """A field's repetitions, each a list of components, each a list of subcomponents (escaped)."""
+    if seps.component not in value and seps.repetition not in value and seps.subcomponent not in value:
+        return [[[value]]]  # most fields hold one plain value
     return [[component.split(seps.subcomponent) for component in repetition.split(seps.component)]
             for repetition in value.split(seps.repetition)]
 

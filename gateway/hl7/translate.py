@@ -250,6 +250,24 @@ def _events(message_map: dict[str, Any]) -> list[str]:
     return [event if "^" in event else f"{codes[0]}^{event}" for event in (message_map.get("events") or {})]
 
 
+_MESSAGE_CODES: dict[int, tuple[dict[str, Any], list[str], list[str]]] = {}
+
+
+def _message_codes(message_map: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    found = _MESSAGE_CODES.get(id(message_map))
+    if found is None or found[0] is not message_map:
+        found = _MESSAGE_CODES[id(message_map)] = (message_map, _codes(message_map), _events(message_map))
+    return found
+
+
+def _codes_cached(message_map: dict[str, Any]) -> list[str]:
+    return _message_codes(message_map)[1]
+
+
+def _events_cached(message_map: dict[str, Any]) -> list[str]:
+    return _message_codes(message_map)[2]
+
+
 def _event_spec(message_map: dict[str, Any], code: str, event: str) -> dict[str, Any]:
     events = message_map.get("events") or {}
     return events.get(f"{code}^{event}") or events.get(event) or {}
@@ -277,21 +295,30 @@ def _child(node: Node, index: int) -> Node:
 
 
 def _leaf(node: Node) -> str:
-    while not isinstance(node, str):
+    while node.__class__ is not str:
         if not node:
             return ""
-        node = node[0]
-    return node
+        node = node[0]  # type: ignore[assignment]
+    return node  # type: ignore[return-value]
 
 
 def _is_empty(node: Node) -> bool:
-    if isinstance(node, str):
-        return node == ""
-    return all(_is_empty(n) for n in node)
+    # Runs for every value a rule looks at: loops rather than generators (a third of the cost).
+    if node.__class__ is str:
+        return not node
+    for child in node:
+        if child.__class__ is str:
+            if child:
+                return False
+        elif not _is_empty(child):
+            return False
+    return True
 
 
 def _is_null(node: Node) -> bool:
     """The v2 explicit null: the whole value is "" (delete what the receiver has)."""
+    if node.__class__ is str:
+        return node == '""'
     return _leaf(node) == '""' and all(_is_empty(n) for n in _flat(node)[1:])
 
 
@@ -398,19 +425,37 @@ class PlainText(str):
     encoded when the resource is finished."""
 
 
+_BLANKABLE = (str, dict, list)
+_IMMUTABLE = (str, int, float, bool)
+
+
 def _is_blank(value: Any) -> bool:
-    return value is None or value == "" or value == {} or value == []
+    if value is None:
+        return True
+    # only empty text, objects and lists; a zero or False is a value
+    return not value if isinstance(value, _BLANKABLE) else False
 
 
 def _prune(value: Any) -> Any:
     """Drop empty strings, objects and lists so the output carries no empty FHIR elements."""
-    if isinstance(value, dict):
-        pruned = {k: _prune(v) for k, v in value.items()}
-        return {k: v for k, v in pruned.items() if not _is_blank(v)}
-    if isinstance(value, list):
-        pruned_list = [_prune(v) for v in value]
-        return [v for v in pruned_list if not _is_blank(v)]
-    if isinstance(value, PlainText):
+    cls = value.__class__
+    if cls is dict or (cls is not str and cls is not list and isinstance(value, dict)):
+        pruned = {}
+        for k, v in value.items():
+            if v.__class__ is not str or v.__class__ is PlainText:
+                v = _prune(v)
+            if not _is_blank(v):
+                pruned[k] = v
+        return pruned
+    if cls is list or (cls is not str and isinstance(value, list)):
+        pruned_list = []
+        for v in value:
+            if v.__class__ is not str:
+                v = _prune(v)
+            if not _is_blank(v):
+                pruned_list.append(v)
+        return pruned_list
+    if cls is PlainText:
         return base64.b64encode(str(value).encode("utf-8")).decode("ascii")
     return value
 
@@ -426,9 +471,85 @@ def _merge_missing(into: dict[str, Any], value: dict[str, Any], override: bool) 
 
 
 # --------------------------------------------------------------------------------------------
+# Rules as read once: what apply() needs from a rule, worked out the first time the rule runs
+# (its paths parsed, its kind decided) instead of on every segment of every message. The rule
+# dicts stay the data; this is a cache of the questions asked of them.
+
+_NOT_PARSED = object()
+
+
+class _Rule:
+    __slots__ = (
+        "clear",
+        "constant",
+        "defaults",
+        "every",
+        "field0",
+        "has_source",
+        "later",
+        "paths",
+        "required",
+        "rule",
+        "target",
+        "value",
+        "when",
+    )
+
+    def __init__(self, rule: dict[str, Any]) -> None:
+        self.rule = rule  # held so that the id() it is cached under cannot be reused
+        self.when = rule.get("when")
+        self.constant = "value" in rule
+        self.value = rule.get("value")
+        self.target = rule.get("target")
+        self.required = bool(rule.get("required"))
+        self.defaults = rule.get("defaults")
+        self.has_source = "field" in rule or "component" in rule
+        self.field0 = str(rule["field"]).split(".")[0] if "field" in rule else None
+        # a second and later value of an overriding rule is added, not put in place of the first
+        self.later = {**rule, "override": False}
+        path = rule.get("field", rule.get("component"))
+        self.every = bool(rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule))
+        self.paths: list[tuple[Any, ...]] | None = None
+        if path is not None:
+            self.paths = [_compiled_path(alternative) for alternative in _alternatives(str(path))]
+        # the element an explicit null ("") in this rule's field clears
+        self.clear: Any = _NOT_PARSED
+        try:
+            first, selector = _parse_target_cached(self.target)[0] if self.target != "." else ("", "x")
+            digit = str(rule.get("field", "")).isdigit()
+            self.clear = first if digit and selector in (None, "") and not first.startswith("_") else None
+        except (ValueError, TypeError, IndexError):
+            pass  # a bad target fails where the interpreter would have failed, when it is used
+
+
+def _compiled_path(alternative: str) -> tuple[Any, ...]:
+    """(alternative, segment, field, selector, rest, relative); a path that does not parse keeps
+    segment _NOT_PARSED so that nodes() raises on it as it always did."""
+    try:
+        seg, field_number, selector, rest = _field_path(alternative)
+    except ValueError:
+        return (alternative, _NOT_PARSED, 0, None, (), None)
+    try:
+        relative: tuple[int, ...] | None = _relative_path(alternative)
+    except ValueError:
+        relative = None
+    return (alternative, seg, field_number, selector, rest, relative)
+
+
+_RULES: dict[int, _Rule] = {}
+
+
+def _compiled(rule: dict[str, Any]) -> _Rule:
+    found = _RULES.get(id(rule))
+    if found is None or found.rule is not rule:
+        found = _RULES[id(rule)] = _Rule(rule)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 # Scopes: where relative paths in a rule are read from
 
-@dataclass
+@dataclass(slots=True)
 class Scope:
     segment: Segment
     node: Node | None = None  # None: paths name fields of the segment; else components of node
@@ -478,7 +599,10 @@ class _Run:
         return er7.unescape(raw, self.separators)
 
     def text(self, node: Node) -> str:
-        return self.unescape(_leaf(node)).strip()
+        leaf = _leaf(node)
+        if self.separators.escape in leaf:
+            leaf = er7.unescape(leaf, self.separators)
+        return leaf.strip()
 
     def nodes(self, path: str, scope: Scope, every: bool = False) -> list[Node]:
         """The node(s) a path names. `every`: one per repetition of the field."""
@@ -507,7 +631,7 @@ class _Run:
 
     def value(self, path: str, scope: Scope) -> str:
         """Text of a path; "a|b" takes the first that is valued; @names read the translation context."""
-        for alternative in str(path).split("|"):
+        for alternative in _alternatives(str(path)):
             if alternative.startswith("@"):
                 text = self.token(alternative, scope)
             else:
@@ -564,48 +688,85 @@ class _Run:
         so a datatype with only fixed parts is dropped)."""
         has_data = False
         for rule in rules:
-            if "when" in rule and not self.test(rule["when"], scope):
+            compiled = _compiled(rule)
+            if compiled.when is not None and not self.test(compiled.when, scope):
                 continue
-            if "value" in rule:
-                self.assign(into, rule["target"], copy.deepcopy(rule["value"]), rule)
+            if compiled.constant:
+                value = compiled.value
+                if not isinstance(value, _IMMUTABLE):
+                    value = copy.deepcopy(value)
+                self.assign(into, compiled.target, value, rule)  # type: ignore[arg-type]
                 continue
             produced = False
-            for count, node in enumerate(self.sources(rule, scope)):
+            for count, node in enumerate(self._rule_sources(compiled, scope)):
                 if _is_null(node):
-                    first, selector = _parse_target_cached(rule["target"])[0] if rule["target"] != "." else ("", "x")
-                    if clears_key and scope.node is None and str(rule.get("field", "")).isdigit() and \
-                            selector in (None, "") and not first.startswith("_"):
-                        self.clears.setdefault(clears_key, set()).add(first)
+                    if compiled.clear is _NOT_PARSED:
+                        _parse_target_cached(compiled.target)  # raises: the target is malformed
+                    if clears_key and scope.node is None and compiled.clear is not None:
+                        self.clears.setdefault(clears_key, set()).add(compiled.clear)
                     continue
-                value = self.convert(node, rule, scope)
+                value = self.convert(node, rule, scope, compiled)
                 if _is_blank(value):
                     continue
-                if "defaults" in rule and isinstance(value, dict):
-                    value = {**copy.deepcopy(rule["defaults"]), **value}
+                if compiled.defaults is not None and isinstance(value, dict):
+                    value = {**copy.deepcopy(compiled.defaults), **value}
                 # an overriding rule replaces what is there with its first value and adds the rest
-                self.assign(into, rule["target"], value, rule if count == 0 else {**rule, "override": False})
+                self.assign(into, compiled.target, value, rule if count == 0 else compiled.later)  # type: ignore[arg-type]
                 produced = has_data = True
-            if not produced and rule.get("required"):
+            if not produced and compiled.required:
                 where = scope.at(scope.node, rule.get("field", rule.get("component"))).where()
                 raise MappingError(f"{where} is required", "101", where)
         return has_data
 
     def sources(self, rule: dict[str, Any], scope: Scope) -> list[Node]:
-        path = rule.get("field", rule.get("component"))
-        if path is None:
+        return self._rule_sources(_compiled(rule), scope)
+
+    def _rule_sources(self, compiled: _Rule, scope: Scope) -> list[Node]:
+        """The valued nodes a rule reads: those of its first alternative path that has any."""
+        if compiled.paths is None:
             return [scope.node if scope.node is not None else []]
-        every = rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule)
-        for alternative in _alternatives(str(path)):
-            found = [n for n in self.nodes(alternative, scope, every=every) if not _is_empty(n)]
+        base = scope.node
+        for alternative, seg, field_number, selector, rest, relative in compiled.paths:
+            if seg is _NOT_PARSED or (base is not None and not seg and relative is None):
+                found = [n for n in self.nodes(alternative, scope, every=compiled.every) if not _is_empty(n)]
+                if found:
+                    return found
+                continue
+            if base is not None and not seg:
+                node: Node = base
+                for index in relative:  # type: ignore[union-attr]
+                    node = _child(node, index)
+                if not _is_empty(node):
+                    return [node]
+                continue
+            segment = self.seen.get(seg) if seg else scope.segment
+            if segment is None:
+                continue
+            reps = segment.reps(field_number)
+            if selector:
+                key, wanted = selector
+                reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted]
+            elif not compiled.every:
+                reps = reps[:1]
+            if selector and not compiled.every:
+                reps = reps[:1]
+            found = []
+            for rep in reps:
+                node = rep
+                for index in rest:
+                    node = _child(node, index)
+                if not _is_empty(node):
+                    found.append(node)
             if found:
                 return found
         return []
 
-    def convert(self, node: Node, rule: dict[str, Any], scope: Scope) -> Any:
-        if "field" in rule and scope.node is None:
-            here = scope.at(node, str(rule["field"]).split(".")[0])
-        elif "field" in rule or "component" in rule:
-            here = scope.at(node)
+    def convert(self, node: Node, rule: dict[str, Any], scope: Scope, compiled: _Rule | None = None) -> Any:
+        compiled = compiled or _compiled(rule)
+        if compiled.field0 is not None and scope.node is None:
+            here = Scope(scope.segment, node, compiled.field0)
+        elif compiled.has_source:
+            here = Scope(scope.segment, node, scope.field)
         else:
             here = scope
         if "format" in rule:
@@ -1291,10 +1452,10 @@ def translate(message: er7.Message) -> Translation:
     """Translate one parsed v2 message into FHIR R4 resources with deterministic ids."""
     maps = mappings()
     code, event = _message_type(message)
-    candidates = [m for m in maps.messages if code in _codes(m)]
+    candidates = [m for m in maps.messages if code in _codes_cached(m)]
     if not candidates:
         raise UnsupportedMessage(f"message type {code or '(none)'} is not translated", "200", "MSH-9.1")
-    chosen = next((m for m in candidates if f"{code}^{event}" in _events(m)), None)
+    chosen = next((m for m in candidates if f"{code}^{event}" in _events_cached(m)), None)
     if chosen is None:
         raise UnsupportedMessage(f"event {code}^{event or '(none)'} is not translated", "201", "MSH-9.2")
     try:

@@ -371,3 +371,37 @@ def test_deframer_size_limit_is_exact(sizes: list[int], limit: int) -> None:
             return
         assert size <= limit
     assert [len(f) for f in delivered] == sizes
+
+
+def test_connections_are_spread_over_worker_processes_and_each_keeps_its_order(
+        start_server: ServerFactory) -> None:
+    """`gateway mllp --processes N`: the listener hands accepted connections (as descriptors, before
+    reading a byte) to the worker with the fewest open; here the worker is a second server in this
+    process, reached over the same kind of channel."""
+    ours, theirs = socket.socketpair()
+    start_server(lambda m: b"worker:" + m[:40], handoff=theirs)
+    listener = start_server(lambda m: b"listener:" + m[:40], workers=[ours])
+    socks = [connect(listener) for _ in range(4)]
+    time.sleep(0.3)
+    served_by: list[str] = []
+    for round_ in range(5):
+        for number, sock in enumerate(socks):
+            sock.sendall(frame(f"MSH|{number}-{round_}".encode()))
+        for number, sock in enumerate(socks):
+            (reply,) = read_frames(sock, 1)
+            who, _, echoed = reply.partition(b":")
+            assert echoed == f"MSH|{number}-{round_}".encode()
+            if round_ == 0:
+                served_by.append(who.decode())
+    assert sorted(served_by) == ["listener", "listener", "worker", "worker"]
+    for sock in socks:
+        sock.close()
+    # closed connections are counted back: the next two go one to each again
+    time.sleep(0.3)
+    later = [connect(listener) for _ in range(2)]
+    time.sleep(0.3)
+    for sock in later:
+        sock.sendall(frame(b"MSH|again"))
+    assert sorted(read_frames(sock, 1)[0].split(b":")[0].decode() for sock in later) == ["listener", "worker"]
+    for sock in later:
+        sock.close()
