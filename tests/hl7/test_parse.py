@@ -460,7 +460,9 @@ def _messages(draw: st.DrawFn) -> tuple[Separators, str, list[list[list[list[lis
 def _escape(value: str, seps: Separators) -> str:
     container = hl7.Message(separators="\r" + seps.field + seps.repetition + seps.component + seps.subcomponent,
                             esc=seps.escape)
-    return "".join(hl7.util.escape(container, c) if ord(c) < 0x100 else c for c in value)
+    # python-hl7 writes a Latin-1 character as \Xhh\, which is not how a UTF-8 message carries it (and
+    # runs of such escapes can spell another, valid UTF-8 character): only ASCII goes through it.
+    return "".join(hl7.util.escape(container, c) if ord(c) < 0x80 else c for c in value)
 
 
 def _render(seps: Separators, control_id: str, body: list[list[list[list[list[str]]]]]) -> str:
