@@ -4,7 +4,6 @@ is decided by gateway.access from their roles."""
 
 from __future__ import annotations
 
-import pyotp
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from gateway import access
@@ -12,7 +11,7 @@ from gateway.admin.models import staff_role
 from gateway.db import write_tx
 from gateway.smart_auth import people
 from gateway.smart_auth.models import auth_user
-from gateway.smart_auth.people import AuthError, now_ms
+from gateway.smart_auth.people import AuthError
 
 
 def roles_of(conn: Connection, user_id: int) -> frozenset[str]:
@@ -35,20 +34,11 @@ def add_staff(engine: Engine, username: str, password: str, roles: list[str], *,
         raise AuthError("a staff password needs at least 12 characters")
     if practitioner is not None and (not practitioner.startswith("Practitioner/") or practitioner == "Practitioner/"):
         raise AuthError("--practitioner must be Practitioner/ID")
-    secret = totp_secret or people.new_totp_secret()
-    try:
-        pyotp.TOTP(secret).now()
-    except (ValueError, TypeError) as exc:
-        raise AuthError(f"--totp-secret is not usable: {exc}") from None
     with write_tx(engine) as conn:
-        if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
-            raise AuthError(f"user {username!r} exists already")
-        conn.execute(insert(auth_user).values(
-            username=username, password_hash=people.hash_secret(password), fhir_user=practitioner or "",
-            totp_secret=secret, failed_logins=0, created_ms=now_ms()))
-        row = conn.execute(select(auth_user).where(auth_user.c.username == username)).one()
-        conn.execute(insert(staff_role), [{"user_id": row.id, "role": role} for role in roles])
-    return people.User(row.id, row.username, row.fhir_user, row.totp_secret), frozenset(roles)
+        user = people.insert_login(conn, username, password, practitioner or "",
+                                   totp_secret or people.new_totp_secret())
+        conn.execute(insert(staff_role), [{"user_id": user.id, "role": role} for role in roles])
+    return user, frozenset(roles)
 
 
 def set_roles(engine: Engine, username: str, roles: list[str]) -> frozenset[str]:

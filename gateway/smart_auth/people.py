@@ -75,18 +75,23 @@ def add_user(engine: Engine, username: str, password: str, fhir_user: str, totp_
         raise AuthError("--fhir-user must be Patient/ID")
     if len(password) < 8:
         raise AuthError("the password needs at least 8 characters")
+    with write_tx(engine) as conn:
+        return insert_login(conn, username, password, fhir_user, totp_secret)
+
+
+def insert_login(conn: Connection, username: str, password: str, fhir_user: str, totp_secret: str | None) -> User:
+    """A new row of auth_user in the caller's transaction (argon2 hash; the TOTP secret checked)."""
     if totp_secret:
         try:
             pyotp.TOTP(totp_secret).now()
         except (ValueError, TypeError) as exc:
             raise AuthError(f"--totp-secret is not usable: {exc}") from None
-    with write_tx(engine) as conn:
-        if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
-            raise AuthError(f"user {username!r} exists already")
-        conn.execute(insert(auth_user).values(
-            username=username, password_hash=hash_secret(password), fhir_user=fhir_user,
-            totp_secret=totp_secret or None, failed_logins=0, created_ms=now_ms()))
-        return _user(conn.execute(select(auth_user).where(auth_user.c.username == username)).one())
+    if conn.execute(select(auth_user.c.id).where(auth_user.c.username == username)).first():
+        raise AuthError(f"user {username!r} exists already")
+    conn.execute(insert(auth_user).values(
+        username=username, password_hash=hash_secret(password), fhir_user=fhir_user,
+        totp_secret=totp_secret or None, failed_logins=0, created_ms=now_ms()))
+    return _user(conn.execute(select(auth_user).where(auth_user.c.username == username)).one())
 
 
 def get_user(conn: Connection, user_id: int) -> User | None:
