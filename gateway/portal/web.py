@@ -98,6 +98,8 @@ def _guard() -> Response | None:
         return None
     current = context.visit(services(), user)
     if current is None:
+        if user.patient_id is None and not context.choices_for(services(), user):
+            return redirect(url_for("admin.home"))  # a login with no record to see: staff, the console's guard decides
         return redirect(url_for("portal.choose", next=safe_next(request.full_path.rstrip("?"), "/")))
     g.visit = current
     return None

@@ -182,6 +182,8 @@ def authorize() -> Response:
 def resume() -> Response:
     pending = _pending()
     if pending is None:
+        if _user() is not None:  # signed in without an app: the portal (or, for staff, the console)
+            return redirect(url_for("portal.home"))
         return _error_page(_("There is no authorization in progress. Start again from the app."))
     user = _user()
     if user is None:

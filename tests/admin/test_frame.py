@@ -115,3 +115,12 @@ def test_the_demo_has_one_staff_login_per_role(app: Any) -> None:
             user = staff.people.find_user(engine, username)
             assert user is not None and user.totp_secret == staff.DEMO_TOTP_SECRET
             assert staff.roles_of(conn, user.id) == {role}
+
+
+def test_staff_signing_in_on_the_login_page_itself_land_in_the_console(app: Any, console: Any) -> None:
+    driver = console("front-desk")  # signed in through /auth/login and /auth/mfa, with no page to go back to
+    reply = driver.client.get("/auth/continue")
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+    reply = driver.client.get("/")
+    assert reply.status_code == 302 and reply.headers["Location"] == "/admin/"
+    assert "Signed in as" in text_of(driver.get("/admin/"))
