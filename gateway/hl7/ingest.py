@@ -46,6 +46,9 @@ _PRIOR = select(M.id, M.content_hash, M.ack).where(
     M.control_id == bindparam("control_id"), M.sending_app == bindparam("sending_app"),
     M.sending_facility == bindparam("sending_facility"), M.status == "processed",
 ).order_by(M.id.desc()).limit(1)
+# The same question asked again inside the applying transaction, leaving the message itself out.
+_PRIOR_OTHER = _PRIOR.where(M.id != bindparam("message_id"))
+_ADVISORY_LOCK = text_sql("SELECT pg_advisory_xact_lock(:key)")
 _INSERT_MESSAGE = insert(db.hl7_message).returning(M.id)
 _INSERT_WRITTEN = insert(db.hl7_written)
 
@@ -305,14 +308,12 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, tex
     identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
     if db.is_postgres(repo.conn):
         key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
-        repo.conn.execute(text_sql("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-    return repo.conn.execute(
-        select(M.id, M.ack).where(
-            M.control_id == header.control_id, M.sending_app == header.sending_app,
-            M.sending_facility == header.sending_facility, M.status == "processed", M.id != message_id,
-            M.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        ).order_by(M.id.desc()).limit(1)
-    ).first()
+        repo.conn.execute(_ADVISORY_LOCK, {"key": key})
+    prior = repo.conn.execute(_PRIOR_OTHER, {"control_id": header.control_id, "sending_app": header.sending_app,
+                                             "sending_facility": header.sending_facility,
+                                             "message_id": message_id}).first()
+    same = prior is not None and prior.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return prior if same else None
 
 
 def _ms_since(started: float) -> int:
