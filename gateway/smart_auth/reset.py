@@ -94,7 +94,9 @@ def complete_reset(engine: Engine, token: str, password: str) -> people.User:
             user_id = conn.execute(select(password_reset.c.user_id).where(
                 password_reset.c.token_hash == _digest(token))).scalar_one()
             conn.execute(update(auth_user).where(auth_user.c.id == user_id).values(
-                password_hash=people.hash_secret(password), failed_logins=0, locked_until_ms=None))
+                password_hash=people.hash_secret(password), failed_logins=0, locked_until_ms=None,
+                # Whoever knew the old password is signed out: every browser session ends (ASVS 3.3.3).
+                session_epoch=auth_user.c.session_epoch + 1))
             user = people.get_user(conn, user_id)
     if claimed != 1 or user is None:
         raise AuthError("This reset link is not valid any more; ask for a new one")

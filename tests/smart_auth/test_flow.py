@@ -286,8 +286,11 @@ def test_password_reset_through_an_emailed_link(world: Any, http: Any) -> None:
     path = "/auth/reset/" + link.group(1)
     form = http.get(path).text
     assert 'id="new-password-form"' in form
+    epoch = people.find_user(world.smart.engine, "maria").session_epoch
     done = http.post(path, {"csrf_token": csrf(form), "password": "a brand new password"})
     assert done.status == 200 and "password is changed" in done.text
+    # Every browser session that began under the old password is over.
+    assert people.find_user(world.smart.engine, "maria").session_epoch == epoch + 1
     assert people.check_password(world.smart.engine, "maria", "a brand new password").username == "maria"
     with pytest.raises(people.AuthError):
         people.check_password(world.smart.engine, "maria", PASSWORD)
