@@ -1,0 +1,141 @@
+"""Production serving: `gateway serve --workers 2` under gunicorn, replaced gracefully on SIGHUP.
+
+While the arbiter replaces its workers, a client keeps asking (a new connection per request, as a load
+balancer's health checks and most clients do) and an HL7 sender keeps sending, ten messages per
+MLLP connection: no request may fail, no ACK may be missing, and afterwards the workers are new
+processes while the MLLP listener is the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import db
+from gateway.hl7.mllp import send_messages
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _get(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def _adt(n: int) -> bytes:
+    return (f"MSH|^~\\&|ADMIT|RIVERSIDE|GW|GW|20261101080000||ADT^A04|HUP{n:05d}|P|2.5.1\r"
+            f"PID|1||HUP{n:05d}^^^RIVERSIDE^MR||Reload^Person{n}||19800101|F\r").encode()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
+    http_port, mllp_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_DATABASE_URL": url, "GATEWAY_BASE_URL": f"http://127.0.0.1:{http_port}",
+                "GATEWAY_SECRET_KEY": "serving-test", "GATEWAY_INSTANCE_PATH": str(tmp_path),
+                "GATEWAY_OUTBOX_WORKER_IN_SERVE": "0", "GATEWAY_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)})
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(http_port),
+                                 "--mllp-port", str(mllp_port), "--workers", "2"],
+                                cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError):
+                if _get(http_port, "/readyz") == 200:
+                    send_messages("127.0.0.1", mllp_port, [_adt(0)], timeout=30)
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gateway serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield proc, http_port, mllp_port, log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_sighup_replaces_the_workers_without_failing_a_request_or_a_message(served: tuple) -> None:
+    proc, http_port, mllp_port, log = served
+    before = _children(proc.pid)
+    assert len(before) >= 3  # two workers and the MLLP listener
+    stop = threading.Event()
+    answers: list[int | str] = []
+    acks: list[bytes] = []
+
+    def ask() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(_get(http_port, "/readyz"))
+            except OSError as exc:
+                answers.append(f"{type(exc).__name__}: {exc}")
+
+    def feed() -> None:
+        n = 1
+        while not stop.is_set():
+            for replies in send_messages("127.0.0.1", mllp_port, [_adt(n + k) for k in range(10)], timeout=30):
+                acks.extend(replies)
+            n += 10
+
+    threads = [threading.Thread(target=ask), threading.Thread(target=feed)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGHUP)
+    # The old workers are gone once the arbiter has started new ones and the old ones finished.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _children(proc.pid)
+        if len(before - now) >= 2 and len(now) >= len(before):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    after = _children(proc.pid)
+    assert len(before - after) == 2, (before, after, log.read_text(errors="replace")[-2000:])
+    assert len(after - before) == 2  # two new workers, the MLLP listener kept
+    failed = [a for a in answers if a != 200]
+    assert not failed and len(answers) > 20, failed[:5]
+    assert acks and all(b"MSA|AA|" in ack for ack in acks)
+    assert proc.poll() is None
