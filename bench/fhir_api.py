@@ -126,10 +126,25 @@ def _descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
     return found
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds used so far by root and its live descendants."""
+def tree_cpu(root: int, database: str = "") -> float:
+    """CPU seconds used so far by root and its live descendants, and by the PostgreSQL backends serving
+    `database` when one is named (they work for the server, though not its children)."""
     table = _proc_table()
-    return sum(table[pid][1] for pid in _descendants(table, root) if pid in table)
+    pids = _descendants(table, root) | (_backends(table, database) if database else set())
+    return sum(table[pid][1] for pid in pids if pid in table)
+
+
+def _backends(table: dict[int, tuple[int, float]], database: str) -> set[int]:
+    """PostgreSQL backends connected to `database` ("postgres: 15/main: user db host(port) state")."""
+    found = set()
+    for pid in table:
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        if words[:1] == [b"postgres:"] and len(words) > 3 and words[3] == database.encode():
+            found.add(pid)
+    return found
 
 
 def _command(pid: int) -> str:
@@ -143,8 +158,9 @@ def _command(pid: int) -> str:
 class OtherProcesses:
     """Which processes outside the benchmark used CPU between start() and top()."""
 
-    def __init__(self, exclude_root: int) -> None:
+    def __init__(self, exclude_root: int, database: str = "") -> None:
         self.exclude_root = exclude_root
+        self.database = database
         self.before: dict[int, tuple[int, float]] = {}
 
     def start(self) -> None:
@@ -153,6 +169,8 @@ class OtherProcesses:
     def top(self, seconds: float, min_share: float = 0.05, limit: int = 3) -> list[dict[str, Any]]:
         after = _proc_table()
         mine = _descendants(after, self.exclude_root) | _descendants(after, os.getpid())
+        if self.database:
+            mine |= _backends(after, self.database)
         used = []
         for pid, (_, cpu) in after.items():
             if pid in mine:
@@ -273,8 +291,14 @@ class Server:
         except OSError:
             return ""
 
+    @property
+    def database_name(self) -> str:
+        """The PostgreSQL database it serves ("" on SQLite)."""
+        url = self.env.get("GATEWAY_DATABASE_URL", "")
+        return url.rsplit("/", 1)[1].split("?")[0] if url.startswith("postgresql") else ""
+
     def cpu(self) -> float:
-        return tree_cpu(self.proc.pid) if self.proc else 0.0
+        return tree_cpu(self.proc.pid, self.database_name) if self.proc else 0.0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -579,7 +603,7 @@ class Runner:
         waited = self.server.settle()
         if waited > 2:
             log(f"  (waited {waited:.0f}s for the server to go idle first)")
-        others = OtherProcesses(self.server.proc.pid if self.server.proc else 0)
+        others = OtherProcesses(self.server.proc.pid if self.server.proc else 0, self.server.database_name)
         others.start()
         cpu_before, busy_before = self.server.cpu(), machine_busy()
         if self.loadgen == "wrk":
