@@ -472,3 +472,109 @@ def test_sqlite_disk_fills_up_and_the_gateway_recovers_when_it_grows(small_disk:
     finally:
         engine.dispose()
     assert "Traceback" not in log, log[-3000:]
+
+
+# --- 3. the EHR down for the whole run: the outbox backs up, then drains ---
+
+
+def _outbox_depth(gateway: Gateway) -> float:
+    status, _, body = gateway.get("/metrics")
+    assert status == 200, body[:300]
+    for line in body.decode().splitlines():
+        if line.startswith("gateway_outbox_depth "):
+            return float(line.split()[1])
+    raise AssertionError("no gateway_outbox_depth in /metrics")
+
+
+def _outbox(url: str) -> list[Any]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(db.outbox).order_by(db.outbox.c.id)).all())
+    finally:
+        engine.dispose()
+
+
+def test_ehr_down_all_along_the_outbox_backs_up_and_drains_once_in_order(tmp_path: Path) -> None:
+    from tests.upstream import records
+    from tests.upstream.conftest import Receiver
+
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    ehr_port = free_port()  # nothing listens there until the EHR comes back
+    env = _gateway_env(url, tmp_path, GATEWAY_OUTBOX_MESSAGE="hl7", GATEWAY_OUTBOX_APPOINTMENT_REQUEST="hl7",
+                       GATEWAY_OUTBOX_MLLP_PORT=str(ehr_port), GATEWAY_OUTBOX_ACK_TIMEOUT="2",
+                       GATEWAY_OUTBOX_BACKOFF_BASE="0.2", GATEWAY_OUTBOX_BACKOFF_MAX="1",
+                       GATEWAY_OUTBOX_MAX_ATTEMPTS="1000", GATEWAY_OUTBOX_POLL_INTERVAL="0.1")
+    _run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env)
+    receiver: Receiver | None = None
+    try:
+        with serving(env, tmp_path / "gateway.log", mllp=False, worker=True) as gateway:
+            def put(resource: dict[str, Any]) -> None:
+                path = f"/fhir/{resource['resourceType']}/{resource['id']}"
+                status, _, body = _http("PUT", f"http://127.0.0.1:{gateway.http}{path}",
+                                        json.dumps(resource).encode(), 10)
+                assert status in (200, 201), body[:500]
+
+            put(records.patient())
+            put(records.patient("p2", "67890"))
+            put(records.practitioner())
+            started = time.monotonic()
+            depths = [_outbox_depth(gateway)]
+            queued = 0
+            # A stream of patients' writes the EHR must learn: messages from two patients, and
+            # appointment requests, some of them cancelled afterwards (the cancellation must reach
+            # the EHR after its request).
+            for n in range(24):
+                patient = "p1" if n % 2 == 0 else "p2"
+                message = {**records.message(f"c{n}"), "sender": {"reference": f"Patient/{patient}"},
+                           "subject": {"reference": f"Patient/{patient}"},
+                           "payload": [{"contentString": f"message {n} of {patient}"}]}
+                put(message)
+                queued += 1
+                if n % 4 == 0:
+                    put(records.appointment(f"a{n}", patient_id=patient))
+                    queued += 1
+                if n % 8 == 0:
+                    put({**records.appointment(f"a{n}", patient_id=patient), "status": "cancelled"})
+                    queued += 1
+                if n % 6 == 5:
+                    depths.append(_outbox_depth(gateway))
+                time.sleep(0.1)
+            _until(lambda: min(i.attempts for i in _outbox(url)) >= 2, 15)
+            depths.append(_outbox_depth(gateway))
+            down_for = time.monotonic() - started
+            backed_up = _outbox(url)
+
+            receiver = Receiver(port=ehr_port)  # the EHR is back where it was
+            _until(lambda: _outbox_depth(gateway) == 0 and all(i.status != "pending" for i in _outbox(url)), 30)
+            depth_after = _outbox_depth(gateway)
+            time.sleep(1)  # anything sent twice would arrive now
+        log = gateway.log.read_text(errors="replace")
+        delivered = _outbox(url)
+        arrived = list(receiver.received)
+    finally:
+        if receiver is not None:
+            receiver.close()
+
+    # While the EHR was down: everything kept, pending, tried again with backoff, nothing given up on.
+    assert len(backed_up) == queued
+    assert depths == sorted(depths) and depths[-1] == queued and depths[0] == 0, depths
+    assert all(i.status == "pending" for i in backed_up), [(i.id, i.status, i.last_error) for i in backed_up]
+    assert all(i.attempts >= 2 and ("Connection" in (i.last_error or "") or "waits for" in (i.last_error or ""))
+               for i in backed_up), \
+        [(i.id, i.attempts, i.last_error) for i in backed_up][:3]
+    polls = down_for / 0.1
+    assert max(i.attempts for i in backed_up) < polls / 3, (max(i.attempts for i in backed_up), polls)  # backoff
+    # Once it was back: every item delivered exactly once, the depth down to zero.
+    assert depth_after == 0
+    assert all(i.status == "delivered" for i in delivered), [(i.id, i.status, i.last_error) for i in delivered]
+    assert sorted(arrived) == sorted(i.idempotency_key for i in delivered), arrived
+    assert len(arrived) == len(set(arrived)) == queued, arrived
+    # The order the outbox promises: a cancellation reaches the EHR after the request it cancels.
+    position = {key: n for n, key in enumerate(arrived)}
+    for item in delivered:
+        if item.kind == "appointment-cancel":
+            request = next(i for i in delivered
+                           if i.kind == "appointment-request" and i.resource_id == item.resource_id)
+            assert position[request.idempotency_key] < position[item.idempotency_key], arrived
+    assert "Traceback" not in log, log[-3000:]
