@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from gateway import db
 from gateway.fhir.dates import now_instant
 from gateway.fhir.indexer import compartment_patients
 from gateway.fhir.store import FhirStore
@@ -36,6 +37,8 @@ ACTIONS = {
 }
 # Actions in the operator console are recorded as "console:<verb>-<what>" (e.g. console:update-message):
 # their own event type, the action as subtype, the verb giving the CRUDE letter.
+# While the database is down or full, a batch is tried again after 0.5 s, 1 s, 2 s ... at most 5 s.
+UNAVAILABLE_RETRY_BASE, UNAVAILABLE_RETRY_MAX = 0.5, 5.0
 CONSOLE = "console:"
 CONSOLE_TYPE = {"system": "urn:gateway:audit-event-type", "code": "console", "display": "Operator console action"}
 CONSOLE_ACTION_SYSTEM = "urn:gateway:console-action"
@@ -166,6 +169,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self.written = 0
         self.failures = 0
+        self._closing = False  # set by close(): a batch the database cannot take is given up on
 
     def record(self, interaction: str, agent: str, *, client_id: str | None = None,
                address: str | None = None, outcome: str = "0", query: str | None = None,
@@ -217,15 +221,30 @@ class AuditLog:
 
     def _write(self, batch: list[AuditRecord]) -> None:
         events = [event for r in batch for event in audit_events(r, _patients(r.contents))]
-        for attempt in range(3):
+        attempt = failed = 0
+        while True:
+            attempt += 1
             try:
                 # Not durable: records wait in memory before this anyway (see write_tx).
                 with self.store.writing(durable=False) as repo:
                     repo.create_many(events)
                 self.written += len(events)
+                if attempt > 1:
+                    log.info("wrote %d audit events after %d attempts", len(events), attempt)
                 return
-            except Exception:  # the writer must outlive a failed batch; it is logged and retried
-                log.exception("writing %d audit events failed (attempt %d)", len(events), attempt + 1)
+            except Exception as exc:  # the writer must outlive a failed batch; it is logged and retried
+                if db.unavailable(exc) and not self._closing:
+                    # The database is down or full: the events wait here (the bounded queue behind
+                    # them slows requests) until it is back, instead of being dropped after 3 tries.
+                    if attempt == 1:
+                        log.warning("audit events wait: the database is %s (%s)", db.unavailable(exc),
+                                    type(exc).__name__)
+                    time.sleep(min(UNAVAILABLE_RETRY_BASE * 2 ** min(attempt - 1, 8), UNAVAILABLE_RETRY_MAX))
+                    continue
+                failed += 1
+                log.exception("writing %d audit events failed (attempt %d)", len(events), attempt)
+                if failed >= 3:
+                    break
         self.failures += len(events)
 
     def flush(self) -> None:
@@ -234,5 +253,6 @@ class AuditLog:
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            self._closing = True
             self.queue.put(None)
             self._thread.join(timeout=30)

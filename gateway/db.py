@@ -548,10 +548,51 @@ class Analyzer:
     def _run(self) -> None:
         try:
             self.check()
-        except Exception:  # statistics are an optimisation; a failure must not reach a request
-            logging.getLogger(__name__).exception("ANALYZE failed")
+        except Exception as exc:  # statistics are an optimisation; a failure must not reach a request
+            if unavailable(exc):
+                logging.getLogger(__name__).warning("ANALYZE failed: the database is %s", unavailable(exc))
+            else:
+                logging.getLogger(__name__).exception("ANALYZE failed")
         finally:
             self._lock.release()
+
+
+# SQLite result codes (the primary code, the low byte of sqlite_errorcode) that mean the database
+# cannot take writes just now, whatever the statement: the disk is full, or the file cannot be read
+# or written (an I/O error, a vanished mount).
+_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_CANTOPEN = 13, 10, 14
+# PostgreSQL SQLSTATEs of the same kind: 08xxx connection exceptions, the server shutting down or
+# starting (57P01-57P03), too many connections, and disk_full (53100).
+_PG_UNREACHABLE = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why the database cannot do any work now, when that is what `exc` says: "full" (no room on
+    the disk), "unreachable" (down, restarting, the connection lost); None for any other error,
+    one that the statement itself caused (a constraint, a deadlock, a bug).
+
+    Callers turn it into an answer that says "try again later" (a NAK AE 207, HTTP 503 or 507)
+    instead of an internal error, and log one line instead of a stack trace."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        primary = code & 0xFF
+        if primary == _SQLITE_FULL:
+            return "full"
+        return "unreachable" if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) else None
+    if exc.connection_invalidated:
+        return "unreachable"
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate == "53100":
+        return "full"
+    if sqlstate is not None:
+        return "unreachable" if sqlstate.startswith(_PG_UNREACHABLE) else None
+    # psycopg gives no SQLSTATE when the connection failed or broke (refused, closed by the server)
+    return "unreachable" if type(orig).__name__ in ("OperationalError", "InterfaceError") else None
 
 
 def ping(engine: Engine) -> bool:

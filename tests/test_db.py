@@ -235,3 +235,27 @@ def test_the_migrations_build_exactly_the_tables_the_code_declares(database_url:
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_unavailable_tells_a_database_that_cannot_work_from_a_statement_that_failed() -> None:
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    def sqlite_error(message: str, code: int) -> OperationalError:
+        error = sqlite3.OperationalError(message)
+        error.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return OperationalError("INSERT ...", {}, error)
+
+    assert db.unavailable(sqlite_error("database or disk is full", 13)) == "full"
+    assert db.unavailable(sqlite_error("disk I/O error", 10 | (3 << 8))) == "unreachable"  # SQLITE_IOERR_WRITE
+    assert db.unavailable(sqlite_error("no such table: nope", 1)) is None
+    assert db.unavailable(OperationalError("SELECT 1", {}, psycopg.OperationalError("connection failed"))) \
+        == "unreachable"
+    assert db.unavailable(OperationalError("INSERT", {}, psycopg.errors.DiskFull("no space left"))) == "full"
+    assert db.unavailable(OperationalError("SELECT 1", {}, psycopg.errors.AdminShutdown("shutting down"))) \
+        == "unreachable"
+    assert db.unavailable(OperationalError("UPDATE", {}, psycopg.errors.DeadlockDetected("deadlock"))) is None
+    assert db.unavailable(IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("dup"))) is None
+    assert db.unavailable(ValueError("not a database error")) is None

@@ -14,9 +14,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import simplejson
 from flask import Blueprint, Flask, Response, current_app, g, request
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from gateway import access
+from gateway import access, db
 from gateway.fhir import jsonio
 from gateway.fhir.bundles import BundleProcessor
 from gateway.fhir.capability import capability_statement
@@ -31,6 +32,8 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "json", "text/json"}
 PATCH_TYPES = {"application/json-patch+json"}
+# Seconds a client is asked to wait (Retry-After) when the database is down or its disk is full.
+DATABASE_RETRY_AFTER = 5
 
 
 def _store() -> FhirStore:
@@ -114,6 +117,29 @@ def register_error_handlers(app: Flask) -> None:
         if exc.code == 413:
             message = f"The request body is larger than the limit of {_settings().max_body_bytes} bytes"
         return fhir_response(operation_outcome("error", code, message), exc.code or 500)
+
+    @app.errorhandler(DBAPIError)
+    def _database_error(exc: DBAPIError) -> Response:
+        reason = db.unavailable(exc)
+        if reason is None:
+            return _unexpected(exc)
+        # The database is down or restarting, or its disk is full: a client may try again later,
+        # and gets told so (no-store, the persistent store is unavailable) rather than a 500.
+        status = 507 if reason == "full" else 503
+        what = "the storage is full" if reason == "full" else "the database is unreachable"
+        # the endpoint, not the path: a path can name a patient, and logs hold no patient data
+        current_app.logger.warning("%s %s answered %d: %s (%s)", request.method, request.endpoint, status, what,
+                                   type(exc.orig).__name__)
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
+        if request.path.startswith("/fhir"):
+            body = operation_outcome("error", "no-store", f"The request could not be carried out because {what}; "
+                                     "nothing was changed. Please try again later.")
+            return fhir_response(body, status, headers)
+        page = _friendly(status)
+        response = page or Response(f"Unavailable: {what}; please try again later.\n", status,
+                                    content_type="text/plain; charset=utf-8")
+        response.headers.update(headers)
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

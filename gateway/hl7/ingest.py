@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import text as text_sql
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from gateway import db, metrics
 from gateway.fhir import jsonio
@@ -122,6 +122,27 @@ class Ingestor:
     def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
         started = time.perf_counter()  # the receipt, for hl7_message.ack_ms
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
+        try:
+            return self._receive_one(text, header, channel, peer, started)
+        except DBAPIError as exc:
+            reason = db.unavailable(exc)
+            if reason is None:
+                raise
+            return self._unavailable(header, reason, peer)
+
+    def _unavailable(self, header: parse.Header, reason: str, peer: str | None) -> Outcome:
+        """The database cannot take the message (down, or its disk full): a NAK (AE, or CE in
+        enhanced mode) with ERR code 207, so that the sender keeps the message and sends it again.
+        Nothing was committed for it, or only its raw receipt (status received), which a later
+        copy does not count as a duplicate of."""
+        what = "the database is unreachable" if reason == "unreachable" else "the database disk is full"
+        log.warning("message %s%s not accepted: %s; answered AE 207", header.control_id,
+                    f" from {peer}" if peer else "", what)
+        diagnostics = f"not stored: {what}; send it again later"
+        return Outcome(0, "failed", self._acks(header, "E", diagnostics, ("207", None, "E")), diagnostics)
+
+    def _receive_one(self, text: str, header: parse.Header, channel: str, peer: str | None,
+                     started: float) -> Outcome:
         content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
         # Not durable on its own: it must survive the process dying while the message is worked
         # on (a message that crashes us stays on file); the durable commit that precedes its ACK
@@ -193,6 +214,8 @@ class Ingestor:
             return self._fail(message_id, header, "E", f"resource rejected: {exc.diagnostics}", "207", None,
                               started)
         except Exception as exc:  # the listener must answer every message; the cause is logged
+            if isinstance(exc, DBAPIError) and db.unavailable(exc):
+                raise  # nothing can be recorded now: receive_one NAKs it, the sender sends it again
             log.exception("message %s failed unexpectedly", message_id)
             return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None,
                               started)

@@ -213,6 +213,29 @@ def test_unexpected_error_is_fatal_outcome_without_traceback(app: Any, client: A
     assert "secret internal detail" not in text and "Traceback" not in text
 
 
+@pytest.mark.parametrize(("cause", "status"), [("unreachable", 503), ("full", 507)])
+def test_a_database_down_or_full_is_503_or_507_no_store_with_retry_after(app: Any, client: Any, existing: None,
+                                                                        cause: str, status: int) -> None:
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    store = app.extensions["gateway"].store
+    error = psycopg.OperationalError("connection failed") if cause == "unreachable" else \
+        psycopg.errors.DiskFull("could not extend file: No space left on device")
+
+    def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT ...", {}, error)
+
+    store.reading = store.write = fail
+    for response in (client.get(f"/fhir/Patient/{PID}"),
+                     client.post("/fhir/Patient", data='{"resourceType": "Patient"}',
+                                 headers={"Content-Type": FHIR_JSON})):
+        assert response.status_code == status
+        assert response.mimetype == FHIR_JSON and response.headers["Retry-After"] == "5"
+        issue = response.get_json()["issue"][0]
+        assert issue["code"] == "no-store" and "Traceback" not in response.get_data(as_text=True)
+
+
 @pytest.mark.slow
 def test_chunked_body_over_the_limit_is_413(live_server: str) -> None:
     data = OVERSIZED.encode()

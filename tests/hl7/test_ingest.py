@@ -266,3 +266,19 @@ def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client:
     (latest,) = patients(client, identifier="MRN100")
     assert int(latest["meta"]["versionId"]) == int(patient["meta"]["versionId"]) + 1
     assert latest["meta"]["source"].endswith(f"/hl7/messages/{rows(app)[-1].id}")
+
+
+def test_a_database_that_cannot_be_reached_gets_a_nak_ae_207_not_a_closed_connection() -> None:
+    from gateway.fhir.store import FhirStore
+    from gateway.hl7.ingest import Ingestor
+    from tests.conftest import free_port
+
+    engine = db.make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/gone")  # nothing listens there
+    try:
+        ack = handle(Ingestor(FhirStore(engine, "http://testserver/fhir"), "http://testserver"),
+                     adt("DOWN1").encode()).decode()
+    finally:
+        engine.dispose()
+    assert msa(ack)[1:3] == ["AE", "DOWN1"]
+    err = next(s for s in ack.split("\r") if s.startswith("ERR|")).split("|")
+    assert err[3].startswith("207^") and "send it again" in ack

@@ -22,11 +22,12 @@ UPSTREAM_TOKEN = "upstream-test-token"
 class Receiver:
     """An EHR's MLLP listener: answers AA, AE or AR, answers for another MSH-10, or stalls."""
 
-    def __init__(self, mode: str = "AA") -> None:
+    def __init__(self, mode: str = "AA", port: int = 0) -> None:
+        """port 0: a free one; another: that one (an EHR coming back where it was)."""
         self.mode = mode
         self.received: list[str] = []  # MSH-10 of every message, in arrival order
         self.messages: list[str] = []
-        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server = socket.create_server(("127.0.0.1", port))
         self.port = self._server.getsockname()[1]
         self._stop = threading.Event()
         self._lock = threading.Lock()
