@@ -225,6 +225,8 @@ outbox = Table(
     Column("payload", Text, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_ms", BigInteger, nullable=False),
+    # set while a worker holds the item (its lease ends at next_attempt_ms), cleared with the outcome
+    Column("claimed_ms", BigInteger, nullable=True),
     Column("created_at", String(40), nullable=False),
     Column("delivered_at", String(40), nullable=True),
     Column("last_error", Text, nullable=True),

@@ -504,7 +504,14 @@ def check_ack(ack: bytes, key: str) -> Result:
 _RECORD = update(db.outbox).where(
     OB.id == bindparam("o_id"), OB.attempts == bindparam("o_attempts"), OB.status == "pending",
 ).values(status=bindparam("status"), delivered_at=bindparam("delivered_at"), last_error=bindparam("last_error"),
-         response=bindparam("response"), next_attempt_ms=bindparam("next_attempt_ms"))
+         response=bindparam("response"), next_attempt_ms=bindparam("next_attempt_ms"), claimed_ms=None)
+
+
+def _wake_channel(channel: str, now: int) -> Any:
+    """Items of a channel waiting out a backoff become due now (and go in the order they were queued):
+    a delivery just went through, so the destination is back."""
+    return update(db.outbox).where(OB.status == "pending", OB.channel == channel, OB.claimed_ms.is_(None),
+                                   OB.next_attempt_ms > now).values(next_attempt_ms=now)
 
 
 class Worker:
@@ -541,7 +548,7 @@ class Worker:
             if not rows:
                 return []
             repo.conn.execute(update(db.outbox).where(OB.id.in_([r.id for r in rows])).values(
-                next_attempt_ms=now + self.lease_ms(), attempts=OB.attempts + 1))
+                next_attempt_ms=now + self.lease_ms(), claimed_ms=now, attempts=OB.attempts + 1))
         return [Item(r.id, r.kind, r.channel, r.resource_type, r.resource_id, r.version_id, r.patient_id,
                      r.idempotency_key, r.payload, r.attempts + 1) for r in rows]
 
@@ -740,6 +747,10 @@ class Worker:
         with self.store.writing() as repo:
             # only while the claim is still ours (the attempt we made): a late worker records nothing
             repo.conn.execute(_RECORD, rows)
+            # A delivery after an outage: the backlog on that channel need not wait out its backoff.
+            now = _now_ms()
+            for channel in {item.channel for (item, result) in outcomes if result.outcome == Outcome.DELIVERED}:
+                repo.conn.execute(_wake_channel(channel, now))
         for (item, result), row in zip(outcomes, rows, strict=True):
             metrics.outbox_delivery(row["status"] if row["status"] != "pending" else "retry", item.kind, item.channel)
             if self.audit is not None and result.outcome == Outcome.DELIVERED:

@@ -310,3 +310,36 @@ def test_a_message_a_proxy_writes_for_the_patient_goes_as_the_patients(services:
     assert str(segment(queued[0].payload, "PID")(5)) == "Garcia^Maria Elena"
     lines = [str(s(5)) for s in hl7.parse(queued[0].payload).segments("OBX")]
     assert lines[:2] == ["Subject: Blood pressure", "From: Ana Garcia (mother), for the patient"]
+
+
+def test_a_delivery_after_an_outage_makes_the_backlog_due_at_once_in_queue_order(services: Any,
+                                                                                 receiver: Receiver) -> None:
+    receiver.mode = "stall"
+    services.settings.outbox_backoff_base = 300.0  # without the wake-up, the backlog would wait minutes
+    with services.store.writing() as repo:
+        for n in range(3):
+            repo.create(records.appointment(), resource_id=f"a{n}")
+    worker = Worker(services.store, services.settings)
+    assert worker.run_once() == 3
+    assert all(i.status == "pending" and i.claimed_ms is None and i.next_attempt_ms > time.time() * 1000 + 200_000
+               for i in items(services))
+    # An item held by another worker right now keeps its lease.
+    with services.engine.begin() as conn:
+        held_until = int(time.time() * 1000) + 60_000
+        conn.execute(update(db.outbox).where(db.outbox.c.resource_id == "a2").values(
+            claimed_ms=int(time.time() * 1000), next_attempt_ms=held_until))
+    # The EHR is back: a new item goes through, and the waiting ones are due behind it, oldest first.
+    receiver.mode = "AA"
+    with services.store.writing() as repo:
+        repo.create(records.appointment(), resource_id="a3")
+    with services.engine.begin() as conn:
+        conn.execute(update(db.outbox).where(db.outbox.c.resource_id.in_(["a0", "a1"])).values(
+            next_attempt_ms=held_until + 1000))  # so the new one is the only item due
+    assert worker.run_once() == 1
+    by_id = {i.resource_id: i for i in items(services)}
+    assert by_id["a3"].status == "delivered"
+    assert by_id["a0"].next_attempt_ms <= time.time() * 1000 and by_id["a1"].next_attempt_ms <= time.time() * 1000
+    assert by_id["a2"].next_attempt_ms == held_until
+    receiver.received.clear()
+    assert worker.run_once() == 2
+    assert receiver.received == [by_id["a0"].idempotency_key, by_id["a1"].idempotency_key]
