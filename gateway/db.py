@@ -263,10 +263,12 @@ ALL_INDEX_TABLES: tuple[Table, ...] = (
 
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    # hide_parameters: a statement's values (names, identifiers, resource JSON) stay out of exception
+    # texts, which reach logs and stored error messages; the SQL itself is kept.
     if url.startswith("sqlite"):
         # A pooled connection serves one thread at a time, so pysqlite's same-thread check can go;
         # pooling keeps the per-connection PRAGMAs off the request path.
-        engine = create_engine(url, pool_size=16, max_overflow=16,
+        engine = create_engine(url, pool_size=16, max_overflow=16, hide_parameters=True,
                                connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -291,7 +293,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 class WriterGate:

@@ -67,3 +67,28 @@ def test_the_logging_document_routes_gunicorn_through_the_same_handler() -> None
     assert config["root"] == {"level": "DEBUG", "handlers": ["gateway"]}
     assert config["loggers"]["gunicorn.error"]["propagate"] is True
     logging.config.dictConfig(dict(config, root={"level": "WARNING", "handlers": []}))  # it is a valid document
+
+
+def test_database_errors_carry_the_sql_but_not_the_values(database_url: str) -> None:
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from gateway import db
+
+    engine = db.make_engine(database_url)
+    row = {"id": "dup-key", "resource_type": "Patient", "version_id": 1, "last_updated": "2026-01-01T00:00:00Z",
+           "deleted": False, "content": '{"name":[{"family":"Unmistakable-Surname"}]}'}
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(db.resource).values(**row))
+        with pytest.raises(IntegrityError) as raised, engine.begin() as conn:
+            conn.execute(insert(db.resource).values(**row))
+        text = str(raised.value)
+        assert "INSERT INTO resource" in text
+        # The values bound to the statement are hidden. (PostgreSQL's own DETAIL line still names the
+        # duplicate key, here the resource id.)
+        assert "Unmistakable-Surname" not in text and "[parameters:" not in text
+    finally:
+        with engine.begin() as conn:
+            conn.execute(db.resource.delete().where(db.resource.c.id == "dup-key"))
+        engine.dispose()

@@ -143,7 +143,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        # the route, not the path: a path can name a patient, and logs hold no patient data
+        route = request.url_rule.rule if request.url_rule is not None else "(no route)"
+        current_app.logger.exception("unhandled error on %s %s", request.method, route)
         body = operation_outcome("fatal", "exception", "An internal error occurred; it has been logged")
         if request.path.startswith("/fhir"):
             return fhir_response(body, 500)
