@@ -332,7 +332,7 @@ def result_ids(base: str, session: requests.Session) -> list[str]:
 # --- the server's memory ---
 
 def tree_rss(root: int) -> dict[int, tuple[float, str]]:
-    """pid -> (RSS MB, command) for the server and its live descendants (from /proc; psutil is not
+    """pid -> (RSS MB, role) for the server and its live descendants (from /proc; psutil is not
     needed)."""
     out: dict[int, tuple[float, str]] = {}
     for pid in _descendants(_proc_table(), root):
@@ -343,7 +343,7 @@ def tree_rss(root: int) -> dict[int, tuple[float, str]]:
             continue
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         if match:
-            out[pid] = (int(match.group(1)) / 1024, command.strip()[:80])
+            out[pid] = (int(match.group(1)) / 1024, "gunicorn arbiter" if pid == root else _role(command))
     return out
 
 
@@ -362,10 +362,24 @@ def memory_figures(samples: list[dict[str, Any]], seconds: float) -> dict[str, A
     first_mb = sum(first) / len(first) if first else 0.0
     last_mb = sum(last) / len(last) if last else 0.0
     growth = (last_mb / first_mb - 1) if first_mb else 0.0
+    processes = []
+    if samples:  # each process of the tree, first sample against last: which one grew
+        begin, end = samples[0]["processes"], samples[-1]["processes"]
+        for pid, (mb, command) in end.items():
+            processes.append({"pid": int(pid), "role": command, "first_mb": begin.get(pid, [None])[0],
+                              "last_mb": mb})
     return {"window_s": round(window, 1), "first_window_mb": round(first_mb, 1), "last_window_mb": round(last_mb, 1),
             "growth": round(growth, 4), "slope_mb_per_min": round(slope, 3),
             "slope_over_run_mb": round(slope * seconds / 60, 1), "flat": growth < FLAT_GROWTH,
-            "samples": len(samples)}
+            "samples": len(samples), "processes": processes}
+
+
+def _role(command: str) -> str:
+    if " mllp" in command:
+        return "MLLP listener"
+    if " worker" in command:
+        return "outbox worker"
+    return "web worker"  # forked by the arbiter: the same command line
 
 
 # --- the load ---
@@ -695,7 +709,9 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", f"Server RSS (whole process tree, summed): first {memory['window_s']:g}s "
                   f"{memory['first_window_mb']} MB, last {memory['window_s']:g}s {memory['last_window_mb']} MB "
                   f"({memory['growth']:+.1%}); slope after the first window {memory['slope_mb_per_min']:+.2f} MB/min "
-                  f"({memory['slope_over_run_mb']:+.1f} MB over the run); {memory['samples']} samples.",
+                  f"({memory['slope_over_run_mb']:+.1f} MB over the run); {memory['samples']} samples. By process, "
+                  f"first sample to last: " + ", ".join(f"{p['role']} {p['first_mb']} -> {p['last_mb']} MB"
+                                                       for p in memory["processes"]) + ".",
               f"CPU over the measured {cpu['seconds']:g}s, share of all {cpu['cores']} cores: server "
               f"{cpu['server_share']:.0%}, load generator {cpu['loadgen_share']:.0%}, other processes "
               f"{cpu['other_share']:.0%}."]
@@ -717,6 +733,78 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run(args: argparse.Namespace, db: Any, stamp: str, git: dict[str, Any], description: str, messages: list[str],
+        workdir: Path, servers: list[Server]) -> int:
+    """Setup, the load, the figures; the server it starts is put in `servers` for the caller to stop."""
+    port, mllp_port = free_port(), free_port()
+    base = f"http://{HOST}:{port}"
+    instance = workdir / "instance"
+    log(f"database: {db.describe}; loading the demo data, logins and clients")
+    world = prepare_data(db.url, base, instance, args.portal_users)
+    env = dict(os.environ)
+    env.update({"GATEWAY_DATABASE_URL": db.url, "GATEWAY_BASE_URL": base,
+                "GATEWAY_INSTANCE_PATH": str(instance), "GATEWAY_SECRET_KEY": uuid.uuid4().hex,
+                "GATEWAY_OPEN_ACCESS": "0", "GATEWAY_AUDIT_ENABLED": "1"})
+    log_path = RESULTS_DIR / f"load_mixed-{stamp}-server.log"
+    server = Server(env, port, args.workers, log_path, extra_args=("--mllp-port", str(mllp_port)))
+    servers.append(server)
+    began = time.monotonic()
+    server.start()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection((HOST, mllp_port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the MLLP listener did not start:\n{server.log_tail()}") from None
+            time.sleep(0.2)
+    log(f"server: {base}, MLLP {HOST}:{mllp_port}, ready in {time.monotonic() - began:.1f}s (log {log_path})")
+
+    apps = [App(client, user, patient.removeprefix("Patient/"), secret)
+            for client, user, patient, secret in APPS]
+    for app in apps:
+        launch_app(base, app)
+        app.observations = observation_ids(base, app.session, app.token["access_token"], app.patient)
+        if not app.observations:
+            raise RuntimeError(f"{app.username}: no Observation for {app.patient}")
+    backend = App("backend", "backend", "", None)
+    backend.token = backend_token(base, world, backend.session)
+    backend.refreshed_at = time.monotonic()
+    log(f"SMART: {len(apps)} patient apps launched through the login/consent pages "
+        f"({', '.join(f'{a.client_id}/{a.username}' for a in apps)}), backend services token "
+        f"({backend.token.get('scope')}, {backend.token.get('expires_in')}s)")
+    portal = []
+    for n in range(args.portal_users):
+        username = f"portal{n:02d}"
+        session = sign_in(base, username, PASSWORD, totp_secret=TOTP_SECRET)
+        portal.append((username, session, result_ids(base, session)))
+    log(f"portal: {len(portal)} users signed in with TOTP; "
+        f"{sum(1 for _, _, r in portal if r)} of them have results to open")
+    load = Load(base, mllp_port, args, apps, backend, world, portal, messages)
+    loadavg = os.getloadavg()
+    figures = drive(load, server)
+    server.stop()
+    results: dict[str, Any] = {
+        "benchmark": "load_mixed", "timestamp": stamp, "description": description,
+        "options": {k: v for k, v in vars(args).items() if k != "pg_admin_url"},
+        "python": platform.python_version(), "git": git,
+        "loadavg_before": " ".join(f"{v:.2f}" for v in loadavg),
+        "database": {"kind": db.kind, "bytes_at_end": db.size()},
+        "targets": {name: f"{key} <= {limit:g} ms" for name, (key, limit) in TARGETS.items()},
+        "server_log": str(log_path.relative_to(REPO_DIR)), **figures}
+    judge(results)
+    results["exit_status"] = 0 if results["errors"] == 0 and results["memory"]["flat"] else 1
+    out = RESULTS_DIR / f"load_mixed-{stamp}"
+    results["results_files"] = [f"{out.relative_to(REPO_DIR)}.json", f"{out.relative_to(REPO_DIR)}.md"]
+    text = report(results)
+    Path(f"{out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{out}.md").write_text(text)
+    log("\n" + text)
+    log(f"written: {', '.join(results['results_files'])}")
+    return int(results["exit_status"])
+
+
 def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise Interrupted("SIGTERM")
 
@@ -730,82 +818,21 @@ def main(argv: list[str] | None = None) -> int:
     git = git_state()
     description = (f"{args.seconds:g}s on {args.database}, {args.workers} workers; SMART {args.smart_rate:g}/s "
                    f"({len(APPS)} patient apps + 1 backend), HL7 {args.hl7_rate:g}/s over {args.hl7_connections} "
-                   f"MLLP connections, {args.portal_users} portal users every {args.portal_interval:g}s, "
+                   f"MLLP connections, {args.portal_users} portal users a page each ~{args.portal_interval:g}s, "
                    f"/healthz {args.healthz_rate:g}/s")
     log(f"mixed load: {description}")
     corpus = in_scope_messages()
     messages = [text for text, _ in corpus]
     log(f"HL7: {len(messages)} in-scope corpus messages")
     workdir = Path(tempfile.mkdtemp(prefix="load-mixed-"))
-    server: Server | None = None
+    servers: list[Server] = []
     try:
         with database(args.database, workdir, args.keep, args.pg_admin_url) as db:
-            port, mllp_port = free_port(), free_port()
-            base = f"http://{HOST}:{port}"
-            instance = workdir / "instance"
-            log(f"database: {db.describe}; loading the demo data, logins and clients")
-            world = prepare_data(db.url, base, instance, args.portal_users)
-            env = dict(os.environ)
-            env.update({"GATEWAY_DATABASE_URL": db.url, "GATEWAY_BASE_URL": base,
-                        "GATEWAY_INSTANCE_PATH": str(instance), "GATEWAY_SECRET_KEY": uuid.uuid4().hex,
-                        "GATEWAY_OPEN_ACCESS": "0", "GATEWAY_AUDIT_ENABLED": "1"})
-            log_path = RESULTS_DIR / f"load_mixed-{stamp}-server.log"
-            server = Server(env, port, args.workers, log_path, extra_args=("--mllp-port", str(mllp_port)))
-            began = time.monotonic()
-            server.start()
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection((HOST, mllp_port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the MLLP listener did not start:\n{server.log_tail()}") from None
-                    time.sleep(0.2)
-            log(f"server: {base}, MLLP {HOST}:{mllp_port}, ready in {time.monotonic() - began:.1f}s (log {log_path})")
-
-            apps = [App(client, user, patient.removeprefix("Patient/"), secret)
-                    for client, user, patient, secret in APPS]
-            for app in apps:
-                launch_app(base, app)
-                app.observations = observation_ids(base, app.session, app.token["access_token"], app.patient)
-                if not app.observations:
-                    raise RuntimeError(f"{app.username}: no Observation for {app.patient}")
-            backend = App("backend", "backend", "", None)
-            backend.token = backend_token(base, world, backend.session)
-            backend.refreshed_at = time.monotonic()
-            log(f"SMART: {len(apps)} patient apps launched through the login/consent pages "
-                f"({', '.join(f'{a.client_id}/{a.username}' for a in apps)}), backend services token "
-                f"({backend.token.get('scope')}, {backend.token.get('expires_in')}s)")
-            portal = []
-            for n in range(args.portal_users):
-                username = f"portal{n:02d}"
-                session = sign_in(base, username, PASSWORD, totp_secret=TOTP_SECRET)
-                portal.append((username, session, result_ids(base, session)))
-            log(f"portal: {len(portal)} users signed in with TOTP; "
-                f"{sum(1 for _, _, r in portal if r)} of them have results to open")
-            load = Load(base, mllp_port, args, apps, backend, world, portal, messages)
-            loadavg = os.getloadavg()
-            figures = drive(load, server)
-            server.stop()
-            results: dict[str, Any] = {
-                "benchmark": "load_mixed", "timestamp": stamp, "description": description,
-                "options": {k: v for k, v in vars(args).items() if k != "pg_admin_url"},
-                "python": platform.python_version(), "git": git,
-                "loadavg_before": " ".join(f"{v:.2f}" for v in loadavg),
-                "database": {"kind": db.kind, "bytes_at_end": db.size()},
-                "targets": {name: f"{key} <= {limit:g} ms" for name, (key, limit) in TARGETS.items()},
-                "server_log": str(log_path.relative_to(REPO_DIR)), **figures}
-            judge(results)
-            results["exit_status"] = 0 if results["errors"] == 0 and results["memory"]["flat"] else 1
-            out = RESULTS_DIR / f"load_mixed-{stamp}"
-            results["results_files"] = [f"{out.relative_to(REPO_DIR)}.json", f"{out.relative_to(REPO_DIR)}.md"]
-            text = report(results)
-            Path(f"{out}.json").write_text(json.dumps(results, indent=2) + "\n")
-            Path(f"{out}.md").write_text(text)
-            log("\n" + text)
-            log(f"written: {', '.join(results['results_files'])}")
-            return int(results["exit_status"])
+            try:
+                return run(args, db, stamp, git, description, messages, workdir, servers)
+            finally:
+                for server in servers:
+                    server.stop()  # always, and before the database is dropped
     except (KeyboardInterrupt, Interrupted):
         log("\ninterrupted; the server was stopped")
         return 130
@@ -813,8 +840,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"\nFAILED: {exc}")
         return 2
     finally:
-        if server is not None:
-            server.stop()  # always, and before the database is dropped
         if args.keep:
             log(f"kept {workdir}")
         else:
