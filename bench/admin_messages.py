@@ -42,7 +42,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from html import unescape
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -55,6 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import pyotp  # noqa: E402
 import requests  # noqa: E402
 from fhir_api import HOST, Server, free_port, machine_busy, self_cpu  # noqa: E402
+from signin import sign_in  # noqa: E402
 from sqlalchemy import Index, select, text  # noqa: E402
 
 from gateway import db  # noqa: E402
@@ -369,25 +369,6 @@ def service_phase(engine: Any, kinds: list[Lookup], n: int, total: int) -> dict[
     return results
 
 
-def csrf(html: str) -> str:
-    match = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', html)
-    if not match:
-        raise RuntimeError("no CSRF token on the page")
-    return unescape(match.group(1))
-
-
-def sign_in(base: str, username: str) -> requests.Session:
-    session = requests.Session()
-    page = session.get(f"{base}/admin/messages", timeout=30)
-    page = session.post(f"{base}/auth/login", data={"csrf_token": csrf(page.text), "username": username,
-                                                     "password": STAFF_PASSWORD}, timeout=30)
-    reply = session.post(f"{base}/auth/mfa", data={"csrf_token": csrf(page.text),
-                                                   "otp": pyotp.TOTP(TOTP_SECRET).now()}, timeout=30)
-    if reply.status_code != 200 or 'id="message-filters"' not in reply.text:
-        raise RuntimeError(f"the operator could not sign in: {reply.status_code} {reply.url}")
-    return session
-
-
 def list_url(base: str, filters: service.Filters, cursor: str | None) -> str:
     query = filters.query() + ([("after", cursor)] if cursor else [])
     return f"{base}/admin/messages?" + urlencode(query)
@@ -540,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(env, port, args.workers, workdir / "server.log", extra_args=("--mllp-port", "0"))
         log(f"starting gateway serve ({args.workers} workers)")
         server.start(ready_timeout=120)
-        session = sign_in(server.base_url, username)
+        session = sign_in(server.base_url, username, STAFF_PASSWORD, totp_secret=TOTP_SECRET,
+                          start="/admin/messages", expect='id="message-filters"')
         log(f"over HTTP: {args.http_lookups} lookups of each kind, signed in as an operator")
         watch = CpuWatch(server)
         results["http"] = http_phase(server.base_url, session, kinds, args.http_lookups, args.rows)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import tempfile
 import threading
 import time
 from datetime import datetime
-from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fhir_api import HOST, Server, free_port, machine_busy
+from signin import sign_in
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PASSWORD = "bench-password-1"
@@ -53,27 +52,6 @@ def percentile(values: list[float], pct: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
-
-
-def csrf(html: str) -> str:
-    match = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', html)
-    if not match:
-        raise RuntimeError("no CSRF token on the page")
-    return unescape(match.group(1))
-
-
-def sign_in(base: str, username: str) -> requests.Session:
-    session = requests.Session()
-    page = session.get(f"{base}/", timeout=30)
-    reply = session.post(f"{base}/auth/login", data={"csrf_token": csrf(page.text), "username": username,
-                                                      "password": PASSWORD}, timeout=30)
-    if "/choose" in reply.url:  # a parent or caregiver: pick the first record (their own)
-        reply = session.post(f"{base}/choose", data={"csrf_token": csrf(reply.text), "next": "/",
-                                                     "patient": re.search(r'name="patient"[^>]*value="([^"]+)"',
-                                                                          reply.text).group(1)}, timeout=30)
-    if reply.status_code != 200 or 'id="whose-record"' not in reply.text:
-        raise RuntimeError(f"{username} could not sign in: {reply.status_code} {reply.url}")
-    return session
 
 
 def run_phase(base: str, sessions: list[requests.Session], paths: dict[str, str], seconds: float,
@@ -161,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([exe, "proxy", "grant", "--username", f"bench{n:02d}", "--patient",
                                 "Patient/sofia-garcia", "--relationship", "MTH"], env=command_env, check=True,
                                capture_output=True)
-        sessions = [sign_in(server.base_url, f"bench{n:02d}") for n in range(args.users)]
+        sessions = [sign_in(server.base_url, f"bench{n:02d}", PASSWORD) for n in range(args.users)]
         log(f"{len(sessions)} users signed in; warming up")
         run_phase(server.base_url, sessions, PAGES, min(5.0, args.seconds), (0.0, 0.0))
         server.settle()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from functools import lru_cache
 from typing import Any
 
 from joserfc import jwt
@@ -34,11 +35,18 @@ def _active_rows(engine: Engine) -> list[Any]:
                                  .order_by(signing_key.c.created_ms.desc(), signing_key.c.kid)))
 
 
+@lru_cache(maxsize=16)
+def _parsed(private_jwk: str) -> RSAKey:
+    """A stored key as an object, once per process: importing a private RSA key validates it, about
+    45 ms of CPU, which every id_token (each code exchange and refresh with openid) paid before."""
+    return RSAKey.import_key(json.loads(private_jwk))
+
+
 def current(engine: Engine) -> RSAKey:
     rows = _active_rows(engine)
     if not rows:
         return _new_key(engine)
-    return RSAKey.import_key(json.loads(rows[0].private_jwk))
+    return _parsed(rows[0].private_jwk)
 
 
 def sign(engine: Engine, claims: dict[str, Any]) -> str:
@@ -49,7 +57,7 @@ def sign(engine: Engine, claims: dict[str, Any]) -> str:
 def jwks(engine: Engine) -> dict[str, Any]:
     if not _active_rows(engine):
         _new_key(engine)
-    keys = [RSAKey.import_key(json.loads(row.private_jwk)).as_dict(private=False) for row in _active_rows(engine)]
+    keys = [_parsed(row.private_jwk).as_dict(private=False) for row in _active_rows(engine)]
     return {"keys": keys}
 
 

@@ -383,6 +383,25 @@ def test_jwks_rotation_keeps_the_previous_key_published(world: Any, http: Any) -
     assert not before & {k["kid"] for k in http.get("/auth/jwks").json()["keys"]}
 
 
+def test_id_tokens_sign_with_the_current_key_parsed_once(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from joserfc import jwt
+
+    from gateway.smart_auth import keys
+
+    engine = world.smart.engine
+    public = KeySet.import_key_set(keys.jwks(engine))  # the first use parses the stored key
+    imports = []
+    real_import = RSAKey.import_key
+    monkeypatch.setattr(RSAKey, "import_key", lambda *a, **k: imports.append(1) or real_import(*a, **k))
+    tokens = [keys.sign(engine, {"n": n}) for n in range(3)]
+    assert imports == []  # signing again parses nothing (the import validates the key: ~45 ms CPU)
+    monkeypatch.undo()
+    assert [jwt.decode(token, public).claims for token in tokens] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    new_kid = keys.rotate(engine)  # a rotation signs with the new key at once
+    token = keys.sign(engine, {"n": 3})
+    assert jwt.decode(token, KeySet.import_key_set(keys.jwks(engine))).header["kid"] == new_kid
+
+
 # --- the resource server without a valid token ---
 
 def test_api_without_or_with_a_bad_token(world: Any, app: Any) -> None:
