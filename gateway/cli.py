@@ -767,7 +767,8 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
         click.echo("Outbox:    1 worker (GATEWAY_OUTBOX_WORKER_IN_SERVE=0 turns it off)")
     from gateway import logs
 
-    run_gunicorn(host, port, workers, threads, background, logs.logconfig(settings.log_format, settings.log_level))
+    run_gunicorn(host, port, workers, threads, background, logs.logconfig(settings.log_format, settings.log_level),
+                 keepalive=settings.http_keepalive)
 
 
 if __name__ == "__main__":

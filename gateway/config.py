@@ -30,6 +30,10 @@ class Settings:
     # Logs of the long-running commands (serve, mllp, worker): "json" lines or "text", on stderr.
     log_format: str = "json"
     log_level: str = "INFO"
+    # Seconds `gateway serve` keeps an idle HTTP connection open. Longer than the idle timeout of the
+    # proxy or client in front (60 s is common), so the server never closes a connection just as a
+    # request is sent on it (a reset the client sees as an error).
+    http_keepalive: int = 75
     default_page_size: int = 20
     max_page_size: int = 1000
     sqlite_synchronous: str = "FULL"

@@ -25,7 +25,8 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 
 def run_gunicorn(host: str, port: int, workers: int, threads: int,
-                 background: list[Callable[[], Any]] | None = None, logconfig: dict[str, Any] | None = None) -> None:
+                 background: list[Callable[[], Any]] | None = None, logconfig: dict[str, Any] | None = None,
+                 keepalive: int = 75) -> None:
     """Serve HTTP. `background` starts services beside the workers once the arbiter is ready (the
     MLLP listener and the outbox worker, each a child process) and each handle's stop() runs when it
     exits (the MLLP listener finishes the messages in flight)."""
@@ -48,6 +49,10 @@ def run_gunicorn(host: str, port: int, workers: int, threads: int,
         "worker_class": "gthread" if threads > 1 else "sync",
         "graceful_timeout": 30,
         "timeout": 60,
+        "keepalive": int(keepalive),  # idle keep-alive connections wait in the gthread poller, not in a thread
+        # gunicorn's control socket sits at one fixed path for every instance on the machine; the
+        # gateway is driven by signals (HUP, TERM), so it has none
+        "control_socket_disable": True,
         "accesslog": None,  # the app writes its own access line (gateway.logs): route templates, no paths
         **({"logconfig_dict": logconfig} if logconfig else {}),
     }).run()
