@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +37,8 @@ from sqlalchemy import create_engine, select, text
 from gateway import db
 from gateway.hl7.mllp import Deframer, frame
 from tests.conftest import free_port
+from tests.processes import ROOT, gateway_env, gateway_process
 
-ROOT = Path(__file__).resolve().parents[1]
 INITDB, PG_CTL = "/usr/local/bin/initdb", "/usr/local/bin/pg_ctl"
 # An audit record reaches PostgreSQL's disk within about 1 s of its message (0.2 s gathering in the
 # writer, then asynchronous commit: up to 3 x wal_writer_delay).
@@ -52,30 +51,15 @@ pytestmark = pytest.mark.slow
 
 
 def _gateway_env(database_url: str, instance: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROMETHEUS_"))}
-    env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_INSTANCE_PATH": str(instance),
-                "GATEWAY_SECRET_KEY": "faults", "GATEWAY_OPEN_ACCESS": "1", "GATEWAY_LOG_FORMAT": "text",
-                "GATEWAY_OUTBOX_WORKER_IN_SERVE": "0", "GATEWAY_MLLP_READ_TIMEOUT": "10",
-                "PYTHONPATH": str(ROOT), **extra})
-    return env
+    return gateway_env(GATEWAY_DATABASE_URL=database_url, GATEWAY_INSTANCE_PATH=str(instance),
+                       GATEWAY_SECRET_KEY="faults", GATEWAY_OPEN_ACCESS="1", GATEWAY_LOG_FORMAT="text",
+                       GATEWAY_OUTBOX_WORKER_IN_SERVE="0", GATEWAY_MLLP_READ_TIMEOUT="10", **extra)
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> None:
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, timeout=60)
     if done.returncode:
         raise AssertionError(f"{args} failed: {(done.stdout + done.stderr).decode(errors='replace')[-2000:]}")
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @dataclass
@@ -104,31 +88,14 @@ def _http(method: str, url: str, body: bytes | None, timeout: float) -> tuple[in
 
 @contextlib.contextmanager
 def serving(env: dict[str, str], log: Path, mllp: bool = True, worker: bool = False) -> Iterator[Gateway]:
-    """`gateway serve` (one gunicorn worker, the MLLP listener) in its own process group; killed
-    with the group at the end whatever happened."""
+    """`gateway serve` (one gunicorn worker, the MLLP listener) until the block ends, whatever happens."""
     http_port, mllp_port = free_port(), (free_port() if mllp else 0)
     env = {**env, "GATEWAY_BASE_URL": f"http://127.0.0.1:{http_port}",
            "GATEWAY_OUTBOX_WORKER_IN_SERVE": "1" if worker else "0"}
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(http_port),
-                                 "--mllp-port", str(mllp_port), "--workers", "1", "--threads", "4"],
-                                cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_port(http_port, proc, log)
-        if mllp:
-            _wait_port(mllp_port, proc, log)
+    args = ["serve", "--port", str(http_port), "--mllp-port", str(mllp_port), "--workers", "1", "--threads", "4"]
+    with gateway_process(args, env, log, ports=(http_port, mllp_port) if mllp else (http_port,),
+                         stop_timeout=15) as proc:
         yield Gateway(http_port, mllp_port, log, proc)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # children that outlived the arbiter
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _until(condition: Callable[[], bool], seconds: float) -> None:

@@ -11,12 +11,6 @@ honoured by the others, and revoked at a third it is refused by all of them on t
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +23,9 @@ from gateway import build_services, db
 from gateway.config import Settings
 from gateway.hl7.mllp import send_messages
 from tests.conftest import empty_tables, free_port
+from tests.processes import gateway_env, gateway_process
 from tests.smart_auth.conftest import REDIRECT, RequestsHttp, World, authorize_params, exchange, run_launch
 
-ROOT = Path(__file__).resolve().parents[1]
 PATIENTS = 12
 
 
@@ -39,18 +33,6 @@ def _adt(n: int, event: str = "A04", control: str = "SCALE", name: str = "Person
     return (f"MSH|^~\\&|ADMIT|RIVERSIDE|GW|GW|2026110108{n:02d}00||ADT^{event}|{control}{n:04d}|P|2.5.1\r"
             f"PID|1||SC{n:05d}^^^RIVERSIDE^MR||Scale^{name}{n}||19800101|F\r"
             f"PV1|1|O|CLINIC^1^1\r").encode()
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"a gateway process did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture
@@ -65,33 +47,16 @@ def cluster(database_url: str, tmp_path: Path) -> Iterator[tuple[list[tuple[int,
     engine = db.make_engine(database_url)
     empty_tables(engine)
     engine.dispose()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_DATABASE_URL": database_url, "GATEWAY_BASE_URL": base, "GATEWAY_SECRET_KEY": "shared-key",
-                "GATEWAY_INSTANCE_PATH": str(tmp_path), "GATEWAY_OUTBOX_WORKER_IN_SERVE": "0",
-                "GATEWAY_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)})
-    procs = []
-    try:
+    env = gateway_env(GATEWAY_DATABASE_URL=database_url, GATEWAY_BASE_URL=base, GATEWAY_SECRET_KEY="shared-key",
+                      GATEWAY_INSTANCE_PATH=str(tmp_path), GATEWAY_OUTBOX_WORKER_IN_SERVE="0",
+                      GATEWAY_LOG_FORMAT="text")
+    with contextlib.ExitStack() as nodes:
         for number, (http_port, mllp_port) in enumerate(ports):
+            args = ["serve", "--port", str(http_port), "--mllp-port", str(mllp_port), "--workers", "1",
+                    "--threads", "4"]
             log = tmp_path / f"node{number}.log"
-            with log.open("wb") as out:
-                procs.append((subprocess.Popen(
-                    [sys.executable, "-m", "gateway.cli", "serve", "--port", str(http_port), "--mllp-port",
-                     str(mllp_port), "--workers", "1", "--threads", "4"],
-                    cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT), log))
-        for (proc, log), (http_port, mllp_port) in zip(procs, ports, strict=True):
-            _wait(http_port, proc, log)
-            _wait(mllp_port, proc, log)
+            nodes.enter_context(gateway_process(args, env, log, ports=(http_port, mllp_port)))
         yield ports, settings
-    finally:
-        for proc, _log in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _log in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def test_three_processes_lose_nothing_apply_nothing_twice_and_agree_on_tokens(cluster: Any) -> None:

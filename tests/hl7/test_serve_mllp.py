@@ -18,23 +18,10 @@ from pathlib import Path
 
 from gateway.hl7.mllp import send_messages
 from tests.conftest import free_port
+from tests.processes import ROOT, gateway_env, gateway_process
 
-ROOT = Path(__file__).resolve().parents[2]
 ADT = ("MSH|^~\\&|APP|FAC|GW|GW|20261101083000||ADT^A04|SERVE1|P|2.5.1\r"
        "PID|1||MRN77^^^HOSP^MR||Serve^Test||19800101|F\r")
-
-
-def _wait_for_port(port: int, server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if server.poll() is not None:
-                break
-            time.sleep(0.2)
-    raise AssertionError("nothing listened on the MLLP port:\n" + log.read_text(errors="replace"))
 
 
 def _listener_pid(port: int) -> int | None:
@@ -70,19 +57,12 @@ def _listening(port: int) -> bool:
 
 def test_the_mllp_listener_is_a_child_process_that_outlives_no_server(tmp_path: Path) -> None:
     http_port, mllp_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.sqlite'}", "GATEWAY_OPEN_ACCESS": "1",
-                "GATEWAY_INSTANCE_PATH": str(tmp_path), "GATEWAY_OUTBOX_WORKER_IN_SERVE": "0",
-                "PYTHONPATH": str(ROOT)})
+    env = gateway_env(GATEWAY_DATABASE_URL=f"sqlite:///{tmp_path / 'serve.sqlite'}", GATEWAY_OPEN_ACCESS="1",
+                      GATEWAY_INSTANCE_PATH=str(tmp_path), GATEWAY_OUTBOX_WORKER_IN_SERVE="0")
     subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(http_port),
-                                   "--mllp-port", str(mllp_port), "--workers", "1", "--threads", "2"],
-                                  cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(mllp_port, server, log)
+    args = ["serve", "--port", str(http_port), "--mllp-port", str(mllp_port), "--workers", "1", "--threads", "2"]
+    with gateway_process(args, env, tmp_path / "serve.log", ports=(mllp_port,)) as server:
         ((ack,),) = send_messages("127.0.0.1", mllp_port, [ADT.encode()], timeout=30)
         assert b"|AA|SERVE1" in ack
         listener = _listener_pid(mllp_port)
@@ -94,7 +74,3 @@ def test_the_mllp_listener_is_a_child_process_that_outlives_no_server(tmp_path: 
         while _listening(mllp_port) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _listening(mllp_port), "the MLLP listener outlived the server"
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)  # never leave a process behind
-        server.wait(timeout=10)

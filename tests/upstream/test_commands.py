@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +18,7 @@ from gateway.config import Settings
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.outbox import Worker
 from tests.conftest import free_port
+from tests.processes import gateway_env, gateway_process
 from tests.upstream import records
 from tests.upstream.conftest import Receiver
 
@@ -103,29 +100,12 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
     services = sqlite_services(tmp_path)
     services.engine.dispose()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({"GATEWAY_DATABASE_URL": services.settings.database_url, "GATEWAY_OPEN_ACCESS": "1",
-                "GATEWAY_INSTANCE_PATH": str(tmp_path), "GATEWAY_OUTBOX_MESSAGE": "hl7",
-                "GATEWAY_OUTBOX_MLLP_PORT": str(receiver.port), "GATEWAY_OUTBOX_POLL_INTERVAL": "0.1",
-                "PYTHONPATH": str(ROOT)})
+    env = gateway_env(GATEWAY_DATABASE_URL=services.settings.database_url, GATEWAY_OPEN_ACCESS="1",
+                      GATEWAY_INSTANCE_PATH=str(tmp_path), GATEWAY_OUTBOX_MESSAGE="hl7",
+                      GATEWAY_OUTBOX_MLLP_PORT=str(receiver.port), GATEWAY_OUTBOX_POLL_INTERVAL="0.1")
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:  # a file, not a pipe nobody reads while the server runs
-        server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--mllp-port",
-                                   "0", "--workers", "1", "--threads", "2"], cwd=ROOT, env=env,
-                                  start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
-                raise AssertionError("the server did not start:\n" + log_path.read_text(errors="replace"))
-            time.sleep(0.2)
+    args = ["serve", "--port", str(port), "--mllp-port", "0", "--workers", "1", "--threads", "2"]
+    with gateway_process(args, env, log_path, ports=(port,), stop_timeout=60):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/fhir/Communication", method="POST",
                                          data=json.dumps(records.message()).encode(),
                                          headers={"Content-Type": "application/fhir+json"})
@@ -134,14 +114,6 @@ def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver)
         while not receiver.received and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(receiver.received) == 1 and "MDM^T02" in receiver.messages[0]
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)  # never leave a server behind
-                server.wait(timeout=10)
     assert "Outbox:    1 worker" in log_path.read_text(errors="replace")
 
 
