@@ -293,7 +293,12 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    # prepare_threshold=None: no server-side prepared statements. psycopg prepares a statement after
+    # five runs, and PostgreSQL may then plan it once for any values (a generic plan): a search for one
+    # patient's laboratory results was then planned from "category = laboratory" (every lab result in
+    # the store) instead of from the patient, 1.5 s instead of 2 ms at 1,000,000 resources.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True,
+                         connect_args={"prepare_threshold": None})
 
 
 class WriterGate:

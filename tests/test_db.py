@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select, text
 
 from gateway import db
@@ -259,3 +260,18 @@ def test_unavailable_tells_a_database_that_cannot_work_from_a_statement_that_fai
     assert db.unavailable(OperationalError("UPDATE", {}, psycopg.errors.DeadlockDetected("deadlock"))) is None
     assert db.unavailable(IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("dup"))) is None
     assert db.unavailable(ValueError("not a database error")) is None
+
+
+def test_postgresql_plans_each_statement_with_its_own_values(database_url: str) -> None:
+    """No server-side prepared statements: a generic plan, made once for any values, drove a patient's
+    search from its most common token (every laboratory result in the store)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("prepared statements are PostgreSQL's")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            for n in range(10):
+                conn.execute(select(db.resource.c.pk).where(db.resource.c.id == f"r{n}")).all()
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
+    finally:
+        engine.dispose()
