@@ -239,10 +239,19 @@ def database(kind: str, workdir: Path, keep: bool, admin_url: str) -> Iterator[D
 
 # --- the server ---
 
+_ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A free port not handed out before by this process (an HTTP and an MLLP port taken one after
+    the other, before either server binds, must differ)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -41,6 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fhir_api import free_port  # noqa: E402  (bench/ is on the path only now)
 
 HOST = "127.0.0.1"
 TARGET_RATE = 200.0
@@ -48,12 +51,6 @@ TARGET_RATE = 200.0
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the receiver (run as its own process: `python bench/outbox.py --receiver PORT FILE`) ---
