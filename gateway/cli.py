@@ -754,6 +754,15 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     click.echo(f"Metrics:   {settings.base_url}/metrics  (all processes, from {metrics_dir})")
     mllp_port = settings.mllp_port if mllp_port is None else mllp_port
     if mllp_port:
+        # The listener is a child process, counted as started once its port accepts: with the port
+        # already taken by something else, that something would answer for it. Refuse to start.
+        import socket
+
+        try:
+            socket.create_server((host, mllp_port)).close()
+        except OSError as exc:
+            raise click.ClickException(f"the MLLP port {host}:{mllp_port} cannot be opened: "
+                                       f"{exc.strerror or exc}") from None
         click.echo(f"MLLP:      {host}:{mllp_port}")
     if settings.open_access:
         click.echo("WARNING: open access is on: anyone who reaches this port can read and write every "

@@ -13,6 +13,7 @@ import http.client
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -121,3 +122,17 @@ def test_sighup_replaces_the_workers_without_failing_a_request_or_a_message(serv
     assert any(hup <= at <= swapped for at, _ in answers)  # asked while the workers were replaced
     assert acks and all(b"MSA|AA|" in ack for ack in acks)
     assert proc.poll() is None
+
+
+def test_serve_refuses_to_start_when_its_mllp_port_is_taken(tmp_path: Path) -> None:
+    """Otherwise whatever holds the port would seem to be the listener, and take the feed's messages."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = gateway_env(GATEWAY_DATABASE_URL=f"sqlite:///{tmp_path / 'gateway.sqlite'}",
+                          GATEWAY_INSTANCE_PATH=str(tmp_path), GATEWAY_LOG_FORMAT="text")
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", str(free_port()),
+                               "--mllp-port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"the MLLP port 127.0.0.1:{port} cannot be opened" in done.stderr
