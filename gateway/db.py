@@ -558,10 +558,7 @@ class Analyzer:
         try:
             self.check()
         except Exception as exc:  # statistics are an optimisation; a failure must not reach a request
-            if unavailable(exc):
-                logging.getLogger(__name__).warning("ANALYZE failed: the database is %s", unavailable(exc))
-            else:
-                logging.getLogger(__name__).exception("ANALYZE failed")
+            log_failure(logging.getLogger(__name__), "ANALYZE", exc)
         finally:
             self._lock.release()
 
@@ -602,6 +599,16 @@ def unavailable(exc: BaseException) -> str | None:
         return "unreachable" if sqlstate.startswith(_PG_UNREACHABLE) else None
     # psycopg gives no SQLSTATE when the connection failed or broke (refused, closed by the server)
     return "unreachable" if type(orig).__name__ in ("OperationalError", "InterfaceError") else None
+
+
+def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """A background task's failure, from inside its except block: one line when the database is down or
+    full (the task will be tried again), the stack trace for anything else."""
+    reason = unavailable(exc)
+    if reason:
+        logger.warning("%s failed: the database is %s", what, reason)
+    else:
+        logger.exception("%s failed", what)
 
 
 def ping(engine: Engine) -> bool:

@@ -32,6 +32,12 @@ _PROCESS = uuid.uuid4().hex[:20]
 _sequence = itertools.count(1)
 
 
+def route() -> str:
+    """The request's route template (/fhir/<resource_type>/<resource_id>) for a log line: never the path,
+    which can name a patient."""
+    return request.url_rule.rule if request.url_rule is not None else "(no route)"
+
+
 def _new_process_prefix() -> None:
     global _PROCESS, _sequence
     _PROCESS = uuid.uuid4().hex[:20]
@@ -104,7 +110,7 @@ def install(app: Flask) -> None:
             started: Any = g.get("request_started")
             access_log.info("request", extra={
                 "method": request.method,
-                "route": request.url_rule.rule if request.url_rule is not None else "(no route)",
+                "route": route(),
                 "status": response.status_code,
                 "ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
             })

@@ -158,10 +158,7 @@ class Rollups:
                 self.maintain()
                 self.flush()
             except Exception as exc:  # the writer must outlive a database hiccup; it is logged and tried again
-                if db.unavailable(exc):  # down or full: one line, not a stack trace every few seconds
-                    log.warning("writing metric rollups failed: the database is %s", db.unavailable(exc))
-                else:
-                    log.exception("writing metric rollups failed")
+                db.log_failure(log, "writing metric rollups", exc)
 
     def maintain(self, now: float | None = None) -> None:
         """Sample the outbox depth and prune old rollups when they are due."""

@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from gateway import access, db
+from gateway import access, db, logs
 from gateway.fhir import jsonio
 from gateway.fhir.bundles import BundleProcessor
 from gateway.fhir.capability import capability_statement
@@ -127,8 +127,7 @@ def register_error_handlers(app: Flask) -> None:
         # and gets told so (no-store, the persistent store is unavailable) rather than a 500.
         status = 507 if reason == "full" else 503
         what = "the storage is full" if reason == "full" else "the database is unreachable"
-        # the endpoint, not the path: a path can name a patient, and logs hold no patient data
-        current_app.logger.warning("%s %s answered %d: %s (%s)", request.method, request.endpoint, status, what,
+        current_app.logger.warning("%s %s answered %d: %s (%s)", request.method, logs.route(), status, what,
                                    type(exc.orig).__name__)
         headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
         if request.path.startswith("/fhir"):
@@ -143,9 +142,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        # the route, not the path: a path can name a patient, and logs hold no patient data
-        route = request.url_rule.rule if request.url_rule is not None else "(no route)"
-        current_app.logger.exception("unhandled error on %s %s", request.method, route)
+        current_app.logger.exception("unhandled error on %s %s", request.method, logs.route())
         body = operation_outcome("fatal", "exception", "An internal error occurred; it has been logged")
         if request.path.startswith("/fhir"):
             return fhir_response(body, 500)
