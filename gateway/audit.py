@@ -182,6 +182,19 @@ class AuditLog:
         self.queue.put(AuditRecord(interaction, agent, client_id, address, outcome, query, entities,
                                    contents, now_instant(), description))
 
+    def record_in(self, repo: Any, interaction: str, agent: str, *, client_id: str | None = None,
+                  entities: tuple[str, ...] = (), patients: set[str] | frozenset[str] = frozenset(),
+                  description: str | None = None) -> None:
+        """Record in the caller's own write transaction (`repo`), for writers that hold one anyway
+        (the HL7 feed): the AuditEvents commit or roll back with the data they record, and cost no
+        queue, thread hand-over or transaction of their own. `patients` are those whose compartments
+        the written resources lie in."""
+        if not self.enabled:
+            return
+        record = AuditRecord(interaction, agent, client_id, None, "0", None, entities, (), now_instant(),
+                             description)
+        repo.create_many(audit_events(record, set(patients)))
+
     def _ensure_thread(self) -> None:
         # Started lazily and per process: a thread does not survive gunicorn's fork.
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import text as text_sql
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -27,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from gateway import db, metrics
 from gateway.fhir import jsonio
 from gateway.fhir.dates import date_range, now_instant
+from gateway.fhir.indexer import compartment_patients
 from gateway.fhir.outcome import FhirError
 from gateway.fhir.store import FhirStore, Repository, same_content
 from gateway.hl7 import ack as acks
@@ -188,6 +188,7 @@ class Ingestor:
                                 status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
                             return Outcome(message_id, "duplicate", stored_acks(twin.ack))
                         self._apply(repo, message_id, translation)
+                        self._audit(repo, header, message_id, translation)
                         outcome = Outcome(message_id, "processed", self._acks(header, "A"))
                         repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                             status="processed", ack=outcome.stored_acks, error=None, error_code=None,
@@ -203,7 +204,6 @@ class Ingestor:
                         raise
                     log.info("message %s raced another writer for its resources; applying it again", message_id)
             log.debug("message %s processed in %.1f ms", message_id, (time.perf_counter() - started) * 1000)
-            self._audit(header, message_id, translation)
             return outcome
         except UnsupportedMessage as exc:
             return self._fail(message_id, header, "R", str(exc), exc.code, exc.location, started)
@@ -220,16 +220,19 @@ class Ingestor:
             return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None,
                               started)
 
-    def _audit(self, header: parse.Header, message_id: int, translation: Translation) -> None:
-        """The feed writes patient data, so it leaves AuditEvents like any other writer."""
+    def _audit(self, repo: Repository, header: parse.Header, message_id: int, translation: Translation) -> None:
+        """The feed writes patient data, so it leaves AuditEvents like any other writer: in the
+        transaction that writes the data, so that no message's data is ever stored without them."""
         if self.audit is None:
             return
         sender = "|".join(p for p in (header.sending_app, header.sending_facility) if p) or "unknown sender"
-        self.audit.record("update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
-                          entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
-                          # read only for the patients they name: orjson, decimals as text
-                          contents=tuple(orjson.dumps(r, default=str).decode() for r in translation.resources),
-                          description=f"HL7 message {message_id} {header.message_code_and_trigger}")
+        patients: set[str] = set()
+        for resource in translation.resources:
+            patients |= compartment_patients(resource)
+        self.audit.record_in(repo, "update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
+                             entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
+                             patients=patients,
+                             description=f"HL7 message {message_id} {header.message_code_and_trigger}")
 
     def _check_header(self, header: parse.Header) -> None:
         if header.processing_id and header.processing_id[:1] not in PROCESSING_IDS:
