@@ -113,6 +113,19 @@ _DELETE_INDEX = {
 _INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.resource_version)}
 
 
+def _insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Many rows into one of the tables above (all rows with the same keys). On SQLite they go to
+    the driver as tuples: SQLAlchemy's per-row parameter processing cost more than SQLite's own insert
+    (11 against 7 µs a row), and a resource has 20 to 40 index rows. On PostgreSQL, SQLAlchemy
+    batches them into multi-row INSERTs, which is faster than the driver's executemany."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(_INSERT[table], rows)
+        return
+    keys = tuple(rows[0])
+    sql = f"INSERT INTO {table} ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
+    conn.exec_driver_sql(sql, [tuple(row[k] for k in keys) for row in rows])
+
+
 class Repository:
     """Store operations on one open connection (one transaction)."""
 
@@ -232,10 +245,10 @@ class Repository:
         self._stale = {}
         for name, rows in self._pending.items():
             if rows:
-                self.conn.execute(_INSERT[name], rows)
+                _insert_rows(self.conn, name, rows)
         self._pending = {}
         if self._versions:
-            self.conn.execute(_INSERT[db.resource_version.name], self._versions)
+            _insert_rows(self.conn, db.resource_version.name, self._versions)
             self._versions = []
 
     def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
