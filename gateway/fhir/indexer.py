@@ -23,6 +23,8 @@ MAX_LEN = 255
 
 def normalize(text: str) -> str:
     """Case- and accent-insensitive form used for string search."""
+    if text.isascii():  # most text: NFKD leaves ASCII as it is, and it has no combining marks
+        return text.casefold()[:MAX_LEN]
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()[:MAX_LEN]
 
