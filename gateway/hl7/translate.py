@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import functools
 import hashlib
@@ -188,6 +189,7 @@ class _Loaded:
     root: Path
     fingerprint: tuple[tuple[str, int, int], ...]
     mappings: Mappings
+    program: _Program
 
 
 _mappings_root: Path = MAPPINGS_DIR
@@ -207,9 +209,27 @@ def _fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
 def _load(root: Path) -> Mappings:
     global _loaded
     fingerprint = _fingerprint(root)
-    loaded = _Loaded(root, fingerprint, load_mappings(root))
+    maps = load_mappings(root)
+    loaded = _Loaded(root, fingerprint, maps, _Program(maps))
     _loaded = loaded
     return loaded.mappings
+
+
+_other_program: tuple[Mappings, _Program] | None = None
+
+
+def _program(maps: Mappings) -> _Program:
+    """The compiled form of these maps: made when they are read (other Mappings: on first use)."""
+    global _other_program
+    loaded = _loaded
+    if loaded is not None and loaded.mappings is maps:
+        return loaded.program
+    other = _other_program
+    if other is not None and other[0] is maps:
+        return other[1]
+    program = _Program(maps)
+    _other_program = (maps, program)
+    return program
 
 
 def configure_mappings(root: str | Path | None = None) -> Path:
@@ -471,79 +491,952 @@ def _merge_missing(into: dict[str, Any], value: dict[str, Any], override: bool) 
 
 
 # --------------------------------------------------------------------------------------------
-# Rules as read once: what apply() needs from a rule, worked out the first time the rule runs
-# (its paths parsed, its kind decided) instead of on every segment of every message. The rule
-# dicts stay the data; this is a cache of the questions asked of them.
+# The maps compiled. When the maps are read, every rule, condition, path, target and datatype map
+# in them becomes a Python function: a closure over what the rule says, with its paths parsed, its
+# kind decided, its conversion, datatype and target steps worked out. Translating a message only
+# calls these functions; nothing asks a rule dict per message what it means. The YAML stays the
+# source of truth: maps read again (reload_mappings_if_changed) are compiled again. What a rule
+# names that does not exist, and a path or target that does not parse, fails when the rule is used,
+# with the error the interpreter gave, not when the maps are read.
 
 _NOT_PARSED = object()
+_NO_JOIN = object()  # a rule without `join`
+
+Reader = Callable[["_Run", "Scope"], Any]
+Apply = Callable[["_Run", dict[str, Any], "Scope", "str | None"], bool]
+Put = Callable[[Any, Any, bool], None]
 
 
-class _Rule:
-    __slots__ = (
-        "clear",
-        "constant",
-        "defaults",
-        "every",
-        "field0",
-        "has_source",
-        "later",
-        "paths",
-        "required",
-        "rule",
-        "target",
-        "value",
-        "when",
-    )
+def _text(node: Node, separators: er7.Separators) -> str:
+    leaf = _leaf(node)
+    if separators.escape in leaf:
+        leaf = er7.unescape(leaf, separators)
+    return leaf.strip()
 
-    def __init__(self, rule: dict[str, Any]) -> None:
-        self.rule = rule  # held so that the id() it is cached under cannot be reused
-        self.when = rule.get("when")
-        self.constant = "value" in rule
-        self.value = rule.get("value")
-        self.target = rule.get("target")
-        self.required = bool(rule.get("required"))
-        self.defaults = rule.get("defaults")
-        self.has_source = "field" in rule or "component" in rule
-        self.field0 = str(rule["field"]).split(".")[0] if "field" in rule else None
-        # a second and later value of an overriding rule is added, not put in place of the first
-        self.later = {**rule, "override": False}
-        path = rule.get("field", rule.get("component"))
-        self.every = bool(rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule))
-        self.paths: list[tuple[Any, ...]] | None = None
-        if path is not None:
-            self.paths = [_compiled_path(alternative) for alternative in _alternatives(str(path))]
-        # the element an explicit null ("") in this rule's field clears
-        self.clear: Any = _NOT_PARSED
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _failing(call: Callable[[], Any]) -> Callable[..., Any]:
+    """A compiled piece that fails, when used, the way the interpreter failed (`call` raises)."""
+    def fail(*_: Any) -> Any:
+        call()
+        raise AssertionError("unreachable")  # pragma: no cover
+    return fail
+
+
+def _tree(value: Any) -> Callable[[], Any]:
+    """A maker of fresh copies of a constant: copy.deepcopy's result, cheaper for plain YAML data
+    (dicts, lists and scalars with no object in two places); anything else is deep-copied."""
+    if isinstance(value, _IMMUTABLE):
+        return lambda: value
+    seen: set[int] = set()
+
+    def plain(item: Any) -> bool:
+        cls = item.__class__
+        if cls is dict or cls is list:
+            if id(item) in seen:
+                return False
+            seen.add(id(item))
+            items = item.values() if cls is dict else item
+            return all(plain(i) for i in items) and (cls is list or all(k.__class__ is str for k in item))
+        return cls in (str, int, float, bool) or item is None
+
+    if not plain(value):
+        return lambda: copy.deepcopy(value)
+    return lambda: _copy_tree(value)
+
+
+def _copy_tree(value: Any) -> Any:
+    cls = value.__class__
+    if cls is dict:
+        return {k: _copy_tree(v) if v.__class__ is dict or v.__class__ is list else v for k, v in value.items()}
+    if cls is list:
+        return [_copy_tree(v) if v.__class__ is dict or v.__class__ is list else v for v in value]
+    return value
+
+
+def _set(container: dict[str, Any], name: str, value: Any, override: bool, join: Any) -> None:
+    if override or name not in container or _is_blank(container[name]):
+        container[name] = value
+    elif join is not _NO_JOIN and isinstance(container[name], str) and isinstance(value, str):
+        joined = container[name] + join + value
+        container[name] = PlainText(joined) if isinstance(value, PlainText) else joined
+    elif isinstance(container[name], dict) and isinstance(value, dict):
+        _merge_missing(container[name], value, override)
+
+
+def _assign(into: dict[str, Any], target: str, value: Any, override: bool, join: Any = _NO_JOIN) -> None:
+    """Put a value at a target path: `a.b`, `a[]` (append), `a[2]` (1-based), `a[url=X]`
+    (the element with url X, made if missing) and `a[+url=X]` (always a new one). A value
+    already present is kept (first rule wins) unless the rule or the entry overrides."""
+    _put(target, join)(into, value, override)
+
+
+@functools.lru_cache(maxsize=1024)
+def _put_cached(target: str, join: Any) -> Put:
+    return _compile_put(target, join)
+
+
+def _put(target: Any, join: Any) -> Put:
+    try:
+        return _put_cached(target, join)
+    except TypeError:  # an unhashable target or join: not cached
+        return _compile_put(target, join)
+
+
+def _compile_put(target: Any, join: Any) -> Put:
+    """The writer of one target path: put(into, value, override)."""
+    if target == ".":
+        def merge(into: dict[str, Any], value: Any, override: bool) -> None:
+            if isinstance(value, dict):
+                _merge_missing(into, value, override)
+            else:
+                into["."] = value
+        return merge
+    try:
+        steps = _parse_target_cached(target)
+    except Exception:  # a bad target fails when a value is written to it
+        return _failing(lambda: _parse_target_cached(target))
+    if not steps:
+        return lambda into, value, override: None
+    plan = []
+    for position, (name, selector) in enumerate(steps):
+        last = position == len(steps) - 1
+        if selector is None:
+            plan.append((0, name, last, None))
+        elif selector == "":
+            plan.append((1, name, last, None))
+        elif selector.isdigit():
+            try:
+                plan.append((2, name, last, int(selector) - 1))
+            except ValueError:
+                return _failing(functools.partial(int, selector))  # digits int() refuses (superscripts)
+        else:
+            fresh = selector.startswith("+")
+            key, _, wanted = selector.lstrip("+").partition("=")
+            plan.append((3, name, last, (fresh, key, tuple(key.split(".")), wanted)))
+    if len(plan) == 1 and plan[0][0] == 0:
+        name = plan[0][1]
+        return lambda into, value, override: _set(into, name, value, override, join)
+    if len(plan) == 1 and plan[0][0] == 1:
+        name = plan[0][1]
+
+        def append(into: dict[str, Any], value: Any, override: bool) -> None:
+            into.setdefault(name, []).append(value)
+        return append
+
+    def put(into: dict[str, Any], value: Any, override: bool) -> None:
+        container: Any = into
+        for kind, name, last, extra in plan:
+            if kind == 0:
+                if last:
+                    _set(container, name, value, override, join)
+                    return
+                if not isinstance(container.get(name), dict):
+                    container[name] = {}
+                container = container[name]
+                continue
+            items = container.setdefault(name, [])
+            if kind == 1:
+                if last:
+                    items.append(value)
+                    return
+                items.append({})
+                container = items[-1]
+            elif kind == 2:
+                while len(items) <= extra:
+                    items.append({})
+                if last:
+                    if isinstance(value, dict) and isinstance(items[extra], dict):
+                        _merge_missing(items[extra], value, override)
+                    elif override or _is_blank(items[extra]):
+                        items[extra] = value
+                    return
+                container = items[extra]
+            else:
+                fresh, key, keys, wanted = extra
+                found = None if fresh else next((i for i in items if _get_steps(i, keys) == wanted), None)
+                if found is None:
+                    found = _make(key, wanted)
+                    items.append(found)
+                if last:
+                    if isinstance(value, dict):
+                        _merge_missing(found, value, override)
+                    return
+                container = found
+    return put
+
+
+def _get_steps(item: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(item, dict):
+            return None
+        item = item.get(key)
+    return item
+
+
+def _is_null_node(node: Node) -> bool:
+    """_is_null, cheap for the usual answer (the first leaf is not "")."""
+    if node.__class__ is str:
+        return node == '""'
+    leaf = node
+    while leaf.__class__ is not str:
+        if not leaf:
+            return False
+        leaf = leaf[0]  # type: ignore[assignment]
+    if leaf != '""':
+        return False
+    return all(not n for n in _flat(node)[1:])
+
+
+class _Program:
+    """The maps compiled: functions for their rule lists, datatypes, conditions and paths, made the
+    first time each is asked for (all of the maps' own when the maps are read)."""
+
+    def __init__(self, maps: Mappings) -> None:
+        self.maps = maps
+        self.timezone = str(maps.settings.get("default_timezone", "+00:00"))
+        self._rules: dict[int, tuple[Any, Apply]] = {}
+        self._conditions: dict[int, tuple[Any, Reader]] = {}
+        self._primitives: dict[int, tuple[Any, Callable[..., Any]]] = {}
+        self._values: dict[Any, Reader] = {}
+        self._nodes: dict[tuple[Any, bool], Reader] = {}
+        self._formats: dict[str, Reader] = {}
+        self.datatypes: dict[str, Callable[..., tuple[Any, str | None]]] = {}
+        for name in maps.datatypes:
+            try:
+                self.datatypes[name] = self._compile_datatype(name)
+            except Exception as exc:  # a malformed datatype map fails when it is used
+                self.datatypes[name] = _failing(functools.partial(_reraise, exc))
         try:
-            first, selector = _parse_target_cached(self.target)[0] if self.target != "." else ("", "x")
+            # the maps' own rules and paths now, so that no message pays for compiling them
+            for spec in maps.segments.values():
+                if isinstance(spec, dict):
+                    self.rules(spec.get("rules", []))
+                    self._paths_of(spec.get("id"))
+            for message_map in maps.messages:
+                for path in message_map.get("source_time", ["MSH-7"]):
+                    self._value_or_none(path)
+        except Exception:  # what does not compile now is compiled (and fails) when used
+            pass
+
+    def _paths_of(self, alternatives: Any) -> None:
+        for alternative in alternatives if isinstance(alternatives, list) else []:
+            parts = alternative.get("parts") if isinstance(alternative, dict) else alternative
+            for part in parts if isinstance(parts, list) else []:
+                if isinstance(part, str) and not part.startswith("="):
+                    self._value_or_none(part.rstrip("?"))
+
+    def _value_or_none(self, path: Any) -> None:
+        with contextlib.suppress(TypeError):
+            self.value(path)
+
+    # --- lookups of compiled pieces (the data objects are kept, so the ids stay theirs) -----
+
+    def rules(self, rules: Any) -> Apply:
+        found = self._rules.get(id(rules))
+        if found is None or found[0] is not rules:
+            found = self._rules[id(rules)] = (rules, self._compile_rules(rules))
+        return found[1]
+
+    def condition(self, condition: Any) -> Reader:
+        found = self._conditions.get(id(condition))
+        if found is None or found[0] is not condition:
+            found = self._conditions[id(condition)] = (condition, self._compile_condition(condition))
+        return found[1]
+
+    def primitive(self, rule: Any) -> Callable[..., Any]:
+        found = self._primitives.get(id(rule))
+        if found is None or found[0] is not rule:
+            found = self._primitives[id(rule)] = (rule, self._compile_primitive(rule))
+        return found[1]
+
+    def value(self, path: Any) -> Reader:
+        """text of a path ("a|b": the first valued; @names read the translation context)."""
+        found = self._values.get(path)
+        if found is None:
+            found = self._values[path] = self._compile_value(str(path))
+        return found
+
+    def nodes(self, path: Any, every: bool) -> Reader:
+        found = self._nodes.get((path, every))
+        if found is None:
+            found = self._nodes[(path, every)] = self._compile_nodes(str(path), every)
+        return found
+
+    def datatype(self, name: Any) -> Callable[..., tuple[Any, str | None]]:
+        found = self.datatypes.get(name)
+        if found is None:
+            return _failing(lambda: self.maps.datatypes[name])
+        return found
+
+    # --- paths ------------------------------------------------------------------------------
+
+    def _compile_nodes(self, path: str, every: bool) -> Reader:
+        """The node(s) a path names. `every`: one per repetition of the field."""
+        try:
+            seg, number, selector, rest = _field_path(path)
+        except ValueError:
+            return _failing(lambda: _field_path(path))
+        try:
+            relative: tuple[int, ...] | None = _relative_path(path)
+        except ValueError:
+            relative = None
+        pick = _picker(seg, number, selector, every)
+
+        def nodes(run: _Run, scope: Scope) -> list[Node]:
+            node = scope.node
+            if node is not None and not seg:
+                if relative is None:
+                    _relative_path(path)  # raises
+                for index in relative:  # type: ignore[union-attr]
+                    node = _child(node, index)
+                return [node]
+            found = []
+            for rep in pick(run, scope):
+                node = rep
+                for index in rest:
+                    node = _child(node, index)
+                found.append(node)
+            return found
+        return nodes
+
+    def _compile_first(self, path: str) -> Callable[[_Run, Scope], Node | None]:
+        """The first node a path names, None when there is none."""
+        try:
+            seg, number, selector, rest = _field_path(path)
+        except ValueError:
+            return _failing(lambda: _field_path(path))
+        try:
+            relative: tuple[int, ...] | None = _relative_path(path)
+        except ValueError:
+            relative = None
+        if not seg and selector is None and relative is not None and len(relative) == 1:
+            index = relative[0]
+
+            def component(run: _Run, scope: Scope) -> Node | None:
+                node = scope.node
+                if node is not None:
+                    return _child(node, index)
+                reps = scope.segment.reps(number)
+                return reps[0] if reps else None
+            return component
+
+        pick = _picker(seg, number, selector, False)
+
+        def first(run: _Run, scope: Scope) -> Node | None:
+            node = scope.node
+            if node is not None and not seg:
+                if relative is None:
+                    _relative_path(path)  # raises
+                for index in relative:  # type: ignore[union-attr]
+                    node = _child(node, index)
+                return node
+            reps = pick(run, scope)
+            if not reps:
+                return None
+            node = reps[0]
+            for index in rest:
+                node = _child(node, index)
+            return node
+        return first
+
+    def _compile_value(self, path: str) -> Reader:
+        readers: list[Reader] = []
+        for alternative in _alternatives(path):
+            if alternative.startswith("@"):
+                readers.append(_token(alternative))
+            else:
+                first = self._compile_first(alternative)
+
+                def text(run: _Run, scope: Scope, first: Callable[..., Node | None] = first) -> str:
+                    node = first(run, scope)
+                    return "" if node is None else _text(node, run.separators)
+                readers.append(text)
+        if len(readers) == 1:
+            only = readers[0]
+
+            def value(run: _Run, scope: Scope) -> str:
+                text = only(run, scope)
+                return text if text and text != '""' else ""
+            return value
+
+        def value_of_any(run: _Run, scope: Scope) -> str:
+            for reader in readers:
+                text = reader(run, scope)
+                if text and text != '""':
+                    return text
+            return ""
+        return value_of_any
+
+    def _compile_sources(self, path: Any, every: bool) -> Reader:
+        """The valued nodes a rule reads: those of its first alternative path that has any."""
+        if path is None:
+            return lambda run, scope: [scope.node if scope.node is not None else []]
+        steps = [self._compile_source(alternative, every) for alternative in _alternatives(str(path))]
+        if len(steps) == 1:
+            return steps[0]
+
+        def sources(run: _Run, scope: Scope) -> list[Node]:
+            for step in steps:
+                found = step(run, scope)
+                if found:
+                    return found
+            return []
+        return sources
+
+    def _compile_source(self, alternative: str, every: bool) -> Reader:
+        try:
+            seg, number, selector, rest = _field_path(alternative)
+        except ValueError:
+            return _failing(lambda: _field_path(alternative))
+        try:
+            relative: tuple[int, ...] | None = _relative_path(alternative)
+        except ValueError:
+            relative = None
+        if not seg and selector is None and not every and relative is not None:
+            if len(relative) == 1:
+                index = relative[0]
+
+                def field_or_component(run: _Run, scope: Scope) -> list[Node]:
+                    node = scope.node
+                    if node is not None:
+                        node = _child(node, index)
+                        return [] if _is_empty(node) else [node]
+                    reps = scope.segment.reps(number)
+                    if reps and not _is_empty(reps[0]):
+                        return [reps[0]]
+                    return []
+                return field_or_component
+
+            def part(run: _Run, scope: Scope) -> list[Node]:
+                node = scope.node
+                if node is not None:
+                    for index in relative:  # type: ignore[union-attr]
+                        node = _child(node, index)
+                else:
+                    reps = scope.segment.reps(number)
+                    if not reps:
+                        return []
+                    node = reps[0]
+                    for index in rest:
+                        node = _child(node, index)
+                return [] if _is_empty(node) else [node]
+            return part
+
+        pick = _picker(seg, number, selector, every)
+
+        def source(run: _Run, scope: Scope) -> list[Node]:
+            node = scope.node
+            if node is not None and not seg:
+                if relative is None:
+                    _relative_path(alternative)  # raises
+                for index in relative:  # type: ignore[union-attr]
+                    node = _child(node, index)
+                return [] if _is_empty(node) else [node]
+            found = []
+            for rep in pick(run, scope):
+                node = rep
+                for index in rest:
+                    node = _child(node, index)
+                if not _is_empty(node):
+                    found.append(node)
+            return found
+        return source
+
+    def _compile_format(self, template: Any) -> Reader:
+        """"{6} {3} {2.1}": the named parts, empty ones left out, whitespace tidied."""
+        if not isinstance(template, str):
+            return lambda run, scope: run.format_generic(template, scope)
+        pieces = _FORMAT_PART.split(template)
+        parts: list[Any] = [piece if i % 2 == 0 else self.value(piece) for i, piece in enumerate(pieces)]
+
+        def format(run: _Run, scope: Scope) -> str | None:
+            text = "".join(part if part.__class__ is str else part(run, scope) for part in parts)
+            text = _WHITESPACE.sub(" ", text).strip(" ,")
+            return text or None
+        return format
+
+    def format(self, template: Any) -> Reader:
+        try:
+            found = self._formats.get(template)
+        except TypeError:
+            return self._compile_format(template)
+        if found is None:
+            found = self._formats[template] = self._compile_format(template)
+        return found
+
+    # --- conditions ---------------------------------------------------------------------------
+
+    def _compile_condition(self, condition: Any) -> Reader:
+        if not isinstance(condition, dict):
+            return lambda run, scope: run.test_generic(condition, scope)
+        try:
+            return self._compile_condition_dict(condition)
+        except Exception:  # a malformed condition fails as it did, when tested
+            return lambda run, scope: run.test_generic(condition, scope)
+
+    def _compile_condition_dict(self, condition: dict[str, Any]) -> Reader:
+        if "all" in condition:
+            parts = [self.condition(c) for c in condition["all"]]
+
+            return lambda run, scope: all(part(run, scope) for part in parts)
+        if "any" in condition:
+            parts = [self.condition(c) for c in condition["any"]]
+
+            return lambda run, scope: any(part(run, scope) for part in parts)
+        if "not" in condition:
+            inner = self.condition(condition["not"])
+            return lambda run, scope: not inner(run, scope)
+        if "event_in" in condition:
+            events = condition["event_in"]
+            return lambda run, scope: run.event in events
+        value = self.value(condition["path"])
+        if "valued" in condition:
+            valued = bool(condition["valued"])
+            return lambda run, scope: bool(value(run, scope)) == valued
+        if "equals" in condition:
+            wanted = str(condition["equals"]).upper()
+            return lambda run, scope: value(run, scope).upper() == wanted
+        if "in" in condition:
+            among = {str(v).upper() for v in condition["in"]}
+            return lambda run, scope: value(run, scope).upper() in among
+        if "not_in" in condition:
+            outside = {str(v).upper() for v in condition["not_in"]}
+            return lambda run, scope: value(run, scope).upper() not in outside
+        if "longer_than" in condition:
+            length = int(condition["longer_than"])
+            return lambda run, scope: len(value(run, scope)) > length
+        return lambda run, scope: run.test_generic(condition, scope)
+
+    # --- rules --------------------------------------------------------------------------------
+
+    def _compile_rules(self, rules: Any) -> Apply:
+        """Run rules into `into`; True when any value came from the message (constants do not count,
+        so a datatype with only fixed parts is dropped)."""
+        try:
+            compiled = [self._compile_rule(rule) for rule in rules]
+        except Exception as exc:  # not a list of rules: fails where it is used
+            error = exc
+
+            def fail(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
+                raise error
+            return fail
+        if not compiled:
+            return lambda run, into, scope, clears_key=None: False
+        if len(compiled) == 1:
+            only = compiled[0]
+            return lambda run, into, scope, clears_key=None: only(run, into, scope, clears_key)
+
+        def apply(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
+            has_data = False
+            for rule in compiled:
+                if rule(run, into, scope, clears_key):
+                    has_data = True
+            return has_data
+        return apply
+
+    def _compile_rule(self, rule: dict[str, Any]) -> Apply:
+        when = rule.get("when")
+        test = self.condition(when) if when is not None else None
+        target = rule.get("target")
+        override = bool(rule.get("override"))
+        put = _put(target, rule.get("join", _NO_JOIN))
+        if "value" in rule:
+            make = _tree(rule.get("value"))
+
+            def constant(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None) -> bool:
+                if test is not None and not test(run, scope):
+                    return False
+                put(into, make(), override)
+                return False
+            return constant
+        required = bool(rule.get("required"))
+        defaults = rule.get("defaults")
+        make_defaults = _tree(defaults) if defaults is not None else None
+        has_source = "field" in rule or "component" in rule
+        field0 = str(rule["field"]).split(".")[0] if "field" in rule else None
+        every = bool(rule.get("repeat", "[]" in rule.get("target", "") or "join" in rule))
+        path = rule.get("field", rule.get("component"))
+        sources = self._compile_sources(path, every)
+        # the element an explicit null ("") in this rule's field clears
+        clear: Any = _NOT_PARSED
+        try:
+            first, selector = _parse_target_cached(target)[0] if target != "." else ("", "x")
             digit = str(rule.get("field", "")).isdigit()
-            self.clear = first if digit and selector in (None, "") and not first.startswith("_") else None
+            clear = first if digit and selector in (None, "") and not first.startswith("_") else None
         except (ValueError, TypeError, IndexError):
             pass  # a bad target fails where the interpreter would have failed, when it is used
+        convert = self._compile_convert(rule, field0, has_source)
+
+        def apply_rule(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None) -> bool:
+            if test is not None and not test(run, scope):
+                return False
+            produced = False
+            count = -1
+            for node in sources(run, scope):
+                count += 1
+                if _is_null_node(node):
+                    if clear is _NOT_PARSED:
+                        _parse_target_cached(target)  # raises: the target is malformed
+                    if clears_key and scope.node is None and clear is not None:
+                        run.clears.setdefault(clears_key, set()).add(clear)
+                    continue
+                value = convert(run, node, scope)
+                if value is None or (not value and isinstance(value, _BLANKABLE)):
+                    continue
+                if make_defaults is not None and isinstance(value, dict):
+                    value = {**make_defaults(), **value}
+                # an overriding rule replaces what is there with its first value and adds the rest
+                put(into, value, override if count == 0 else False)
+                produced = True
+            if not produced and required:
+                where = scope.at(scope.node, rule.get("field", rule.get("component"))).where()
+                raise MappingError(f"{where} is required", "101", where)
+            return produced
+        return apply_rule
+
+    def _compile_convert(self, rule: dict[str, Any], field0: str | None, has_source: bool) -> Callable[..., Any]:
+        inner = self._compile_value_kind(rule)
+
+        def convert(run: _Run, node: Node, scope: Scope) -> Any:
+            if field0 is not None and scope.node is None:
+                here = Scope(scope.segment, node, field0)
+            elif has_source:
+                here = Scope(scope.segment, node, scope.field)
+            else:
+                here = scope
+            return inner(run, node, here)
+        return convert
+
+    def _compile_value_kind(self, rule: dict[str, Any]) -> Callable[..., Any]:
+        """What a rule makes of the node it read: text from a format, a computation, an object from
+        its own rules, a datatype map's result, or a primitive."""
+        if "format" in rule:
+            format = self.format(rule["format"])
+            return lambda run, node, here: format(run, here)
+        if "compute" in rule:
+            name = rule["compute"]
+            return lambda run, node, here: COMPUTE[name](run, rule, here)
+        if "rules" in rule:
+            apply = self.rules(rule["rules"])
+            if "requires_any" in rule:
+                needed = rule["requires_any"]
+
+                def group_requiring(run: _Run, node: Node, here: Scope) -> Any:
+                    built: dict[str, Any] = {}
+                    if not apply(run, built, here, None):
+                        return None
+                    if not any(not _is_blank(built.get(k)) for k in needed):
+                        return None
+                    return built
+                return group_requiring
+
+            def group(run: _Run, node: Node, here: Scope) -> Any:
+                built: dict[str, Any] = {}
+                if not apply(run, built, here, None):
+                    return None
+                return built
+            return group
+        kind = rule.get("type", "ST")
+        fhir = rule.get("fhir")
+        try:
+            is_datatype = kind in self.maps.datatypes and (fhir is None or fhir not in _FHIR_PRIMITIVES)
+        except TypeError as exc:
+            error = exc
+
+            def fail(run: _Run, node: Node, here: Scope) -> Any:
+                raise error
+            return fail
+        if is_datatype:
+            datatypes = self.datatypes
+            if "vocabulary" in rule or "code_system" in rule:
+                vocabulary = self._compile_vocabulary(rule)
+
+                def coded(run: _Run, node: Node, here: Scope) -> Any:
+                    value, _ = datatypes[kind](run, node, here)
+                    return vocabulary(run, value, node)
+                return coded
+
+            def datatype(run: _Run, node: Node, here: Scope) -> Any:
+                return datatypes[kind](run, node, here)[0]
+            return datatype
+        return self.primitive(rule)
+
+    def _compile_primitive(self, rule: dict[str, Any]) -> Callable[..., Any]:
+        tables = self.maps.tables
+        vocabularies = self.maps.vocabularies
+        lookup = rule.get("lookup")
+        has_lookup = "lookup" in rule
+        table = rule.get("table")
+        has_table = "table" in rule
+        fhir = rule.get("fhir", "string")
+        vocabulary_name = rule.get("vocabulary")
+        has_vocabulary = "vocabulary" in rule
+        cast = _CASTS.get(fhir, _cast_string) if isinstance(fhir, str) else _cast_string
+        coded = fhir in ("Coding", "CodeableConcept")
+        has_code_system = "code_system" in rule
+        lenient = rule.get("lenient")
+
+        def primitive(run: _Run, node: Node, scope: Scope) -> Any:
+            text = _text(node, run.separators)
+            if not text or text == '""':
+                return None
+            if has_lookup:
+                found = lookup.get(text, lookup.get(text.upper()))  # type: ignore[union-attr]
+                if found is None:
+                    return None
+                text = str(found)
+            if has_table:
+                found = tables[table].get(text)  # type: ignore[index]
+                if found is None:
+                    return None
+                text = found
+            if has_vocabulary:
+                vocabulary = vocabularies[vocabulary_name]  # type: ignore[index]
+                if fhir == "code":
+                    return vocabulary.code(text, rule.get("vocabulary_target"))
+                codings = vocabulary.translate(text)
+                return codings[0] if fhir == "Coding" else {"coding": codings}
+            if coded:
+                coding = {"system": rule["code_system"], "code": text} if has_code_system else {"code": text}
+                return coding if fhir == "Coding" else {"coding": [coding]}
+            try:
+                return cast(run, text, fhir)
+            except ValueError as exc:
+                if lenient:
+                    return None
+                where = scope.where()
+                raise MappingError(f"{where}: {exc}", "102", where) from None
+        return primitive
+
+    def _compile_vocabulary(self, rule: dict[str, Any]) -> Callable[..., Any]:
+        """A coded datatype through an HL7 table: the FHIR coding the table maps to goes first and
+        the v2 code stays, in the table's v2 system when the message named no system."""
+        vocabularies = self.maps.vocabularies
+        fhir = rule.get("fhir")
+
+        def vocabulary_of(run: _Run, value: Any, node: Node) -> Any:
+            if not isinstance(value, dict) or not value.get("coding"):
+                return value
+            original = value["coding"][0]
+            source = rule.get("code_system")
+            vocabulary = vocabularies.get(rule["vocabulary"]) if "vocabulary" in rule else None
+            if vocabulary is not None:
+                source = vocabulary.source
+            if source and "system" not in original and "code" in original \
+                    and not _text(_child(node, 3), run.separators):
+                # no coding system named: the code is from the HL7 table this element uses
+                original["system"] = source
+            if vocabulary is None or original.get("system") != vocabulary.source or "code" not in original:
+                return value["coding"][0] if fhir == "Coding" else value
+            if fhir == "code":
+                return vocabulary.code(original["code"], rule.get("vocabulary_target"))
+            mapped = [c for c in vocabulary.mapped(original["code"]) if c not in value["coding"]]
+            value["coding"] = [*mapped, *value["coding"]]
+            return value["coding"][0] if fhir == "Coding" else value
+        return vocabulary_of
+
+    # --- datatypes ----------------------------------------------------------------------------
+
+    def _compile_datatype(self, name: str) -> Callable[..., tuple[Any, str | None]]:
+        """Run a datatype map over a node; returns the value and the FHIR type it produced."""
+        spec = self.maps.datatypes[name]
+        datatypes = self.datatypes
+        if "same_as" in spec:
+            other = spec["same_as"]
+
+            def same_as(run: _Run, node: Node, scope: Scope) -> tuple[Any, str | None]:
+                found = datatypes.get(other)
+                if found is None:
+                    self.maps.datatypes[other]  # raises KeyError, as the interpreter did
+                return found(run, node, scope)  # type: ignore[misc]
+            return same_as
+        try:
+            variants = [(self.condition(v["when"]) if "when" in v else None, v, self.rules(v.get("rules", [])),
+                         v.get("fhir"), v.get("fhir", spec.get("fhir"))) for v in spec.get("variants", [])]
+            plain = (None, spec, self.rules(spec.get("rules", [])), spec.get("fhir"), spec.get("fhir"))
+            item_requires_any = list((spec.get("item_requires_any") or {}).items())
+            drop_unless = list((spec.get("drop_unless") or {}).items())
+            requires_any = spec.get("requires_any")
+            has_requires_any = "requires_any" in spec
+            creates = spec.get("creates")
+        except Exception as exc:  # a malformed datatype map fails when it is used
+            error = exc
+
+            def fail(run: _Run, node: Node, scope: Scope) -> tuple[Any, str | None]:
+                raise error
+            return fail
+
+        def datatype(run: _Run, node: Node, scope: Scope) -> tuple[Any, str | None]:
+            here = scope if scope.node is node else Scope(scope.segment, node, scope.field)
+            chosen = plain
+            for variant in variants:
+                if variant[0] is None or variant[0](run, here):
+                    chosen = variant
+                    break
+            built: dict[str, Any] = {}
+            if not chosen[2](run, built, here, None):
+                return None, None
+            for key, items in item_requires_any:
+                built[key] = [i for i in built.get(key, []) if any(not _is_blank(i.get(k)) for k in items)]
+            for key, needed in drop_unless:
+                if key in built and needed not in built:
+                    del built[key]
+            if has_requires_any and not any(not _is_blank(built.get(k)) for k in requires_any):
+                return None, None
+            if "." in built:
+                return built["."], chosen[3]
+            if creates is not None:
+                run.create_referenced(creates, built, here)
+            return built, chosen[4]
+        return datatype
 
 
-def _compiled_path(alternative: str) -> tuple[Any, ...]:
-    """(alternative, segment, field, selector, rest, relative); a path that does not parse keeps
-    segment _NOT_PARSED so that nodes() raises on it as it always did."""
+_FORMAT_PART = re.compile(r"\{([^}]+)\}")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _picker(seg: str | None, number: int, selector: tuple[str, str] | None,
+            every: bool) -> Callable[[_Run, Scope], list[Any]]:
+    """The repetitions of a field a path reads (of the segment in scope, or the latest `seg`)."""
+    if selector:
+        key, wanted = selector
+        try:
+            indexes: tuple[int, ...] | None = tuple(int(index) for index in key.split("."))
+        except ValueError:
+            indexes = None
+
+        def chosen(run: _Run, scope: Scope) -> list[Any]:
+            segment = run.seen.get(seg) if seg else scope.segment
+            if segment is None:
+                return []
+            reps = []
+            for rep in segment.reps(number):
+                if indexes is None:
+                    node = _descend(rep, key)
+                else:
+                    node = rep
+                    for index in indexes:
+                        node = _child(node, index)
+                if _text(node, run.separators).upper() == wanted:
+                    reps.append(rep)
+            return reps if every else reps[:1]
+        return chosen
+
+    def reps(run: _Run, scope: Scope) -> list[Any]:
+        segment = run.seen.get(seg) if seg else scope.segment
+        if segment is None:
+            return []
+        found = segment.reps(number)
+        return found if every else found[:1]
+    return reps
+
+
+def _token(token: str) -> Reader:
+    if token == "@event":
+        return lambda run, scope: run.event
+    if token == "@patient":
+        return lambda run, scope: str(run.current.get("Patient", {}).get("id", ""))
+    if token.startswith("@id:"):
+        kind = token[4:]
+        return lambda run, scope: str(run.current.get(kind, {}).get("id", ""))
+    if token == "@owner":
+        return lambda run, scope: str(run.owner.get("id", "")) if run.owner else ""
+    if token == "@index":
+        return lambda run, scope: str(run.since_owner.get(scope.segment.name, 0))
+    if token == "@seq":
+        return lambda run, scope: str(scope.segment.occurrence)
+
+    def unknown(run: _Run, scope: Scope) -> str:
+        raise MappingError(f"unknown token {token} in mappings", "207")
+    return unknown
+
+
+# v2 primitive syntax -> FHIR primitive (the part of data types that is not a mapping)
+
+def _cast_time(run: _Run, text: str, fhir: str) -> str:
+    match = _TM.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a v2 time")
+    hour, minute, second, fraction = match.groups()
+    if int(hour) > 23 or int(minute or 0) > 59 or int(second or 0) > 59:
+        raise ValueError(f"{text!r} is not a v2 time")
+    return f"{hour}:{minute or '00'}:{second or '00'}{fraction or ''}"
+
+
+def _cast_datetime(run: _Run, text: str, fhir: str) -> str | None:
+    return _datetime(text, fhir, run.timezone)
+
+
+def _cast_decimal(run: _Run, text: str, fhir: str) -> Decimal:
+    if not _NUMBER.match(text):
+        raise ValueError(f"{text!r} is not a number")
+    return Decimal(text.lstrip("+"))
+
+
+def _cast_integer(run: _Run, text: str, fhir: str) -> int:
     try:
-        seg, field_number, selector, rest = _field_path(alternative)
-    except ValueError:
-        return (alternative, _NOT_PARSED, 0, None, (), None)
-    try:
-        relative: tuple[int, ...] | None = _relative_path(alternative)
-    except ValueError:
-        relative = None
-    return (alternative, seg, field_number, selector, rest, relative)
+        number = Decimal(text.lstrip("+"))
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a number") from None
+    if number != number.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number")
+    result = int(number)
+    if (fhir == "positiveInt" and result < 1) or (fhir == "unsignedInt" and result < 0):
+        raise ValueError(f"{text!r} is out of range for {fhir}")
+    return result
 
 
-_RULES: dict[int, _Rule] = {}
+def _cast_boolean(run: _Run, text: str, fhir: str) -> bool | None:
+    # HL7 table 0136 (Y/N); anything else carries no truth value
+    return {"Y": True, "N": False}.get(text.upper())
 
 
-def _compiled(rule: dict[str, Any]) -> _Rule:
-    found = _RULES.get(id(rule))
-    if found is None or found.rule is not rule:
-        found = _RULES[id(rule)] = _Rule(rule)
-    return found
+def _cast_base64(run: _Run, text: str, fhir: str) -> PlainText:
+    return PlainText(text)
+
+
+def _cast_string(run: _Run, text: str, fhir: str) -> str:
+    return text
+
+
+_CASTS: dict[str, Callable[[_Run, str, str], Any]] = {
+    "time": _cast_time,
+    "date": _cast_datetime,
+    "dateTime": _cast_datetime,
+    "instant": _cast_datetime,
+    "decimal": _cast_decimal,
+    "integer": _cast_integer,
+    "positiveInt": _cast_integer,
+    "unsignedInt": _cast_integer,
+    "boolean": _cast_boolean,
+    "base64Binary": _cast_base64,
+}
+
+
+def _datetime(text: str, fhir: str, timezone: str) -> str | None:
+    """v2 DTM (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ]) at the precision sent.
+
+    FHIR wants a time zone whenever there is a time: an offset-less v2 time is read in the
+    zone settings.yaml names. An instant needs a time; a date keeps only the date part."""
+    match = _DTM.match(text.replace(" ", ""))
+    if not match:
+        raise ValueError(f"{text!r} is not a v2 date/time")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
+             int(second or 0))  # rejects 20210231 and 2561
+    if zone is not None and zone != "Z" and (int(zone[1:3]) > 14 or int(zone[3:]) > 59):
+        raise ValueError(f"{text!r} has no valid time zone")
+    date = "-".join(p for p in (year, month, day) if p)
+    if fhir == "date":
+        return date
+    if hour is None or day is None:
+        return None if fhir == "instant" else date
+    offset = "Z" if zone == "Z" else (f"{zone[:3]}:{zone[3:]}" if zone else timezone)
+    return f"{date}T{hour}:{minute or '00'}:{second or '00'}{fraction or ''}{offset}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,75 +1483,42 @@ class _Run:
         self.clears: dict[str, set[str]] = {}
         self.deferred: list[tuple[dict[str, Any], str, str, Any]] = []
         self.merges: list[tuple[str, str]] = []
-        self.timezone = str(maps.settings.get("default_timezone", "+00:00"))
+        self.program = _program(maps)
+        self.timezone = self.program.timezone
         self.separators = message.separators
 
-    # --- values -------------------------------------------------------------------------
+    # --- values (the compiled maps do the work; these serve the computations) ----------------
 
     def unescape(self, raw: str) -> str:
         return er7.unescape(raw, self.separators)
 
     def text(self, node: Node) -> str:
-        leaf = _leaf(node)
-        if self.separators.escape in leaf:
-            leaf = er7.unescape(leaf, self.separators)
-        return leaf.strip()
+        return _text(node, self.separators)
 
     def nodes(self, path: str, scope: Scope, every: bool = False) -> list[Node]:
         """The node(s) a path names. `every`: one per repetition of the field."""
-        seg, field, selector, rest = _field_path(str(path))
-        if scope.node is not None and not seg:
-            node: Node = scope.node
-            for index in _relative_path(str(path)):
-                node = _child(node, index)
-            return [node]
-        segment = self.seen.get(seg) if seg else scope.segment
-        if segment is None:
-            return []
-        reps = segment.reps(field)
-        if selector:
-            key, wanted = selector
-            reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted]
-        if not every:
-            reps = reps[:1]
-        found: list[Node] = []
-        for rep in reps:
-            node = rep
-            for index in rest:
-                node = _child(node, index)
-            found.append(node)
-        return found
+        try:
+            reader = self.program.nodes(path, every)
+        except TypeError:  # an unhashable path
+            reader = self.program._compile_nodes(str(path), every)
+        return reader(self, scope)  # type: ignore[no-any-return]
 
     def value(self, path: str, scope: Scope) -> str:
         """Text of a path; "a|b" takes the first that is valued; @names read the translation context."""
-        for alternative in _alternatives(str(path)):
-            if alternative.startswith("@"):
-                text = self.token(alternative, scope)
-            else:
-                found = self.nodes(alternative, scope)
-                text = self.text(found[0]) if found else ""
-            if text and text != '""':
-                return text
-        return ""
+        try:
+            reader = self.program.value(path)
+        except TypeError:  # an unhashable path
+            reader = self.program._compile_value(str(path))
+        return reader(self, scope)  # type: ignore[no-any-return]
 
     def token(self, token: str, scope: Scope) -> str:
-        if token == "@event":
-            return self.event
-        if token == "@patient":
-            return str(self.current.get("Patient", {}).get("id", ""))
-        if token.startswith("@id:"):
-            return str(self.current.get(token[4:], {}).get("id", ""))
-        if token == "@owner":
-            return str(self.owner.get("id", "")) if self.owner else ""
-        if token == "@index":
-            return str(self.since_owner.get(scope.segment.name, 0))
-        if token == "@seq":
-            return str(scope.segment.occurrence)
-        raise MappingError(f"unknown token {token} in mappings", "207")
-
-    # --- conditions ---------------------------------------------------------------------
+        return _token(token)(self, scope)  # type: ignore[no-any-return]
 
     def test(self, condition: dict[str, Any], scope: Scope) -> bool:
+        return self.program.condition(condition)(self, scope)  # type: ignore[no-any-return]
+
+    def test_generic(self, condition: dict[str, Any], scope: Scope) -> bool:
+        """A condition as the data says it, for those the compiler leaves alone (malformed ones)."""
         if "all" in condition:
             return all(self.test(c, scope) for c in condition["all"])
         if "any" in condition:
@@ -680,232 +1540,34 @@ class _Run:
             return len(text) > int(condition["longer_than"])
         raise MappingError(f"unknown condition {condition} in mappings", "207")
 
-    # --- rules --------------------------------------------------------------------------
-
     def apply(self, rules: list[dict[str, Any]], into: dict[str, Any], scope: Scope,
               clears_key: str | None = None) -> bool:
         """Run rules into `into`; True when any value came from the message (constants do not count,
         so a datatype with only fixed parts is dropped)."""
-        has_data = False
-        for rule in rules:
-            compiled = _compiled(rule)
-            if compiled.when is not None and not self.test(compiled.when, scope):
-                continue
-            if compiled.constant:
-                value = compiled.value
-                if not isinstance(value, _IMMUTABLE):
-                    value = copy.deepcopy(value)
-                self.assign(into, compiled.target, value, rule)  # type: ignore[arg-type]
-                continue
-            produced = False
-            for count, node in enumerate(self._rule_sources(compiled, scope)):
-                if _is_null(node):
-                    if compiled.clear is _NOT_PARSED:
-                        _parse_target_cached(compiled.target)  # raises: the target is malformed
-                    if clears_key and scope.node is None and compiled.clear is not None:
-                        self.clears.setdefault(clears_key, set()).add(compiled.clear)
-                    continue
-                value = self.convert(node, rule, scope, compiled)
-                if _is_blank(value):
-                    continue
-                if compiled.defaults is not None and isinstance(value, dict):
-                    value = {**copy.deepcopy(compiled.defaults), **value}
-                # an overriding rule replaces what is there with its first value and adds the rest
-                self.assign(into, compiled.target, value, rule if count == 0 else compiled.later)  # type: ignore[arg-type]
-                produced = has_data = True
-            if not produced and compiled.required:
-                where = scope.at(scope.node, rule.get("field", rule.get("component"))).where()
-                raise MappingError(f"{where} is required", "101", where)
-        return has_data
-
-    def sources(self, rule: dict[str, Any], scope: Scope) -> list[Node]:
-        return self._rule_sources(_compiled(rule), scope)
-
-    def _rule_sources(self, compiled: _Rule, scope: Scope) -> list[Node]:
-        """The valued nodes a rule reads: those of its first alternative path that has any."""
-        if compiled.paths is None:
-            return [scope.node if scope.node is not None else []]
-        base = scope.node
-        for alternative, seg, field_number, selector, rest, relative in compiled.paths:
-            if seg is _NOT_PARSED or (base is not None and not seg and relative is None):
-                found = [n for n in self.nodes(alternative, scope, every=compiled.every) if not _is_empty(n)]
-                if found:
-                    return found
-                continue
-            if base is not None and not seg:
-                node: Node = base
-                for index in relative:  # type: ignore[union-attr]
-                    node = _child(node, index)
-                if not _is_empty(node):
-                    return [node]
-                continue
-            segment = self.seen.get(seg) if seg else scope.segment
-            if segment is None:
-                continue
-            reps = segment.reps(field_number)
-            if selector:
-                key, wanted = selector
-                reps = [r for r in reps if self.text(_descend(r, key)).upper() == wanted]
-            elif not compiled.every:
-                reps = reps[:1]
-            if selector and not compiled.every:
-                reps = reps[:1]
-            found = []
-            for rep in reps:
-                node = rep
-                for index in rest:
-                    node = _child(node, index)
-                if not _is_empty(node):
-                    found.append(node)
-            if found:
-                return found
-        return []
-
-    def convert(self, node: Node, rule: dict[str, Any], scope: Scope, compiled: _Rule | None = None) -> Any:
-        compiled = compiled or _compiled(rule)
-        if compiled.field0 is not None and scope.node is None:
-            here = Scope(scope.segment, node, compiled.field0)
-        elif compiled.has_source:
-            here = Scope(scope.segment, node, scope.field)
-        else:
-            here = scope
-        if "format" in rule:
-            return self.format(rule["format"], here)
-        if "compute" in rule:
-            return COMPUTE[rule["compute"]](self, rule, here)
-        if "rules" in rule:
-            built: dict[str, Any] = {}
-            if not self.apply(rule["rules"], built, here):
-                return None
-            if "requires_any" in rule and not any(not _is_blank(built.get(k)) for k in rule["requires_any"]):
-                return None
-            return built
-        kind = rule.get("type", "ST")
-        fhir = rule.get("fhir")
-        if kind in self.maps.datatypes and (fhir is None or fhir not in _FHIR_PRIMITIVES):
-            value, _ = self.datatype(kind, node, here)
-            return self.vocabulary(value, rule, node) if "vocabulary" in rule or "code_system" in rule else value
-        return self.primitive(node, rule, here)
+        return self.program.rules(rules)(self, into, scope, clears_key)
 
     def primitive(self, node: Node, rule: dict[str, Any], scope: Scope) -> Any:
-        text = self.text(node)
-        if not text or text == '""':
-            return None
-        if "lookup" in rule:
-            found = rule["lookup"].get(text, rule["lookup"].get(text.upper()))
-            if found is None:
-                return None
-            text = str(found)
-        if "table" in rule:
-            found = self.maps.tables[rule["table"]].get(text)
-            if found is None:
-                return None
-            text = found
-        fhir = rule.get("fhir", "string")
-        if "vocabulary" in rule:
-            vocabulary = self.maps.vocabularies[rule["vocabulary"]]
-            if fhir == "code":
-                return vocabulary.code(text, rule.get("vocabulary_target"))
-            codings = vocabulary.translate(text)
-            return codings[0] if fhir == "Coding" else {"coding": codings}
-        if fhir in ("Coding", "CodeableConcept"):
-            coding = {"system": rule["code_system"], "code": text} if "code_system" in rule else {"code": text}
-            return coding if fhir == "Coding" else {"coding": [coding]}
-        try:
-            return self.cast(text, fhir)
-        except ValueError as exc:
-            if rule.get("lenient"):
-                return None
-            where = scope.where()
-            raise MappingError(f"{where}: {exc}", "102", where) from None
+        return self.program.primitive(rule)(self, node, scope)
 
     def cast(self, text: str, fhir: str) -> Any:
         """v2 primitive syntax -> FHIR primitive (the part of data types that is not a mapping)."""
-        if fhir == "time":
-            match = _TM.match(text)
-            if not match:
-                raise ValueError(f"{text!r} is not a v2 time")
-            hour, minute, second, fraction = match.groups()
-            if int(hour) > 23 or int(minute or 0) > 59 or int(second or 0) > 59:
-                raise ValueError(f"{text!r} is not a v2 time")
-            return f"{hour}:{minute or '00'}:{second or '00'}{fraction or ''}"
-        if fhir in ("date", "dateTime", "instant"):
-            return self.datetime(text, fhir)
-        if fhir == "decimal":
-            if not _NUMBER.match(text):
-                raise ValueError(f"{text!r} is not a number")
-            return Decimal(text.lstrip("+"))
-        if fhir in ("integer", "positiveInt", "unsignedInt"):
-            try:
-                number = Decimal(text.lstrip("+"))
-            except InvalidOperation:
-                raise ValueError(f"{text!r} is not a number") from None
-            if number != number.to_integral_value():
-                raise ValueError(f"{text!r} is not a whole number")
-            result = int(number)
-            if (fhir == "positiveInt" and result < 1) or (fhir == "unsignedInt" and result < 0):
-                raise ValueError(f"{text!r} is out of range for {fhir}")
-            return result
-        if fhir == "boolean":
-            # HL7 table 0136 (Y/N); anything else carries no truth value
-            return {"Y": True, "N": False}.get(text.upper())
-        if fhir == "base64Binary":
-            return PlainText(text)
-        return text
+        return (_CASTS.get(fhir, _cast_string) if isinstance(fhir, str) else _cast_string)(self, text, fhir)
 
     def datetime(self, text: str, fhir: str) -> str | None:
-        """v2 DTM (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ]) at the precision sent.
-
-        FHIR wants a time zone whenever there is a time: an offset-less v2 time is read in the
-        zone settings.yaml names. An instant needs a time; a date keeps only the date part."""
-        match = _DTM.match(text.replace(" ", ""))
-        if not match:
-            raise ValueError(f"{text!r} is not a v2 date/time")
-        year, month, day, hour, minute, second, fraction, zone = match.groups()
-        datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
-                 int(second or 0))  # rejects 20210231 and 2561
-        if zone is not None and zone != "Z" and (int(zone[1:3]) > 14 or int(zone[3:]) > 59):
-            raise ValueError(f"{text!r} has no valid time zone")
-        date = "-".join(p for p in (year, month, day) if p)
-        if fhir == "date":
-            return date
-        if hour is None or day is None:
-            return None if fhir == "instant" else date
-        offset = "Z" if zone == "Z" else (f"{zone[:3]}:{zone[3:]}" if zone else self.timezone)
-        return f"{date}T{hour}:{minute or '00'}:{second or '00'}{fraction or ''}{offset}"
+        return _datetime(text, fhir, self.timezone)
 
     def format(self, template: str, scope: Scope) -> str | None:
         """"{6} {3} {2.1}": the named parts, empty ones left out, whitespace tidied."""
+        return self.program.format(template)(self, scope)  # type: ignore[no-any-return]
+
+    def format_generic(self, template: str, scope: Scope) -> str | None:
         text = re.sub(r"\{([^}]+)\}", lambda m: self.value(m.group(1), scope), template)
         text = re.sub(r"\s+", " ", text).strip(" ,")
         return text or None
 
     def datatype(self, name: str, node: Node, scope: Scope) -> tuple[Any, str | None]:
         """Run a datatype map over a node; returns the value and the FHIR type it produced."""
-        spec = self.maps.datatypes[name]
-        if "same_as" in spec:
-            return self.datatype(spec["same_as"], node, scope)
-        here = scope.at(node)
-        variant = spec
-        for candidate in spec.get("variants", []):
-            if "when" not in candidate or self.test(candidate["when"], here):
-                variant = candidate
-                break
-        built: dict[str, Any] = {}
-        if not self.apply(variant.get("rules", []), built, here):
-            return None, None
-        for key, items in (spec.get("item_requires_any") or {}).items():
-            built[key] = [i for i in built.get(key, []) if any(not _is_blank(i.get(k)) for k in items)]
-        for key, needed in (spec.get("drop_unless") or {}).items():
-            if key in built and needed not in built:
-                del built[key]
-        if "requires_any" in spec and not any(not _is_blank(built.get(k)) for k in spec["requires_any"]):
-            return None, None
-        if "." in built:
-            return built["."], variant.get("fhir")
-        if "creates" in spec:
-            self.create_referenced(spec["creates"], built, here)
-        return built, variant.get("fhir", spec.get("fhir"))
+        return self.program.datatype(name)(self, node, scope)
 
     def create_referenced(self, spec: dict[str, Any], reference: dict[str, Any], scope: Scope) -> None:
         """XCN and the like name a resource of their own (a Practitioner): build it once per id."""
@@ -921,92 +1583,11 @@ class _Run:
             self.resources[key] = resource
         reference["reference"] = key
 
-    def vocabulary(self, value: Any, rule: dict[str, Any], node: Node) -> Any:
-        """A coded datatype through an HL7 table: the FHIR coding the table maps to goes first and
-        the v2 code stays, in the table's v2 system when the message named no system."""
-        if not isinstance(value, dict) or not value.get("coding"):
-            return value
-        original = value["coding"][0]
-        source = rule.get("code_system")
-        vocabulary = self.maps.vocabularies.get(rule["vocabulary"]) if "vocabulary" in rule else None
-        if vocabulary is not None:
-            source = vocabulary.source
-        named = self.text(_child(node, 3))
-        if source and "system" not in original and "code" in original and not named:
-            # no coding system named: the code is from the HL7 table this element uses
-            original["system"] = source
-        if vocabulary is None or original.get("system") != vocabulary.source or "code" not in original:
-            return value["coding"][0] if rule.get("fhir") == "Coding" else value
-        if rule.get("fhir") == "code":
-            return vocabulary.code(original["code"], rule.get("vocabulary_target"))
-        mapped = [c for c in vocabulary.mapped(original["code"]) if c not in value["coding"]]
-        value["coding"] = [*mapped, *value["coding"]]
-        return value["coding"][0] if rule.get("fhir") == "Coding" else value
-
     # --- writing into resources -----------------------------------------------------------
 
     def assign(self, into: dict[str, Any], target: str, value: Any, rule: dict[str, Any]) -> None:
-        """Put a value at a target path: `a.b`, `a[]` (append), `a[2]` (1-based), `a[url=X]`
-        (the element with url X, made if missing) and `a[+url=X]` (always a new one). A value
-        already present is kept (first rule wins) unless the rule or the entry overrides."""
-        override = bool(rule.get("override"))
-        if target == ".":
-            if isinstance(value, dict):
-                _merge_missing(into, value, override)
-            else:
-                into["."] = value
-            return
-        steps = _parse_target_cached(target)
-        container: Any = into
-        for position, (name, selector) in enumerate(steps):
-            last = position == len(steps) - 1
-            if selector is None:
-                if last:
-                    self._set(container, name, value, rule, override)
-                    return
-                if not isinstance(container.get(name), dict):
-                    container[name] = {}
-                container = container[name]
-                continue
-            items = container.setdefault(name, [])
-            if selector == "":
-                if last:
-                    items.append(value)
-                    return
-                items.append({})
-                container = items[-1]
-            elif selector.isdigit():
-                index = int(selector) - 1
-                while len(items) <= index:
-                    items.append({})
-                if last:
-                    if isinstance(value, dict) and isinstance(items[index], dict):
-                        _merge_missing(items[index], value, override)
-                    elif override or _is_blank(items[index]):
-                        items[index] = value
-                    return
-                container = items[index]
-            else:
-                fresh = selector.startswith("+")
-                key, _, wanted = selector.lstrip("+").partition("=")
-                found = None if fresh else next((i for i in items if _get(i, key) == wanted), None)
-                if found is None:
-                    found = _make(key, wanted)
-                    items.append(found)
-                if last:
-                    if isinstance(value, dict):
-                        _merge_missing(found, value, override)
-                    return
-                container = found
-
-    def _set(self, container: dict[str, Any], name: str, value: Any, rule: dict[str, Any], override: bool) -> None:
-        if override or name not in container or _is_blank(container[name]):
-            container[name] = value
-        elif "join" in rule and isinstance(container[name], str) and isinstance(value, str):
-            joined = container[name] + rule["join"] + value
-            container[name] = PlainText(joined) if isinstance(value, PlainText) else joined
-        elif isinstance(container[name], dict) and isinstance(value, dict):
-            _merge_missing(container[name], value, override)
+        """Put a value at a target path (see _assign); `rule` says whether it overrides and joins."""
+        _assign(into, target, value, bool(rule.get("override")), rule.get("join", _NO_JOIN))
 
     def key(self, alternatives: list[Any], scope: Scope) -> str | None:
         """Business key -> id: the first alternative whose required parts are all valued.
