@@ -348,6 +348,16 @@ def _flat(node: Node) -> list[str]:
     return [leaf for child in node for leaf in _flat(child)]
 
 
+def _split_field(value: str, seps: er7.Separators) -> list[list[list[str]]]:
+    """er7.split_field, without a split per component when there are no subcomponents."""
+    if seps.subcomponent in value:
+        return er7.split_field(value, seps)
+    if seps.component not in value and seps.repetition not in value:
+        return [[[value]]]
+    return [[[component] for component in repetition.split(seps.component)]
+            for repetition in value.split(seps.repetition)]
+
+
 class Segment:
     def __init__(self, raw: er7.Segment, separators: er7.Separators, position: int, occurrence: int,
                  repeated: bool) -> None:
@@ -360,15 +370,18 @@ class Segment:
         self._fields: dict[int, list[list[list[str]]]] = {}
 
     def reps(self, number: int) -> list[list[list[str]]]:
-        if number not in self._fields:
-            if number > len(self.raw.fields):
-                self._fields[number] = []
+        found = self._fields.get(number)
+        if found is None:
+            fields = self.raw.fields
+            if number > len(fields):
+                found = []
             elif self.name == "MSH" and number in (1, 2):
                 # MSH-1/MSH-2 are the separators themselves, not values to split.
-                self._fields[number] = [[[self.raw[number]]]]
+                found = [[[fields[number - 1]]]]
             else:
-                self._fields[number] = er7.split_field(self.raw[number], self.separators)
-        return self._fields[number]
+                found = _split_field(fields[number - 1], self.separators)
+            self._fields[number] = found
+        return found
 
     def where(self, field_number: int | str | None = None) -> str:
         prefix = f"{self.name}[{self.occurrence}]" if self.repeated else self.name
@@ -462,18 +475,34 @@ def _prune(value: Any) -> Any:
     if cls is dict or (cls is not str and cls is not list and isinstance(value, dict)):
         pruned = {}
         for k, v in value.items():
-            if v.__class__ is not str or v.__class__ is PlainText:
+            kind = v.__class__
+            if kind is str:
+                if v:
+                    pruned[k] = v
+            elif kind is dict or kind is list:
                 v = _prune(v)
-            if not _is_blank(v):
-                pruned[k] = v
+                if v:
+                    pruned[k] = v
+            elif v is not None:
+                v = _prune(v)
+                if not _is_blank(v):
+                    pruned[k] = v
         return pruned
     if cls is list or (cls is not str and isinstance(value, list)):
         pruned_list = []
         for v in value:
-            if v.__class__ is not str:
+            kind = v.__class__
+            if kind is str:
+                if v:
+                    pruned_list.append(v)
+            elif kind is dict or kind is list:
                 v = _prune(v)
-            if not _is_blank(v):
-                pruned_list.append(v)
+                if v:
+                    pruned_list.append(v)
+            elif v is not None:
+                v = _prune(v)
+                if not _is_blank(v):
+                    pruned_list.append(v)
         return pruned_list
     if cls is PlainText:
         return base64.b64encode(str(value).encode("utf-8")).decode("ascii")
@@ -619,7 +648,29 @@ def _compile_put(target: Any, join: Any) -> Put:
             plan.append((3, name, last, (fresh, key, tuple(key.split(".")), wanted)))
     if len(plan) == 1 and plan[0][0] == 0:
         name = plan[0][1]
-        return lambda into, value, override: _set(into, name, value, override, join)
+
+        def set_one(into: dict[str, Any], value: Any, override: bool) -> None:
+            if override or name not in into:
+                into[name] = value
+                return
+            there = into[name]
+            if there is None or (not there and isinstance(there, _BLANKABLE)):
+                into[name] = value
+            elif join is not _NO_JOIN and isinstance(there, str) and isinstance(value, str):
+                joined = there + join + value
+                into[name] = PlainText(joined) if isinstance(value, PlainText) else joined
+            elif isinstance(there, dict) and isinstance(value, dict):
+                _merge_missing(there, value, override)
+        return set_one
+    if len(plan) == 2 and plan[0][0] == 2 and plan[1][0] == 0:
+        outer, index, name = plan[0][1], plan[0][3], plan[1][1]
+
+        def set_in_item(into: dict[str, Any], value: Any, override: bool) -> None:
+            items = into.setdefault(outer, [])
+            while len(items) <= index:
+                items.append({})
+            _set(items[index], name, value, override, join)
+        return set_in_item
     if len(plan) == 1 and plan[0][0] == 1:
         name = plan[0][1]
 
@@ -701,6 +752,7 @@ class _Program:
         self._rules: dict[int, tuple[Any, Apply]] = {}
         self._conditions: dict[int, tuple[Any, Reader]] = {}
         self._primitives: dict[int, tuple[Any, Callable[..., Any]]] = {}
+        self._keys: dict[int, tuple[Any, Reader]] = {}
         self._values: dict[Any, Reader] = {}
         self._nodes: dict[tuple[Any, bool], Reader] = {}
         self._formats: dict[str, Reader] = {}
@@ -715,19 +767,13 @@ class _Program:
             for spec in maps.segments.values():
                 if isinstance(spec, dict):
                     self.rules(spec.get("rules", []))
-                    self._paths_of(spec.get("id"))
+                    if "id" in spec:
+                        self.key(spec["id"])
             for message_map in maps.messages:
                 for path in message_map.get("source_time", ["MSH-7"]):
                     self._value_or_none(path)
         except Exception:  # what does not compile now is compiled (and fails) when used
             pass
-
-    def _paths_of(self, alternatives: Any) -> None:
-        for alternative in alternatives if isinstance(alternatives, list) else []:
-            parts = alternative.get("parts") if isinstance(alternative, dict) else alternative
-            for part in parts if isinstance(parts, list) else []:
-                if isinstance(part, str) and not part.startswith("="):
-                    self._value_or_none(part.rstrip("?"))
 
     def _value_or_none(self, path: Any) -> None:
         with contextlib.suppress(TypeError):
@@ -747,7 +793,14 @@ class _Program:
             found = self._conditions[id(condition)] = (condition, self._compile_condition(condition))
         return found[1]
 
+    def key(self, alternatives: Any) -> Reader:
+        found = self._keys.get(id(alternatives))
+        if found is None or found[0] is not alternatives:
+            found = self._keys[id(alternatives)] = (alternatives, self._compile_key(alternatives))
+        return found[1]
+
     def primitive(self, rule: Any) -> Callable[..., Any]:
+        """A primitive rule's conversion, for computations (their scope is the node's)."""
         found = self._primitives.get(id(rule))
         if found is None or found[0] is not rule:
             found = self._primitives[id(rule)] = (rule, self._compile_primitive(rule))
@@ -771,6 +824,46 @@ class _Program:
         if found is None:
             return _failing(lambda: self.maps.datatypes[name])
         return found
+
+    def _compile_key(self, alternatives: Any) -> Reader:
+        """Business key -> id (see _Run.key)."""
+        try:
+            plans = []
+            for alternative in alternatives:
+                test = None
+                if isinstance(alternative, dict):
+                    if "when" in alternative:
+                        test = self.condition(alternative["when"])
+                    alternative = alternative["parts"]
+                plan = []
+                for part in alternative:
+                    if part.startswith("="):
+                        plan.append((part[1:], None, False))
+                    else:
+                        plan.append((None, self.value(part.rstrip("?")), part.endswith("?")))
+                plans.append((test, plan))
+        except Exception:  # not a list of alternatives of parts: as the data says, failing when used
+            return lambda run, scope: run.key_generic(alternatives, scope)
+
+        def key(run: _Run, scope: Scope) -> str | None:
+            for test, plan in plans:
+                if test is not None and not test(run, scope):
+                    continue
+                values: list[str] = []
+                for literal, read, optional in plan:
+                    if read is None:
+                        values.append(literal)  # type: ignore[arg-type]
+                        continue
+                    text = read(run, scope)
+                    if text:
+                        values.append(text)
+                    elif not optional:
+                        break
+                else:
+                    if values:
+                        return make_id(values)
+            return None
+        return key
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -844,24 +937,15 @@ class _Program:
         return first
 
     def _compile_value(self, path: str) -> Reader:
+        alternatives = _alternatives(path)
+        if len(alternatives) == 1 and not path.startswith("@"):
+            return self._compile_one_value(path)
         readers: list[Reader] = []
-        for alternative in _alternatives(path):
+        for alternative in alternatives:
             if alternative.startswith("@"):
                 readers.append(_token(alternative))
             else:
-                first = self._compile_first(alternative)
-
-                def text(run: _Run, scope: Scope, first: Callable[..., Node | None] = first) -> str:
-                    node = first(run, scope)
-                    return "" if node is None else _text(node, run.separators)
-                readers.append(text)
-        if len(readers) == 1:
-            only = readers[0]
-
-            def value(run: _Run, scope: Scope) -> str:
-                text = only(run, scope)
-                return text if text and text != '""' else ""
-            return value
+                readers.append(self._compile_one_value(alternative))
 
         def value_of_any(run: _Run, scope: Scope) -> str:
             for reader in readers:
@@ -870,6 +954,49 @@ class _Program:
                     return text
             return ""
         return value_of_any
+
+    def _compile_one_value(self, path: str) -> Reader:
+        """The text of the first node a (one-alternative) path names; "" for none and for ""."""
+        try:
+            seg, number, selector, rest = _field_path(path)
+        except ValueError:
+            return _failing(lambda: _field_path(path))
+        try:
+            relative: tuple[int, ...] | None = _relative_path(path)
+        except ValueError:
+            relative = None
+        pick = _picker(seg, number, selector, False) if selector else None
+
+        def value(run: _Run, scope: Scope) -> str:
+            node = scope.node
+            if node is not None and not seg:
+                if relative is None:
+                    _relative_path(path)  # raises
+                for index in relative:  # type: ignore[union-attr]
+                    node = _child(node, index)
+            else:
+                if pick is not None:
+                    reps = pick(run, scope)
+                else:
+                    segment = run.seen.get(seg) if seg else scope.segment
+                    if segment is None:
+                        return ""
+                    reps = segment.reps(number)
+                if not reps:
+                    return ""
+                node = reps[0]
+                for index in rest:
+                    node = _child(node, index)
+            while node.__class__ is not str:
+                if not node:
+                    return ""
+                node = node[0]  # type: ignore[index]
+            separators = run.separators
+            if separators.escape in node:
+                node = er7.unescape(node, separators)  # type: ignore[arg-type]
+            text = node.strip()  # type: ignore[union-attr]
+            return text if text and text != '""' else ""
+        return value
 
     def _compile_sources(self, path: Any, every: bool) -> Reader:
         """The valued nodes a rule reads: those of its first alternative path that has any."""
@@ -1015,9 +1142,15 @@ class _Program:
 
     def _compile_rules(self, rules: Any) -> Apply:
         """Run rules into `into`; True when any value came from the message (constants do not count,
-        so a datatype with only fixed parts is dropped)."""
+        so a datatype with only fixed parts is dropped).
+
+        Most rules read a field or component the message left empty. A rule that can only read
+        such places (its paths are of the segment or node in scope) and has nothing else to do (no
+        constant, not required, a condition that cannot fail) is passed over on a look at the raw
+        field or the component, without running it: what it would have done is nothing. A rule
+        reading one whole field or component is handed the node it reads."""
         try:
-            compiled = [self._compile_rule(rule) for rule in rules]
+            compiled = [(self._gate(rule), *self._compile_rule(rule)) for rule in rules]
         except Exception as exc:  # not a list of rules: fails where it is used
             error = exc
 
@@ -1026,19 +1159,86 @@ class _Program:
             return fail
         if not compiled:
             return lambda run, into, scope, clears_key=None: False
-        if len(compiled) == 1:
-            only = compiled[0]
-            return lambda run, into, scope, clears_key=None: only(run, into, scope, clears_key)
 
         def apply(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
             has_data = False
-            for rule in compiled:
-                if rule(run, into, scope, clears_key):
-                    has_data = True
+            node = scope.node
+            if node is None:
+                segment = scope.segment
+                fields = segment.raw.fields
+                count = len(fields)
+                for gate, rule, _, on_field in compiled:
+                    if gate.__class__ is int:
+                        if gate > count or not fields[gate - 1]:
+                            continue
+                        if on_field is not None:
+                            child = segment.reps(gate)[0]
+                            if not _is_empty(child) and on_field(run, into, scope, clears_key, child):
+                                has_data = True
+                            continue
+                    elif gate is not None and all(index > count or not fields[index - 1] for index in gate):
+                        continue
+                    if rule(run, into, scope, clears_key):
+                        has_data = True
+            elif node.__class__ is str:
+                for gate, rule, _, _ in compiled:
+                    if gate.__class__ is int:
+                        if gate > 1 or not node:
+                            continue
+                    elif gate is not None and all(index > 1 or not node for index in gate):
+                        continue
+                    if rule(run, into, scope, clears_key):
+                        has_data = True
+            else:
+                count = len(node)
+                for gate, rule, on_node, _ in compiled:
+                    if gate.__class__ is int:
+                        if gate > count:
+                            continue
+                        child = node[gate - 1]
+                        if child.__class__ is str:
+                            if not child:
+                                continue
+                        elif _is_empty(child):
+                            continue
+                        if on_node is not None:
+                            if on_node(run, into, scope, clears_key, child):
+                                has_data = True
+                            continue
+                    elif gate is not None and all(index > count or _is_empty(node[index - 1]) for index in gate):
+                        continue
+                    if rule(run, into, scope, clears_key):
+                        has_data = True
             return has_data
         return apply
 
-    def _compile_rule(self, rule: dict[str, Any]) -> Apply:
+    def _gate(self, rule: Any) -> int | tuple[int, ...] | None:
+        """The fields (components, in a node) whose emptiness makes the rule do nothing: the first
+        index of each of its paths; None when the rule must run regardless."""
+        if not isinstance(rule, dict) or "value" in rule or rule.get("required"):
+            return None
+        if "when" in rule and not _pure_condition(rule["when"]):
+            return None
+        path = rule.get("field", rule.get("component"))
+        if path is None:
+            return None
+        gate = []
+        for alternative in _alternatives(str(path)):
+            try:
+                seg, _, _, _ = _field_path(alternative)
+                relative = _relative_path(alternative)
+            except ValueError:
+                return None
+            if seg:
+                return None
+            gate.append(relative[0])
+        return gate[0] if len(gate) == 1 else tuple(gate)
+
+    def _compile_rule(self, rule: dict[str, Any]) -> tuple[Apply, Callable[..., bool] | None,
+                                                          Callable[..., bool] | None]:
+        """The rule as a function of (run, into, scope, clears_key); and, for a rule reading one
+        whole field or component (see _compile_rules), the same given the node it reads (in a node,
+        and in a segment: None when it reads every repetition)."""
         when = rule.get("when")
         test = self.condition(when) if when is not None else None
         target = rule.get("target")
@@ -1052,7 +1252,7 @@ class _Program:
                     return False
                 put(into, make(), override)
                 return False
-            return constant
+            return constant, None, None
         required = bool(rule.get("required"))
         defaults = rule.get("defaults")
         make_defaults = _tree(defaults) if defaults is not None else None
@@ -1096,10 +1296,64 @@ class _Program:
                 where = scope.at(scope.node, rule.get("field", rule.get("component"))).where()
                 raise MappingError(f"{where} is required", "101", where)
             return produced
-        return apply_rule
+
+        if not _is_whole(path):
+            return apply_rule, None, None
+        if self._compile_value_kind(rule, field0, has_source) is None and _plain_text(rule):
+            def text_on_node(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None,
+                             node: Node) -> bool:
+                """on_node for a rule writing the text it reads."""
+                if test is not None and not test(run, scope):
+                    return False
+                leaf = node
+                while leaf.__class__ is not str:
+                    if not leaf:
+                        return False
+                    leaf = leaf[0]  # type: ignore[index]
+                if leaf == '""' and _is_null_node(node):
+                    if clear is _NOT_PARSED:
+                        _parse_target_cached(target)  # raises: the target is malformed
+                    if clears_key and scope.node is None and clear is not None:
+                        run.clears.setdefault(clears_key, set()).add(clear)
+                    return False
+                separators = run.separators
+                if separators.escape in leaf:
+                    leaf = er7.unescape(leaf, separators)  # type: ignore[arg-type]
+                text = leaf.strip()  # type: ignore[union-attr]
+                if not text or text == '""':
+                    return False
+                put(into, text, override)
+                return True
+            return apply_rule, text_on_node, None if every else text_on_node
+
+        def on_node(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None, node: Node) -> bool:
+            """apply_rule for a rule whose only source is `node` (valued), not required."""
+            if test is not None and not test(run, scope):
+                return False
+            leaf = node
+            while leaf.__class__ is not str:
+                if not leaf:
+                    break
+                leaf = leaf[0]  # type: ignore[index]
+            if leaf == '""' and _is_null_node(node):
+                if clear is _NOT_PARSED:
+                    _parse_target_cached(target)  # raises: the target is malformed
+                if clears_key and scope.node is None and clear is not None:
+                    run.clears.setdefault(clears_key, set()).add(clear)
+                return False
+            value = convert(run, node, scope)
+            if value is None or (not value and isinstance(value, _BLANKABLE)):
+                return False
+            if make_defaults is not None and isinstance(value, dict):
+                value = {**make_defaults(), **value}
+            put(into, value, override)
+            return True
+        return apply_rule, on_node, None if every else on_node
 
     def _compile_convert(self, rule: dict[str, Any], field0: str | None, has_source: bool) -> Callable[..., Any]:
-        inner = self._compile_value_kind(rule)
+        inner = self._compile_value_kind(rule, field0, has_source)
+        if inner is None:  # a primitive: it works out its scope itself, when it has an error to place
+            return self._compile_primitive(rule, field0, has_source)
 
         def convert(run: _Run, node: Node, scope: Scope) -> Any:
             if field0 is not None and scope.node is None:
@@ -1111,9 +1365,10 @@ class _Program:
             return inner(run, node, here)
         return convert
 
-    def _compile_value_kind(self, rule: dict[str, Any]) -> Callable[..., Any]:
+    def _compile_value_kind(self, rule: dict[str, Any], field0: str | None,
+                            has_source: bool) -> Callable[..., Any] | None:
         """What a rule makes of the node it read: text from a format, a computation, an object from
-        its own rules, a datatype map's result, or a primitive."""
+        its own rules, a datatype map's result; None for a primitive."""
         if "format" in rule:
             format = self.format(rule["format"])
             return lambda run, node, here: format(run, here)
@@ -1163,9 +1418,13 @@ class _Program:
             def datatype(run: _Run, node: Node, here: Scope) -> Any:
                 return datatypes[kind](run, node, here)[0]
             return datatype
-        return self.primitive(rule)
+        return None
 
-    def _compile_primitive(self, rule: dict[str, Any]) -> Callable[..., Any]:
+    def _compile_primitive(self, rule: dict[str, Any], field0: str | None = None,
+                           has_source: bool = False) -> Callable[..., Any]:
+        """A v2 primitive read from the node: looked up, translated, cast. `field0`/`has_source`
+        say how the rule's scope for the node is made from the one given (see convert); it is made
+        only to place an error."""
         tables = self.maps.tables
         vocabularies = self.maps.vocabularies
         lookup = rule.get("lookup")
@@ -1179,6 +1438,21 @@ class _Program:
         coded = fhir in ("Coding", "CodeableConcept")
         has_code_system = "code_system" in rule
         lenient = rule.get("lenient")
+
+        if _plain_text(rule):
+            def text_only(run: _Run, node: Node, scope: Scope) -> Any:
+                while node.__class__ is not str:
+                    if not node:
+                        return None
+                    node = node[0]  # type: ignore[index]
+                separators = run.separators
+                if separators.escape in node:
+                    node = er7.unescape(node, separators)  # type: ignore[arg-type]
+                text = node.strip()  # type: ignore[union-attr]
+                if not text or text == '""':
+                    return None
+                return text
+            return text_only
 
         def primitive(run: _Run, node: Node, scope: Scope) -> Any:
             text = _text(node, run.separators)
@@ -1208,6 +1482,10 @@ class _Program:
             except ValueError as exc:
                 if lenient:
                     return None
+                if field0 is not None and scope.node is None:
+                    scope = Scope(scope.segment, node, field0)
+                elif has_source:
+                    scope = Scope(scope.segment, node, scope.field)
                 where = scope.where()
                 raise MappingError(f"{where}: {exc}", "102", where) from None
         return primitive
@@ -1355,6 +1633,76 @@ def _token(token: str) -> Reader:
     return unknown
 
 
+def _plain_text(rule: dict[str, Any]) -> bool:
+    """A primitive rule whose value is the text it reads, as it is (no lookup, table, code or cast)."""
+    fhir = rule.get("fhir", "string")
+    cast = _CASTS.get(fhir, _cast_string) if isinstance(fhir, str) else _cast_string
+    return not ("lookup" in rule or "table" in rule or "vocabulary" in rule or fhir in ("Coding", "CodeableConcept")) \
+        and cast is _cast_string
+
+
+def _is_whole(path: Any) -> bool:
+    """The path reads one whole field (component, in a node) of the scope: "5", not "5.1", "a|b" or
+    "OBR-5" (see _Program._compile_rules)."""
+    if path is None:
+        return False
+    alternatives = _alternatives(str(path))
+    if len(alternatives) != 1:
+        return False
+    try:
+        seg, _, selector, rest = _field_path(alternatives[0])
+    except ValueError:
+        return False
+    return not seg and selector is None and not rest
+
+
+_TOKENS = ("@event", "@patient", "@owner", "@index", "@seq")
+
+
+def _pure_path(path: Any) -> bool:
+    """Reading this path cannot fail, whatever the scope (every part parses, tokens are known)."""
+    for alternative in _alternatives(str(path)):
+        if alternative.startswith("@"):
+            if alternative not in _TOKENS and not alternative.startswith("@id:"):
+                return False
+            continue
+        try:
+            seg, _, _, _ = _field_path(alternative)
+            if not seg:
+                _relative_path(alternative)
+        except ValueError:
+            return False
+    return True
+
+
+def _pure_condition(condition: Any) -> bool:
+    """Testing this condition cannot fail (nor do anything but answer): a rule guarded by it may
+    be passed over without testing it when it would read nothing anyway."""
+    if not isinstance(condition, dict):
+        return False
+    if "all" in condition or "any" in condition:
+        parts = condition.get("all", condition.get("any")) if "all" in condition else condition["any"]
+        return isinstance(parts, list) and all(_pure_condition(c) for c in parts)
+    if "not" in condition:
+        return _pure_condition(condition["not"])
+    if "event_in" in condition:
+        return isinstance(condition["event_in"], list | tuple | set | frozenset)
+    if "path" not in condition or not _pure_path(condition["path"]):
+        return False
+    if "valued" in condition or "equals" in condition:
+        return True
+    for key in ("in", "not_in"):
+        if key in condition:
+            return isinstance(condition[key], list | tuple | set | frozenset)
+    if "longer_than" in condition:
+        try:
+            int(condition["longer_than"])
+        except (TypeError, ValueError):
+            return False
+        return True
+    return False
+
+
 # v2 primitive syntax -> FHIR primitive (the part of data types that is not a mapping)
 
 def _cast_time(run: _Run, text: str, fhir: str) -> str:
@@ -1484,6 +1832,7 @@ class _Run:
         self.deferred: list[tuple[dict[str, Any], str, str, Any]] = []
         self.merges: list[tuple[str, str]] = []
         self.program = _program(maps)
+        self.values = self.program._values
         self.timezone = self.program.timezone
         self.separators = message.separators
 
@@ -1506,7 +1855,7 @@ class _Run:
     def value(self, path: str, scope: Scope) -> str:
         """Text of a path; "a|b" takes the first that is valued; @names read the translation context."""
         try:
-            reader = self.program.value(path)
+            reader = self.values.get(path) or self.program.value(path)
         except TypeError:  # an unhashable path
             reader = self.program._compile_value(str(path))
         return reader(self, scope)  # type: ignore[no-any-return]
@@ -1593,6 +1942,10 @@ class _Run:
         """Business key -> id: the first alternative whose required parts are all valued.
         "=text" is a literal part (keeps a placer key apart from a filler key); "path?" may be
         empty and is then left out."""
+        return self.program.key(alternatives)(self, scope)  # type: ignore[no-any-return]
+
+    def key_generic(self, alternatives: list[Any], scope: Scope) -> str | None:
+        """key() as the data says it, for id lists the compiler leaves alone (malformed ones)."""
         for alternative in alternatives:
             if isinstance(alternative, dict):
                 if "when" in alternative and not self.test(alternative["when"], scope):
