@@ -368,6 +368,15 @@ class Segment:
         self.occurrence = occurrence
         self.repeated = repeated
         self._fields: dict[int, list[list[list[str]]]] = {}
+        self._valued: int | None = None
+
+    @property
+    def valued(self) -> int:
+        """Byte n-1 is 1 when field n is not empty text (it may still hold only empty components)."""
+        valued = self._valued
+        if valued is None:
+            valued = self._valued = int.from_bytes(bytes(map(bool, self.raw.fields)), "little")
+        return valued
 
     def reps(self, number: int) -> list[list[list[str]]]:
         found = self._fields.get(number)
@@ -375,6 +384,8 @@ class Segment:
             fields = self.raw.fields
             if number > len(fields):
                 found = []
+            elif number < 1:
+                found = _split_field(self.raw[number], self.separators)  # hl7lw refuses it
             elif self.name == "MSH" and number in (1, 2):
                 # MSH-1/MSH-2 are the separators themselves, not values to split.
                 found = [[[fields[number - 1]]]]
@@ -966,6 +977,8 @@ class _Program:
         except ValueError:
             relative = None
         pick = _picker(seg, number, selector, False) if selector else None
+        if not seg and selector is None and relative is not None and len(relative) <= 2:
+            return _component_value(number, relative)
 
         def value(run: _Run, scope: Scope) -> str:
             node = scope.node
@@ -1159,56 +1172,68 @@ class _Program:
             return fail
         if not compiled:
             return lambda run, into, scope, clears_key=None: False
+        indexes = {index for gate, _, _, _ in compiled if gate is not None
+                   for index in ((gate,) if gate.__class__ is int else gate)}
+        top = max(indexes, default=0)
+        relevant = sum(1 << 8 * (index - 1) for index in indexes)
+        in_segment: dict[int, list[tuple[Callable[..., bool], int]]] = {}
+        in_node: dict[int, list[tuple[Callable[..., bool], int]]] = {}
+
+        def plan(valued: int, node_scope: bool) -> list[tuple[Callable[..., bool], int]]:
+            """The rules to run when the fields (components) valued are those whose byte is 1 in
+            `valued`, in order: (function, 0) for a rule to run, (function, index) for one to hand
+            that node."""
+            steps = []
+            for gate, rule, on_node, on_field in compiled:
+                if gate.__class__ is int:
+                    if not valued >> 8 * (gate - 1) & 1:
+                        continue
+                    special = on_node if node_scope else on_field
+                    if special is not None:
+                        steps.append((special, gate))
+                        continue
+                elif gate is not None and not any(valued >> 8 * (index - 1) & 1 for index in gate):
+                    continue
+                steps.append((rule, 0))
+            plans = in_node if node_scope else in_segment
+            if len(plans) < 512:  # a bound, whatever the messages bring
+                plans[valued] = steps
+            return steps
 
         def apply(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
             has_data = False
             node = scope.node
             if node is None:
                 segment = scope.segment
-                fields = segment.raw.fields
-                count = len(fields)
-                for gate, rule, _, on_field in compiled:
-                    if gate.__class__ is int:
-                        if gate > count or not fields[gate - 1]:
-                            continue
-                        if on_field is not None:
-                            child = segment.reps(gate)[0]
-                            if not _is_empty(child) and on_field(run, into, scope, clears_key, child):
-                                has_data = True
-                            continue
-                    elif gate is not None and all(index > count or not fields[index - 1] for index in gate):
-                        continue
-                    if rule(run, into, scope, clears_key):
+                valued = segment.valued & relevant
+                steps = in_segment.get(valued) or plan(valued, False)
+                for rule, index in steps:
+                    if index:
+                        child = segment.reps(index)[0]
+                        if not _is_empty(child) and rule(run, into, scope, clears_key, child):
+                            has_data = True
+                    elif rule(run, into, scope, clears_key):
                         has_data = True
-            elif node.__class__ is str:
-                for gate, rule, _, _ in compiled:
-                    if gate.__class__ is int:
-                        if gate > 1 or not node:
-                            continue
-                    elif gate is not None and all(index > 1 or not node for index in gate):
-                        continue
-                    if rule(run, into, scope, clears_key):
+                return has_data
+            if node.__class__ is not str:
+                # a node's parts are text or lists of text (nodes go no deeper than a repetition)
+                valued = int.from_bytes(bytes(map(any, node[:top])), "little")
+                steps = in_node.get(valued) or plan(valued, True)
+                for rule, index in steps:
+                    if index:
+                        if rule(run, into, scope, clears_key, node[index - 1]):
+                            has_data = True
+                    elif rule(run, into, scope, clears_key):
                         has_data = True
-            else:
-                count = len(node)
-                for gate, rule, on_node, _ in compiled:
-                    if gate.__class__ is int:
-                        if gate > count:
-                            continue
-                        child = node[gate - 1]
-                        if child.__class__ is str:
-                            if not child:
-                                continue
-                        elif _is_empty(child):
-                            continue
-                        if on_node is not None:
-                            if on_node(run, into, scope, clears_key, child):
-                                has_data = True
-                            continue
-                    elif gate is not None and all(index > count or _is_empty(node[index - 1]) for index in gate):
+                return has_data
+            for gate, rule, _, _ in compiled:  # a plain value as the node: it is its own first part
+                if gate.__class__ is int:
+                    if gate > 1 or not node:
                         continue
-                    if rule(run, into, scope, clears_key):
-                        has_data = True
+                elif gate is not None and all(index > 1 or not node for index in gate):
+                    continue
+                if rule(run, into, scope, clears_key):
+                    has_data = True
             return has_data
         return apply
 
@@ -1229,7 +1254,7 @@ class _Program:
                 relative = _relative_path(alternative)
             except ValueError:
                 return None
-            if seg:
+            if seg or relative[0] < 1:
                 return None
             gate.append(relative[0])
         return gate[0] if len(gate) == 1 else tuple(gate)
@@ -1278,7 +1303,12 @@ class _Program:
             count = -1
             for node in sources(run, scope):
                 count += 1
-                if _is_null_node(node):
+                leaf = node
+                while leaf.__class__ is not str:
+                    if not leaf:
+                        break
+                    leaf = leaf[0]  # type: ignore[index]
+                if leaf == '""' and _is_null_node(node):
                     if clear is _NOT_PARSED:
                         _parse_target_cached(target)  # raises: the target is malformed
                     if clears_key and scope.node is None and clear is not None:
@@ -1297,6 +1327,37 @@ class _Program:
                 raise MappingError(f"{where} is required", "101", where)
             return produced
 
+        if path is None:
+            def apply_here(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None) -> bool:
+                """apply_rule for a rule reading no path: its source is the node in scope."""
+                if test is not None and not test(run, scope):
+                    return False
+                node = scope.node
+                if node is None:
+                    node = []
+                leaf = node
+                while leaf.__class__ is not str:
+                    if not leaf:
+                        break
+                    leaf = leaf[0]  # type: ignore[index]
+                if leaf == '""' and _is_null_node(node):
+                    if clear is _NOT_PARSED:
+                        _parse_target_cached(target)  # raises: the target is malformed
+                    if clears_key and scope.node is None and clear is not None:
+                        run.clears.setdefault(clears_key, set()).add(clear)
+                    value = None
+                else:
+                    value = convert(run, node, scope)
+                if value is None or (not value and isinstance(value, _BLANKABLE)):
+                    if required:
+                        where = scope.at(scope.node, rule.get("field", rule.get("component"))).where()
+                        raise MappingError(f"{where} is required", "101", where)
+                    return False
+                if make_defaults is not None and isinstance(value, dict):
+                    value = {**make_defaults(), **value}
+                put(into, value, override)
+                return True
+            return apply_here, None, None
         if not _is_whole(path):
             return apply_rule, None, None
         if self._compile_value_kind(rule, field0, has_source) is None and _plain_text(rule):
@@ -1374,6 +1435,11 @@ class _Program:
             return lambda run, node, here: format(run, here)
         if "compute" in rule:
             name = rule["compute"]
+            compute = COMPUTE.get(name) if isinstance(name, str) else None
+            compiler = _COMPUTE_COMPILERS.get(compute) if compute is not None else None  # type: ignore[arg-type]
+            compiled = compiler(self, rule) if compiler is not None else None
+            if compiled is not None:
+                return compiled
             return lambda run, node, here: COMPUTE[name](run, rule, here)
         if "rules" in rule:
             apply = self.rules(rule["rules"])
@@ -1541,6 +1607,11 @@ class _Program:
             requires_any = spec.get("requires_any")
             has_requires_any = "requires_any" in spec
             creates = spec.get("creates")
+            if isinstance(creates, dict):  # compiled now rather than by the first message that needs it
+                if isinstance(creates.get("rules"), list):
+                    self.rules(creates["rules"])
+                if "id" in creates:
+                    self.key(creates["id"])
         except Exception as exc:  # a malformed datatype map fails when it is used
             error = exc
 
@@ -1611,6 +1682,47 @@ def _picker(seg: str | None, number: int, selector: tuple[str, str] | None,
         found = segment.reps(number)
         return found if every else found[:1]
     return reps
+
+
+def _component_value(number: int, relative: tuple[int, ...]) -> Reader:
+    """_compile_one_value for "n" and "n.m" (a field or component of the scope, or a part of it)."""
+    index = relative[0]
+    inner = relative[1] if len(relative) == 2 else 0
+
+    def value(run: _Run, scope: Scope) -> str:
+        node: Any = scope.node
+        if node is None:
+            reps = scope.segment.reps(number)
+            if not reps:
+                return ""
+            node = reps[0]
+        elif node.__class__ is str:
+            if index != 1:
+                return ""
+        elif index <= len(node):
+            node = node[index - 1]
+        else:
+            return ""
+        if inner:
+            if node.__class__ is str:
+                if inner != 1:
+                    return ""
+            elif inner <= len(node):
+                node = node[inner - 1]
+            else:
+                return ""
+        while node.__class__ is not str:
+            if not node:
+                return ""
+            node = node[0]
+        if not node:
+            return ""
+        separators = run.separators
+        if separators.escape in node:
+            node = er7.unescape(node, separators)
+        text = node.strip()
+        return text if text and text != '""' else ""
+    return value
 
 
 def _token(token: str) -> Reader:
@@ -2349,6 +2461,41 @@ def _hd_system(run: _Run, rule: dict[str, Any], scope: Scope) -> str | None:
     return None
 
 
+def _compile_hd_system(program: _Program, rule: dict[str, Any]) -> Callable[..., Any] | None:
+    """_hd_system with its paths and table looked up once (None: the rule is not the usual shape,
+    it runs as written)."""
+    args = rule.get("args")
+    if not isinstance(args, list) or len(args) != 3 or "table" not in rule:
+        return None
+    namespace_of, universal_of, kind_of = (program.value(p) for p in args)
+    tables = program.maps.tables
+    table = rule["table"]
+
+    def hd_system(run: _Run, node: Node, scope: Scope) -> str | None:
+        namespace = namespace_of(run, scope)
+        universal = universal_of(run, scope)
+        kind = kind_of(run, scope)
+        configured = tables[table].get(namespace) if namespace else None
+        if configured:
+            return configured
+        if not universal:
+            return None
+        kind = kind.upper()
+        if kind == "ISO" and _OID.fullmatch(universal):
+            return f"urn:oid:{universal}"
+        if kind == "UUID":
+            return f"urn:uuid:{universal.lower()}"
+        if kind in ("URI", "URL") and _URI_SCHEME.match(universal):
+            return universal
+        return None
+    return hd_system
+
+
+_OID = re.compile(r"[0-2](\.(0|[1-9]\d*))+")
+_URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:")
+_COMPUTE_COMPILERS: dict[Callable[..., Any], Callable[[_Program, dict[str, Any]], Callable[..., Any] | None]] = {}
+
+
 COMPUTE: dict[str, Callable[[_Run, dict[str, Any], Scope], Any]] = {
     "observation_value": _observation_value,
     "reference_range": _reference_range,
@@ -2358,6 +2505,7 @@ COMPUTE: dict[str, Callable[[_Run, dict[str, Any], Scope], Any]] = {
     "end_after": _end_after,
     "hd_system": _hd_system,
 }
+_COMPUTE_COMPILERS[_hd_system] = _compile_hd_system
 
 
 # --------------------------------------------------------------------------------------------
