@@ -7,11 +7,13 @@ What goes where is data (mappings/README.md describes the format):
 - mappings/datatypes/*.yaml  component -> element rules per v2 data type (CX -> Identifier, ...);
 - mappings/vocabulary/       HL7 tables as FHIR ConceptMaps (*.json) and lookup tables (*.yaml).
 
-This module is the interpreter. It does only what the data cannot say, and each such piece says so:
-walking the parsed fields, unescaping, v2 date/number syntax, choosing Observation.value[x] from
-OBX-2, date arithmetic (start + duration), decoding ED payloads and hashing business keys into ids.
-translate() is pure: the maps are read once (cached; read again before a reprocess when a file
-changed, see reload_mappings_if_changed) and nothing else is touched.
+This module runs them. When the maps are read it compiles them into Python functions (see _Program:
+each rule, condition, path and datatype map once, with what it means worked out), so a message only
+calls functions. It does only what the data cannot say, and each such piece says so: walking the
+parsed fields, unescaping, v2 date/number syntax, choosing Observation.value[x] from OBX-2, date
+arithmetic (start + duration), decoding ED payloads and hashing business keys into ids.
+translate() is pure: the maps are read and compiled once (cached; read again before a reprocess
+when a file changed, see reload_mappings_if_changed) and nothing else is touched.
 """
 
 from __future__ import annotations
@@ -333,13 +335,6 @@ def _is_empty(node: Node) -> bool:
         elif not _is_empty(child):
             return False
     return True
-
-
-def _is_null(node: Node) -> bool:
-    """The v2 explicit null: the whole value is "" (delete what the receiver has)."""
-    if node.__class__ is str:
-        return node == '""'
-    return _leaf(node) == '""' and all(_is_empty(n) for n in _flat(node)[1:])
 
 
 def _flat(node: Node) -> list[str]:
@@ -739,8 +734,9 @@ def _get_steps(item: Any, keys: tuple[str, ...]) -> Any:
     return item
 
 
-def _is_null_node(node: Node) -> bool:
-    """_is_null, cheap for the usual answer (the first leaf is not "")."""
+def _is_null(node: Node) -> bool:
+    """The v2 explicit null: the whole value is "" (delete what the receiver has). Cheap for the
+    usual answer (the first leaf is not "")."""
     if node.__class__ is str:
         return node == '""'
     leaf = node
@@ -907,46 +903,6 @@ class _Program:
             return found
         return nodes
 
-    def _compile_first(self, path: str) -> Callable[[_Run, Scope], Node | None]:
-        """The first node a path names, None when there is none."""
-        try:
-            seg, number, selector, rest = _field_path(path)
-        except ValueError:
-            return _failing(lambda: _field_path(path))
-        try:
-            relative: tuple[int, ...] | None = _relative_path(path)
-        except ValueError:
-            relative = None
-        if not seg and selector is None and relative is not None and len(relative) == 1:
-            index = relative[0]
-
-            def component(run: _Run, scope: Scope) -> Node | None:
-                node = scope.node
-                if node is not None:
-                    return _child(node, index)
-                reps = scope.segment.reps(number)
-                return reps[0] if reps else None
-            return component
-
-        pick = _picker(seg, number, selector, False)
-
-        def first(run: _Run, scope: Scope) -> Node | None:
-            node = scope.node
-            if node is not None and not seg:
-                if relative is None:
-                    _relative_path(path)  # raises
-                for index in relative:  # type: ignore[union-attr]
-                    node = _child(node, index)
-                return node
-            reps = pick(run, scope)
-            if not reps:
-                return None
-            node = reps[0]
-            for index in rest:
-                node = _child(node, index)
-            return node
-        return first
-
     def _compile_value(self, path: str) -> Reader:
         alternatives = _alternatives(path)
         if len(alternatives) == 1 and not path.startswith("@"):
@@ -1092,6 +1048,22 @@ class _Program:
             return lambda run, scope: run.format_generic(template, scope)
         pieces = _FORMAT_PART.split(template)
         parts: list[Any] = [piece if i % 2 == 0 else self.value(piece) for i, piece in enumerate(pieces)]
+        places = _node_places(pieces[1::2])
+        if places is not None:
+            literals = pieces[::2]
+
+            def format_node(run: _Run, scope: Scope) -> str | None:
+                node = scope.node
+                if node is None or node.__class__ is str:
+                    texts = [part(run, scope) for part in parts[1::2]]
+                else:
+                    texts = _read_places(node, places, run.separators)
+                text = literals[0]
+                for literal, found in zip(literals[1:], texts, strict=True):
+                    text += found + literal
+                text = _WHITESPACE.sub(" ", text).strip(" ,")
+                return text or None
+            return format_node
 
         def format(run: _Run, scope: Scope) -> str | None:
             text = "".join(part if part.__class__ is str else part(run, scope) for part in parts)
@@ -1308,7 +1280,7 @@ class _Program:
                     if not leaf:
                         break
                     leaf = leaf[0]  # type: ignore[index]
-                if leaf == '""' and _is_null_node(node):
+                if leaf == '""' and _is_null(node):
                     if clear is _NOT_PARSED:
                         _parse_target_cached(target)  # raises: the target is malformed
                     if clears_key and scope.node is None and clear is not None:
@@ -1340,7 +1312,7 @@ class _Program:
                     if not leaf:
                         break
                     leaf = leaf[0]  # type: ignore[index]
-                if leaf == '""' and _is_null_node(node):
+                if leaf == '""' and _is_null(node):
                     if clear is _NOT_PARSED:
                         _parse_target_cached(target)  # raises: the target is malformed
                     if clears_key and scope.node is None and clear is not None:
@@ -1371,7 +1343,7 @@ class _Program:
                     if not leaf:
                         return False
                     leaf = leaf[0]  # type: ignore[index]
-                if leaf == '""' and _is_null_node(node):
+                if leaf == '""' and _is_null(node):
                     if clear is _NOT_PARSED:
                         _parse_target_cached(target)  # raises: the target is malformed
                     if clears_key and scope.node is None and clear is not None:
@@ -1396,7 +1368,7 @@ class _Program:
                 if not leaf:
                     break
                 leaf = leaf[0]  # type: ignore[index]
-            if leaf == '""' and _is_null_node(node):
+            if leaf == '""' and _is_null(node):
                 if clear is _NOT_PARSED:
                     _parse_target_cached(target)  # raises: the target is malformed
                 if clears_key and scope.node is None and clear is not None:
@@ -1415,6 +1387,19 @@ class _Program:
         inner = self._compile_value_kind(rule, field0, has_source)
         if inner is None:  # a primitive: it works out its scope itself, when it has an error to place
             return self._compile_primitive(rule, field0, has_source)
+        if inner.__name__ == "datatype_value":  # the datatype called from here: one call less per value
+            datatypes = self.datatypes
+            kind = rule.get("type", "ST")
+
+            def convert_datatype(run: _Run, node: Node, scope: Scope) -> Any:
+                if field0 is not None and scope.node is None:
+                    here = Scope(scope.segment, node, field0)
+                elif has_source:
+                    here = Scope(scope.segment, node, scope.field)
+                else:
+                    here = scope
+                return datatypes[kind](run, node, here)[0]
+            return convert_datatype
 
         def convert(run: _Run, node: Node, scope: Scope) -> Any:
             if field0 is not None and scope.node is None:
@@ -1481,9 +1466,9 @@ class _Program:
                     return vocabulary(run, value, node)
                 return coded
 
-            def datatype(run: _Run, node: Node, here: Scope) -> Any:
+            def datatype_value(run: _Run, node: Node, here: Scope) -> Any:
                 return datatypes[kind](run, node, here)[0]
-            return datatype
+            return datatype_value
         return None
 
     def _compile_primitive(self, rule: dict[str, Any], field0: str | None = None,
@@ -1630,12 +1615,24 @@ class _Program:
             if not chosen[2](run, built, here, None):
                 return None, None
             for key, items in item_requires_any:
-                built[key] = [i for i in built.get(key, []) if any(not _is_blank(i.get(k)) for k in items)]
+                kept = []
+                for item in built.get(key, []):
+                    for k in items:
+                        found = item.get(k)
+                        if found is not None and (not isinstance(found, _BLANKABLE) or found):
+                            kept.append(item)
+                            break
+                built[key] = kept
             for key, needed in drop_unless:
                 if key in built and needed not in built:
                     del built[key]
-            if has_requires_any and not any(not _is_blank(built.get(k)) for k in requires_any):
-                return None, None
+            if has_requires_any:
+                for k in requires_any:  # type: ignore[union-attr]
+                    found = built.get(k)
+                    if found is not None and (not isinstance(found, _BLANKABLE) or found):
+                        break
+                else:
+                    return None, None
             if "." in built:
                 return built["."], chosen[3]
             if creates is not None:
@@ -1723,6 +1720,53 @@ def _component_value(number: int, relative: tuple[int, ...]) -> Reader:
         text = node.strip()
         return text if text and text != '""' else ""
     return value
+
+
+def _node_places(paths: list[str]) -> list[tuple[int, int]] | None:
+    """(component, subcomponent or 0) for each path when every one is "n" or "n.m" (a place in the
+    node in scope), else None."""
+    places = []
+    for path in paths:
+        if "|" in path or path.startswith("@"):
+            return None
+        try:
+            seg, _, selector, _ = _field_path(path)
+            relative = _relative_path(path)
+        except ValueError:
+            return None
+        if seg or selector is not None or len(relative) > 2:
+            return None
+        places.append((relative[0], relative[1] if len(relative) == 2 else 0))
+    return places
+
+
+def _read_places(node: list[Any], places: list[tuple[int, int]], separators: er7.Separators) -> list[str]:
+    """What _component_value reads at each place of a (list) node, in one call."""
+    texts = []
+    count = len(node)
+    for index, inner in places:
+        part: Any = node[index - 1] if index <= count else ""
+        if inner:
+            if part.__class__ is str:
+                if inner != 1:
+                    part = ""
+            elif inner <= len(part):
+                part = part[inner - 1]
+            else:
+                part = ""
+        while part.__class__ is not str:
+            if not part:
+                part = ""
+                break
+            part = part[0]
+        if part:
+            if separators.escape in part:
+                part = er7.unescape(part, separators)
+            part = part.strip()
+            if part == '""':
+                part = ""
+        texts.append(part)
+    return texts
 
 
 def _token(token: str) -> Reader:
@@ -2260,14 +2304,6 @@ class _Run:
         return None
 
 
-def _get(item: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(item, dict):
-            return None
-        item = item.get(key)
-    return item
-
-
 def _make(dotted: str, value: str) -> dict[str, Any]:
     made: dict[str, Any] = {}
     inner = made
@@ -2467,14 +2503,17 @@ def _compile_hd_system(program: _Program, rule: dict[str, Any]) -> Callable[...,
     args = rule.get("args")
     if not isinstance(args, list) or len(args) != 3 or "table" not in rule:
         return None
-    namespace_of, universal_of, kind_of = (program.value(p) for p in args)
+    readers = [program.value(p) for p in args]
+    places = _node_places([str(p) for p in args])
     tables = program.maps.tables
     table = rule["table"]
 
     def hd_system(run: _Run, node: Node, scope: Scope) -> str | None:
-        namespace = namespace_of(run, scope)
-        universal = universal_of(run, scope)
-        kind = kind_of(run, scope)
+        inside = scope.node
+        if places is not None and inside is not None and inside.__class__ is not str:
+            namespace, universal, kind = _read_places(inside, places, run.separators)
+        else:
+            namespace, universal, kind = (read(run, scope) for read in readers)
         configured = tables[table].get(namespace) if namespace else None
         if configured:
             return configured
