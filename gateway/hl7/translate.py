@@ -1149,7 +1149,7 @@ class _Program:
         top = max(indexes, default=0)
         relevant = sum(1 << 8 * (index - 1) for index in indexes)
         in_segment: dict[int, list[tuple[Callable[..., bool], int]]] = {}
-        in_node: dict[int, list[tuple[Callable[..., bool], int]]] = {}
+        in_node: dict[bytes, list[tuple[Callable[..., bool], int]]] = {}
 
         def plan(valued: int, node_scope: bool) -> list[tuple[Callable[..., bool], int]]:
             """The rules to run when the fields (components) valued are those whose byte is 1 in
@@ -1167,9 +1167,6 @@ class _Program:
                 elif gate is not None and not any(valued >> 8 * (index - 1) & 1 for index in gate):
                     continue
                 steps.append((rule, 0))
-            plans = in_node if node_scope else in_segment
-            if len(plans) < 512:  # a bound, whatever the messages bring
-                plans[valued] = steps
             return steps
 
         def apply(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
@@ -1178,7 +1175,11 @@ class _Program:
             if node is None:
                 segment = scope.segment
                 valued = segment.valued & relevant
-                steps = in_segment.get(valued) or plan(valued, False)
+                steps = in_segment.get(valued)
+                if steps is None:
+                    steps = plan(valued, False)
+                    if len(in_segment) < 512:  # a bound, whatever the messages bring
+                        in_segment[valued] = steps
                 for rule, index in steps:
                     if index:
                         child = segment.reps(index)[0]
@@ -1189,8 +1190,12 @@ class _Program:
                 return has_data
             if node.__class__ is not str:
                 # a node's parts are text or lists of text (nodes go no deeper than a repetition)
-                valued = int.from_bytes(bytes(map(any, node[:top])), "little")
-                steps = in_node.get(valued) or plan(valued, True)
+                parts = bytes(map(any, node)) if len(node) <= top else bytes(map(any, node[:top]))
+                steps = in_node.get(parts)
+                if steps is None:
+                    steps = plan(int.from_bytes(parts, "little"), True)
+                    if len(in_node) < 512:  # a bound, whatever the messages bring
+                        in_node[parts] = steps
                 for rule, index in steps:
                     if index:
                         if rule(run, into, scope, clears_key, node[index - 1]):
@@ -1506,7 +1511,17 @@ class _Program:
             return text_only
 
         def primitive(run: _Run, node: Node, scope: Scope) -> Any:
-            text = _text(node, run.separators)
+            text: Any = node
+            while text.__class__ is not str:
+                if not text:
+                    return None
+                text = text[0]
+            if not text:
+                return None
+            separators = run.separators
+            if separators.escape in text:
+                text = er7.unescape(text, separators)
+            text = text.strip()
             if not text or text == '""':
                 return None
             if has_lookup:
@@ -1745,7 +1760,10 @@ def _read_places(node: list[Any], places: list[tuple[int, int]], separators: er7
     texts = []
     count = len(node)
     for index, inner in places:
-        part: Any = node[index - 1] if index <= count else ""
+        if index > count:
+            texts.append("")
+            continue
+        part: Any = node[index - 1]
         if inner:
             if part.__class__ is str:
                 if inner != 1:
@@ -1934,7 +1952,7 @@ def _datetime(text: str, fhir: str, timezone: str) -> str | None:
              int(second or 0))  # rejects 20210231 and 2561
     if zone is not None and zone != "Z" and (int(zone[1:3]) > 14 or int(zone[3:]) > 59):
         raise ValueError(f"{text!r} has no valid time zone")
-    date = "-".join(p for p in (year, month, day) if p)
+    date = year if not month else (f"{year}-{month}" if not day else f"{year}-{month}-{day}")
     if fhir == "date":
         return date
     if hour is None or day is None:
