@@ -749,6 +749,14 @@ def _is_null(node: Node) -> bool:
     return all(not n for n in _flat(node)[1:])
 
 
+def _no_rules(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
+    return False
+
+
+def _no_key(run: _Run, scope: Scope) -> str | None:
+    return None
+
+
 class _Program:
     """The maps compiled: functions for their rule lists, datatypes, conditions and paths, made the
     first time each is asked for (all of the maps' own when the maps are read)."""
@@ -789,6 +797,8 @@ class _Program:
     # --- lookups of compiled pieces (the data objects are kept, so the ids stay theirs) -----
 
     def rules(self, rules: Any) -> Apply:
+        if rules == [] and isinstance(rules, list):  # a default made per call: nothing to run, nothing to keep
+            return _no_rules
         found = self._rules.get(id(rules))
         if found is None or found[0] is not rules:
             found = self._rules[id(rules)] = (rules, self._compile_rules(rules))
@@ -801,6 +811,8 @@ class _Program:
         return found[1]
 
     def key(self, alternatives: Any) -> Reader:
+        if alternatives == [] and isinstance(alternatives, list):  # a default made per call: no key
+            return _no_key
         found = self._keys.get(id(alternatives))
         if found is None or found[0] is not alternatives:
             found = self._keys[id(alternatives)] = (alternatives, self._compile_key(alternatives))
@@ -1002,7 +1014,7 @@ class _Program:
                         node = _child(node, index)
                         return [] if _is_empty(node) else [node]
                     reps = scope.segment.reps(number)
-                    if reps and not _is_empty(reps[0]):
+                    if reps and any(map(any, reps[0])):  # a repetition: lists of text
                         return [reps[0]]
                     return []
                 return field_or_component
@@ -1183,7 +1195,8 @@ class _Program:
                 for rule, index in steps:
                     if index:
                         child = segment.reps(index)[0]
-                        if not _is_empty(child) and rule(run, into, scope, clears_key, child):
+                        # a repetition: components that are lists of text
+                        if any(map(any, child)) and rule(run, into, scope, clears_key, child):
                             has_data = True
                     elif rule(run, into, scope, clears_key):
                         has_data = True
