@@ -757,6 +757,22 @@ def _no_key(run: _Run, scope: Scope) -> str | None:
     return None
 
 
+def _put_shape(target: Any) -> tuple[str, str] | None:
+    """("name", n) for a target "n", ("append", n) for "n[]": the writes a rule does itself."""
+    try:
+        steps = _parse_target_cached(target) if target != "." else None
+    except Exception:  # a bad target: its writer fails, as it should
+        return None
+    if not steps or len(steps) != 1:
+        return None
+    name, selector = steps[0]
+    if selector is None:
+        return ("name", name)
+    if selector == "":
+        return ("append", name)
+    return None
+
+
 class _Program:
     """The maps compiled: functions for their rule lists, datatypes, conditions and paths, made the
     first time each is asked for (all of the maps' own when the maps are read)."""
@@ -1350,6 +1366,9 @@ class _Program:
             return apply_here, None, None
         if not _is_whole(path):
             return apply_rule, None, None
+        # a plain "name" or "name[]" target is written here, without a call to its writer
+        shape = _put_shape(target)
+        shape_kind, shape_name = (1 if shape[0] == "name" else 2, shape[1]) if shape else (0, "")
         if self._compile_value_kind(rule, field0, has_source) is None and _plain_text(rule):
             def text_on_node(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None,
                              node: Node) -> bool:
@@ -1373,7 +1392,12 @@ class _Program:
                 text = leaf.strip()  # type: ignore[union-attr]
                 if not text or text == '""':
                     return False
-                put(into, text, override)
+                if shape_kind == 1 and (override or shape_name not in into):
+                    into[shape_name] = text
+                elif shape_kind == 2:
+                    into.setdefault(shape_name, []).append(text)
+                else:
+                    put(into, text, override)
                 return True
             return apply_rule, text_on_node, None if every else text_on_node
 
@@ -1397,7 +1421,12 @@ class _Program:
                 return False
             if make_defaults is not None and isinstance(value, dict):
                 value = {**make_defaults(), **value}
-            put(into, value, override)
+            if shape_kind == 1 and (override or shape_name not in into):
+                into[shape_name] = value
+            elif shape_kind == 2:
+                into.setdefault(shape_name, []).append(value)
+            else:
+                put(into, value, override)
             return True
         return apply_rule, on_node, None if every else on_node
 
