@@ -414,6 +414,17 @@ def _relative_path(path: str) -> tuple[int, ...]:
     return tuple(int(index) for index in path.split("."))
 
 
+def _path_parts(path: str) -> tuple[str | None, int, tuple[str, str] | None, tuple[int, ...], tuple[int, ...] | None]:
+    """_field_path's parts, then the path read as one relative to a node ('2.1'), None when it is
+    not such a path. ValueError, as _field_path, when it is no field path either."""
+    seg, number, selector, rest = _field_path(path)
+    try:
+        relative: tuple[int, ...] | None = _relative_path(path)
+    except ValueError:
+        relative = None
+    return seg, number, selector, rest, relative
+
+
 @functools.lru_cache(maxsize=4096)
 def _alternatives(path: str) -> tuple[str, ...]:
     return tuple(path.split("|"))
@@ -905,13 +916,9 @@ class _Program:
     def _compile_nodes(self, path: str, every: bool) -> Reader:
         """The node(s) a path names. `every`: one per repetition of the field."""
         try:
-            seg, number, selector, rest = _field_path(path)
+            seg, number, selector, rest, relative = _path_parts(path)
         except ValueError:
             return _failing(lambda: _field_path(path))
-        try:
-            relative: tuple[int, ...] | None = _relative_path(path)
-        except ValueError:
-            relative = None
         pick = _picker(seg, number, selector, every)
 
         def nodes(run: _Run, scope: Scope) -> list[Node]:
@@ -953,13 +960,9 @@ class _Program:
     def _compile_one_value(self, path: str) -> Reader:
         """The text of the first node a (one-alternative) path names; "" for none and for ""."""
         try:
-            seg, number, selector, rest = _field_path(path)
+            seg, number, selector, rest, relative = _path_parts(path)
         except ValueError:
             return _failing(lambda: _field_path(path))
-        try:
-            relative: tuple[int, ...] | None = _relative_path(path)
-        except ValueError:
-            relative = None
         pick = _picker(seg, number, selector, False) if selector else None
         if not seg and selector is None and relative is not None and len(relative) <= 2:
             return _component_value(number, relative)
@@ -1013,13 +1016,9 @@ class _Program:
 
     def _compile_source(self, alternative: str, every: bool) -> Reader:
         try:
-            seg, number, selector, rest = _field_path(alternative)
+            seg, number, selector, rest, relative = _path_parts(alternative)
         except ValueError:
             return _failing(lambda: _field_path(alternative))
-        try:
-            relative: tuple[int, ...] | None = _relative_path(alternative)
-        except ValueError:
-            relative = None
         if not seg and selector is None and not every and relative is not None:
             if len(relative) == 1:
                 index = relative[0]
