@@ -579,3 +579,34 @@ def test_audit_event_search_by_patient_finds_observation_read(app: Any, client: 
     assert len(reads) == 1
     assert f"Observation/{oid}" in references(reads[0])
     assert all(f"Patient/{other}" not in references(e) for e in events)
+
+
+# --- several current versions at once (the HL7 feed reads a message's resources this way) ---
+
+def test_find_many_reads_several_types_and_leaves_out_absent_and_deleted(store: Any) -> None:
+    with store.writing() as repo:
+        kept = [repo.create(patient(gender="female")).stored, repo.create(patient(gender="male")).stored]
+        kept.append(repo.create(observation(kept[0].id)).stored)
+        gone_one = repo.create(observation(kept[1].id)).stored
+        repo.delete("Observation", gone_one.id)
+    wanted = [(s.resource_type, s.id) for s in kept]
+    with store.writing() as repo:
+        found = repo.find_many([*wanted, ("Observation", gone_one.id), ("Patient", "absent"), wanted[0]],
+                               for_update=True)
+    assert sorted(found) == sorted(wanted)
+    assert {key: s.version_id for key, s in found.items()} == {key: 1 for key in wanted}
+
+
+def test_find_many_searches_the_index_on_sqlite(store: Any) -> None:
+    """A row-value list `(type, id) IN (VALUES ...)` made SQLite read the whole resource table (15 ms
+    at 20,000 resources, more with every resource stored): each type's ids must be an index search."""
+    from gateway.fhir.store import _current_many
+
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("the plan asked about is SQLite's")
+    statement = _current_many(2, False).params(t0="Patient", i0=["a", "b"], t1="Observation", i1=["c"])
+    sql = str(statement.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True}))
+    with store.engine.connect() as conn:
+        plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    assert not any(step.startswith("SCAN") for step in plan), plan
+    assert sum(step.startswith("SEARCH resource USING INDEX") for step in plan) == 2, plan
