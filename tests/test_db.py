@@ -52,7 +52,7 @@ def test_statistics_follow_the_store_as_it_grows(tmp_path: Path) -> None:
     through the resource key."""
     from sqlalchemy import select
 
-    from gateway.fhir.search import SearchBuilder, _base_conditions
+    from gateway.fhir.search import SearchBuilder, _base_conditions, _shape_of
     from gateway.fhir.store import FhirStore
 
     engine = db.make_engine(f"sqlite:///{tmp_path / 'grow.sqlite'}")
@@ -69,7 +69,8 @@ def test_statistics_follow_the_store_as_it_grows(tmp_path: Path) -> None:
     with store.reading() as repo:
         query = SearchBuilder(repo, "Observation").parse(
             [("patient", "p1"), ("category", "laboratory"), ("date", "ge2015-01-01")])
-        stmt = select(db.resource.c.pk).where(*_base_conditions("Observation", query, None, None))
+        stmt = select(db.resource.c.pk).where(
+            *_base_conditions("Observation", _shape_of(query), None, False)).params(query.values())
         sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
         plan = " | ".join(str(row[-1]) for row in repo.conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
     assert "sp_date USING INDEX ix_sp_date_pk" in plan, plan

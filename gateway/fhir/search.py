@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -19,7 +21,9 @@ from urllib.parse import parse_qsl
 from sqlalchemy import (
     ColumnElement,
     Integer,
+    String,
     and_,
+    bindparam,
     case,
     exists,
     false,
@@ -99,34 +103,59 @@ def _split_prefix(value: str) -> tuple[str, str]:
     return "eq", value
 
 
-def _date_condition(low: Any, high: Any, raw: str) -> ColumnElement[bool]:
+# --- value conditions, in two halves ---
+#
+# A search's SQL depends on the *kind* of each value (a prefix, whether a token names a system...),
+# never on the value itself. So each value is first turned into a `spec`, (shape, values): the shape
+# a hashable tuple saying which SQL it makes, the values what goes into that SQL's bind parameters.
+# `_value_build` then makes the SQLAlchemy expression from the shape alone and one bind parameter per
+# value. A search whose shapes were all seen before reuses the statement built then (see
+# `_statement`): the request does no expression building, compilation or cache-key work.
+
+Spec = tuple[tuple[Any, ...], list[Any]]
+
+
+def _date_spec(raw: str) -> Spec:
     prefix, value = _split_prefix(raw)
     try:
         sl, sh = date_range(value)
     except ValueError:
         raise FhirError(400, f"Invalid date in search: {raw!r}", code="invalid") from None
-    contained = and_(low >= sl, high <= sh)
-    if prefix == "eq":
-        return contained
-    if prefix == "ne":
-        return not_(contained)
-    if prefix == "gt":
-        return high > sh
-    if prefix == "lt":
-        return low < sl
+    if prefix in ("eq", "ne"):
+        return ("date", prefix), [sl, sh]
+    if prefix in ("gt", "sa"):
+        return ("date", prefix), [sh]
+    if prefix in ("lt", "eb"):
+        return ("date", prefix), [sl]
     if prefix == "ge":
-        return or_(high > sh, contained)
+        return ("date", "ge"), [sh, sl, sh]
     if prefix == "le":
-        return or_(low < sl, contained)
-    if prefix == "sa":
-        return low > sh
-    if prefix == "eb":
-        return high < sl
+        return ("date", "le"), [sl, sl, sh]
     # ap: overlap after widening by a tenth of the distance to now (at least a day).
     import time
 
     margin = max(86_400_000, abs(int(time.time() * 1000) - sl) // 10)
-    return and_(low <= sh + margin, high >= sl - margin)
+    return ("date", "ap"), [sh + margin, sl - margin]
+
+
+def _date_build(low: Any, high: Any, prefix: str, b: _Binds) -> ColumnElement[bool]:
+    if prefix == "eq":
+        return and_(low >= b[0], high <= b[1])
+    if prefix == "ne":
+        return not_(and_(low >= b[0], high <= b[1]))
+    if prefix == "gt":
+        return high > b[0]
+    if prefix == "lt":
+        return low < b[0]
+    if prefix == "ge":
+        return or_(high > b[0], and_(low >= b[1], high <= b[2]))
+    if prefix == "le":
+        return or_(low < b[0], and_(low >= b[1], high <= b[2]))
+    if prefix == "sa":
+        return low > b[0]
+    if prefix == "eb":
+        return high < b[0]
+    return and_(low <= b[0], high >= b[1])
 
 
 def _number_bounds(text_value: str) -> tuple[float, float, float]:
@@ -139,47 +168,102 @@ def _number_bounds(text_value: str) -> tuple[float, float, float]:
     return float(number), float(number - half), float(number + half)
 
 
-def _number_condition(column: Any, raw: str) -> ColumnElement[bool]:
+def _number_spec(raw: str) -> Spec:
     prefix, value = _split_prefix(raw)
     number, low, high = _number_bounds(value)
-    if prefix == "eq":
-        return and_(column >= low, column < high)
-    if prefix == "ne":
-        return or_(column < low, column >= high)
+    if prefix in ("eq", "ne"):
+        return ("number", prefix), [low, high]
     if prefix in ("gt", "sa"):
-        return column > number
+        return ("number", "gt"), [number]
     if prefix in ("lt", "eb"):
-        return column < number
-    if prefix == "ge":
-        return column >= number
-    if prefix == "le":
-        return column <= number
+        return ("number", "lt"), [number]
+    if prefix in ("ge", "le"):
+        return ("number", prefix), [number]
     margin = abs(number) * 0.1
-    return and_(column >= number - margin, column <= number + margin)
+    return ("number", "ap"), [number - margin, number + margin]
 
 
-def _token_condition(system_col: Any, code_col: Any, raw: str) -> ColumnElement[bool]:
+def _number_build(column: Any, prefix: str, b: _Binds) -> ColumnElement[bool]:
+    if prefix == "eq":
+        return and_(column >= b[0], column < b[1])
+    if prefix == "ne":
+        return or_(column < b[0], column >= b[1])
+    if prefix == "gt":
+        return column > b[0]
+    if prefix == "lt":
+        return column < b[0]
+    if prefix == "ge":
+        return column >= b[0]
+    if prefix == "le":
+        return column <= b[0]
+    return and_(column >= b[0], column <= b[1])
+
+
+def _token_spec(raw: str) -> Spec:
     parts = split_values(raw, "|")
     if len(parts) == 1:
-        return code_col == _unescape(parts[0])
+        return ("token", "code"), [_unescape(parts[0])]
     system, code = _unescape(parts[0]), _unescape("|".join(parts[1:]))
     if system == "":
-        return and_(system_col.is_(None), code_col == code)
+        return ("token", "nosystem"), [code]
     if code == "":
-        return system_col == system
-    return and_(system_col == system, code_col == code)
+        return ("token", "system"), [system]
+    return ("token", "both"), [system, code]
 
 
-def _quantity_condition(value_col: Any, system_col: Any, code_col: Any, raw: str) -> ColumnElement[bool]:
+def _token_build(system_col: Any, code_col: Any, kind: str, b: _Binds) -> ColumnElement[bool]:
+    if kind == "code":
+        return code_col == b[0]
+    if kind == "nosystem":
+        return and_(system_col.is_(None), code_col == b[0])
+    if kind == "system":
+        return system_col == b[0]
+    return and_(system_col == b[0], code_col == b[1])
+
+
+def _quantity_spec(raw: str) -> Spec:
     parts = split_values(raw, "|")
-    cond = _number_condition(value_col, parts[0])
+    number_shape, values = _number_spec(parts[0])
     system = _unescape(parts[1]) if len(parts) > 1 else ""
     code = _unescape(parts[2]) if len(parts) > 2 else ""
     if system:
-        cond = and_(cond, system_col == system)
+        values.append(system)
     if code:
-        cond = and_(cond, code_col == code)
+        values.append(code)
+    return ("quantity", number_shape, bool(system), bool(code)), values
+
+
+def _quantity_build(value_col: Any, system_col: Any, code_col: Any, shape: tuple[Any, ...],
+                    b: _Binds) -> ColumnElement[bool]:
+    _, number_shape, has_system, has_code = shape
+    n = 2 if number_shape[1] in ("eq", "ne", "ap") else 1
+    cond = _number_build(value_col, number_shape[1], b)
+    if has_system:
+        cond = and_(cond, system_col == b[n])
+        n += 1
+    if has_code:
+        cond = and_(cond, code_col == b[n])
     return cond
+
+
+class _Binds:
+    """The bind parameters of a run of values, named v<i> by their place in the whole search."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __getitem__(self, i: int) -> Any:
+        return bindparam(f"v{self.start + i}")
+
+    def at(self, offset: int) -> _Binds:
+        return _Binds(self.start + offset)
+
+    def typed(self, i: int, type_: Any) -> Any:
+        """For a value not compared with a column, whose type it would take."""
+        return bindparam(f"v{self.start + i}", type_=type_)
+
+    def expanding(self, i: int, type_: Any) -> Any:
+        return bindparam(f"v{self.start + i}", type_=type_, expanding=True)
 
 
 @dataclass(frozen=True)
@@ -210,11 +294,10 @@ RANKS = {"reference": 0, "token": 2, "uri": 2, "composite": 3, "quantity": 5, "n
 
 @dataclass
 class Query:
-    """A parsed search: where-conditions plus the result parameters."""
+    """A parsed search: one spec per search parameter (see _build) plus the result parameters."""
 
     resource_type: str
-    conditions: list[ColumnElement[bool]] = field(default_factory=list)
-    filters: list[IndexFilter] = field(default_factory=list)
+    clauses: list[Spec] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     count: int = 20
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
@@ -224,6 +307,14 @@ class Query:
     include: list[tuple[str, bool]] = field(default_factory=list)  # (value, iterate)
     revinclude: list[tuple[str, bool]] = field(default_factory=list)
     cursor: list[Any] | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The bind values of every clause: v0, v1... in clause order."""
+        out: dict[str, Any] = {}
+        for _, values in self.clauses:
+            for value in values:
+                out[f"v{len(out)}"] = value
+        return out
 
 
 class SearchBuilder:
@@ -238,59 +329,48 @@ class SearchBuilder:
             raise FhirError(400, message, code="not-supported")
         query.warnings.append(message + " (ignored)")
 
-    def _filter(self, param: SearchParam, code: str, condition: ColumnElement[bool] | None,
-                negate: bool = False, rank: int | None = None) -> IndexFilter:
-        table = db.INDEX_TABLES[param.type]
-        where = [table.c.resource_type == self.resource_type, table.c.param == code]
-        if condition is not None:
-            where.append(condition)
-        return IndexFilter(table, tuple(where), negate, RANKS.get(param.type, 5) if rank is None else rank)
+    # --- specs: the Python half, run for every search ---
 
-    def _value_condition(self, param: SearchParam, modifier: str | None, value: str) -> ColumnElement[bool]:
-        table = db.INDEX_TABLES[param.type]
-        c = table.c
+    def _value_spec(self, param: SearchParam, modifier: str | None, value: str) -> Spec:
         if param.type == "token":
             if modifier == "text":
-                words = normalize(value)
-                return or_(c.text.like(_like_prefix(words) + "%", escape="\\"),
-                           c.text.like("% " + _like_prefix(words) + "%", escape="\\"))
-            return _token_condition(c.system, c.code, value)
+                words = _like_prefix(normalize(value))
+                return ("text",), [words + "%", "% " + words + "%"]
+            return _token_spec(value)
         if param.type == "string":
             if modifier == "exact":
                 if len(value) < MAX_LEN:
                     # A value shorter than the stored maximum was stored whole, so its normalized
                     # form is equal too; that equality is what the (type, param, value) index serves
                     # (value_exact has no index of its own).
-                    return and_(c.value == normalize(value), c.value_exact == value)
-                return c.value_exact == value
+                    return ("exact_short",), [normalize(value), value]
+                return ("exact",), [value]
             pattern = _like_prefix(normalize(value)) + "%"
             if modifier == "contains":
                 pattern = "%" + pattern
-            return c.value.like(pattern, escape="\\")
+            return ("like",), [pattern]
         if param.type == "date":
-            return _date_condition(c.low, c.high, value)
+            return _date_spec(value)
         if param.type == "number":
-            return _number_condition(c.value, value)
+            return _number_spec(value)
         if param.type == "quantity":
-            return _quantity_condition(c.value, c.system, c.code, value)
+            return _quantity_spec(value)
         if param.type == "uri":
             if modifier == "below":
                 # An exact, case-sensitive prefix test (SQLite's LIKE ignores case).
-                return func.substr(c.value, 1, len(value)) == value
+                return ("below",), [len(value), value]
             if modifier == "above":
                 # Stored URIs that the search value starts with: its prefixes, compared exactly
                 # (a LIKE built from stored values would read their _ and % as wildcards).
-                return c.value.in_({value[:i] for i in range(1, len(value) + 1)})
-            return c.value == value
+                return ("above",), [list({value[:i] for i in range(1, len(value) + 1)})]
+            return ("uri",), [value]
         if param.type == "reference":
-            return self._reference_condition(param, modifier, value)
+            return self._reference_spec(modifier, value)
         if param.type == "composite":
-            return self._composite_condition(param, value)
+            return self._composite_spec(param, value)
         raise FhirError(400, f"Search on parameters of type {param.type} is not supported", code="not-supported")
 
-    def _reference_condition(self, param: SearchParam, type_modifier: str | None,
-                             value: str) -> ColumnElement[bool]:
-        c = db.sp_reference.c
+    def _reference_spec(self, type_modifier: str | None, value: str) -> Spec:
         base = self.repo.base_url
         if base and value.startswith(base + "/"):
             value = value[len(base) + 1:]
@@ -299,34 +379,33 @@ class SearchBuilder:
         if "://" not in value and len(parts) == 2:
             target_type, target_id = parts
             if type_modifier and type_modifier != target_type:
-                return false()
-            return and_(c.target_type == target_type, c.target_id == target_id)
+                return ("nothing",), []
+            return ("typed",), [target_type, target_id]
         if type_modifier:
-            return and_(c.target_type == type_modifier, c.target_id == value)
-        return c.target_id == value
+            return ("typed",), [type_modifier, value]
+        return ("target",), [value]
 
-    def _composite_condition(self, param: SearchParam, value: str) -> ColumnElement[bool]:
+    def _composite_spec(self, param: SearchParam, value: str) -> Spec:
         parts = split_values(value, "$")
         if len(parts) != 2:
             raise FhirError(400, f"A composite value needs two parts joined by $: {value!r}", code="invalid")
-        c = db.sp_composite.c
         first_type, second_type = (comp.param_type for comp in param.components)
         if first_type == "reference":
-            first = c.code1 == _unescape(parts[0])
+            first: Spec = ("code1",), [_unescape(parts[0])]
         else:
-            first = _token_condition(c.system1, c.code1, parts[0])
+            first = _token_spec(parts[0])
         raw = parts[1]
         if second_type == "token":
-            second = _token_condition(c.system2, c.code2, raw)
+            second = _token_spec(raw)
         elif second_type == "quantity":
-            second = _quantity_condition(c.number2, c.system2, c.code2, raw)
+            second = _quantity_spec(raw)
         elif second_type == "date":
-            second = _date_condition(c.low2, c.high2, raw)
+            second = _date_spec(raw)
         else:
-            second = c.code2.like(_like_prefix(normalize(raw)) + "%", escape="\\")
-        return and_(first, second)
+            second = ("like",), [_like_prefix(normalize(raw)) + "%"]
+        return ("composite", first[0], len(first[1]), second[0]), first[1] + second[1]
 
-    def _param_condition(self, name: str, raw_value: str, query: Query) -> ColumnElement[bool] | IndexFilter | None:
+    def _param_spec(self, name: str, raw_value: str, query: Query) -> Spec | None:
         code, _, modifier = name.partition(":")
         if "." in code:
             self._unknown(query, f"Chained parameter {name!r} is not supported")
@@ -334,9 +413,7 @@ class SearchBuilder:
         if code == "_id":
             if modifier not in ("", "not"):
                 raise FhirError(400, f"Modifier :{modifier} is not supported on _id", code="not-supported")
-            ids = [_unescape(v) for v in split_values(raw_value)]
-            cond = R.id.in_(ids)
-            return not_(cond) if modifier == "not" else cond
+            return ("_id", modifier == "not"), [[_unescape(v) for v in split_values(raw_value)]]
         param = self.params.get(code)
         if param is None:
             self._unknown(query, f"Unknown search parameter {code!r} for {self.resource_type}")
@@ -351,14 +428,18 @@ class SearchBuilder:
         if modifier == "missing":
             if raw_value not in ("true", "false"):
                 raise FhirError(400, f"{name} takes true or false", code="invalid")
-            return self._filter(param, code, None, negate=raw_value == "true", rank=8)
+            return ("filter", param.type, code, raw_value == "true", 8, None), []
         values = split_values(raw_value)
         if any(v == "" for v in values):
             raise FhirError(400, f"Empty value in {name}", code="invalid")
         value_mod = None if modifier == "not" else modifier
-        matching = or_(*(self._value_condition(param, value_mod, v) for v in values))
-        rank = 6 if modifier in ("text", "contains") else (3 if modifier == "exact" else None)
-        return self._filter(param, code, matching, negate=modifier == "not", rank=rank)
+        shapes, bound = [], []
+        for v in values:
+            shape, vals = self._value_spec(param, value_mod, v)
+            shapes.append((shape, len(vals)))
+            bound += vals
+        rank = 6 if modifier in ("text", "contains") else (3 if modifier == "exact" else RANKS.get(param.type, 5))
+        return ("filter", param.type, code, modifier == "not", rank, tuple(shapes)), bound
 
     def parse(self, params: list[tuple[str, str]], settings_count: int = 20, max_count: int = 1000) -> Query:
         query = Query(self.resource_type, count=settings_count)
@@ -367,11 +448,9 @@ class SearchBuilder:
             if base_name in RESULT_PARAMS:
                 self._result_param(query, name, value, max_count)
                 continue
-            cond = self._param_condition(name, value, query)
-            if isinstance(cond, IndexFilter):
-                query.filters.append(cond)
-            elif cond is not None:
-                query.conditions.append(cond)
+            spec = self._param_spec(name, value, query)
+            if spec is not None:
+                query.clauses.append(spec)
         return query
 
     def _result_param(self, query: Query, name: str, value: str, max_count: int) -> None:
@@ -406,59 +485,137 @@ class SearchBuilder:
             except (ValueError, TypeError):
                 raise FhirError(400, "Invalid paging cursor", code="invalid") from None
 
-    # --- sorting and keyset paging ---
 
-    def _sort_keys(self, query: Query) -> list[tuple[Any, bool]]:
-        """(SQL expression, descending) pairs, ending with the unique tie-break on pk."""
-        keys: list[tuple[Any, bool]] = []
-        for code, desc in query.sort:
-            if code == "_id":
-                keys.append((R.id, desc))
-                continue
-            if code == "_lastUpdated":
-                keys.append((R.last_updated, desc))
-                continue
-            param = self.params[code]
-            table = db.INDEX_TABLES[param.type]
-            if param.type == "date":
-                column = table.c.high if desc else table.c.low
-            else:
-                column = table.c.get({"token": "code", "reference": "target_id"}.get(param.type, "value"))
-            if column is None:
-                raise FhirError(400, f"Cannot sort by {code} ({param.type})", code="invalid")
-            agg = func.max(column) if desc else func.min(column)
-            sub = (select(agg).where(table.c.resource_pk == R.pk, table.c.resource_type == self.resource_type,
-                                     table.c.param == code).scalar_subquery())
-            zero: Any = 0 if param.type in ("date", "quantity", "number") else ""
-            # Rows without a value sort last either way: first a 0/1 "missing" flag, then the value.
-            keys.append((case((sub.is_(None), 1), else_=0).cast(Integer), False))
-            keys.append((func.coalesce(sub, zero), desc))
-        keys.append((R.pk, False))
-        return keys
+# --- building: the SQLAlchemy half, run once per shape of search ---
 
-    @staticmethod
-    def _after(keys: list[tuple[Any, bool]], cursor: list[Any]) -> ColumnElement[bool]:
-        if len(cursor) != len(keys):
-            raise FhirError(400, "The paging cursor does not fit this search", code="invalid")
-        clauses = []
-        for i, (expr, desc) in enumerate(keys):
-            equal_before = [keys[j][0] == cursor[j] for j in range(i)]
-            step = expr < cursor[i] if desc else expr > cursor[i]
-            clauses.append(and_(*equal_before, step))
-        return or_(*clauses)
+def _value_build(table: Any, shape: tuple[Any, ...], b: _Binds) -> ColumnElement[bool]:
+    c = table.c
+    kind = shape[0]
+    if kind == "text":
+        return or_(c.text.like(b[0], escape="\\"), c.text.like(b[1], escape="\\"))
+    if kind == "token":
+        return _token_build(c.system, c.code, shape[1], b)
+    if kind == "exact_short":
+        return and_(c.value == b[0], c.value_exact == b[1])
+    if kind == "exact":
+        return c.value_exact == b[0]
+    if kind == "like":
+        return c.value.like(b[0], escape="\\")
+    if kind == "date":
+        return _date_build(c.low, c.high, shape[1], b)
+    if kind == "number":
+        return _number_build(c.value, shape[1], b)
+    if kind == "quantity":
+        return _quantity_build(c.value, c.system, c.code, shape, b)
+    if kind == "below":
+        return func.substr(c.value, 1, b.typed(0, Integer())) == b.typed(1, String())
+    if kind == "above":
+        return c.value.in_(b.expanding(0, c.value.type))
+    if kind == "uri":
+        return c.value == b[0]
+    if kind == "nothing":
+        return false()
+    if kind == "typed":
+        return and_(c.target_type == b[0], c.target_id == b[1])
+    if kind == "target":
+        return c.target_id == b[0]
+    if kind == "composite":
+        _, first_shape, first_count, second_shape = shape
+        first = c.code1 == b[0] if first_shape[0] == "code1" else _token_build(c.system1, c.code1, first_shape[1], b)
+        rest = b.at(first_count)
+        if second_shape[0] == "token":
+            second = _token_build(c.system2, c.code2, second_shape[1], rest)
+        elif second_shape[0] == "quantity":
+            second = _quantity_build(c.number2, c.system2, c.code2, second_shape, rest)
+        elif second_shape[0] == "date":
+            second = _date_build(c.low2, c.high2, second_shape[1], rest)
+        else:
+            second = c.code2.like(rest[0], escape="\\")
+        return and_(first, second)
+    raise AssertionError(f"unknown search shape {shape!r}")
 
 
-def _base_conditions(resource_type: str, query: Query, restrict: Restriction | None,
-                     compartment: str | None) -> list[ColumnElement[bool]]:
-    conditions = [R.deleted == false(), *query.conditions]
-    filters = list(query.filters)
-    if compartment is not None:
+def _clause_build(resource_type: str, shape: tuple[Any, ...], b: _Binds) -> ColumnElement[bool] | IndexFilter:
+    if shape[0] == "_id":
+        cond = R.id.in_(b.expanding(0, R.id.type))
+        return not_(cond) if shape[1] else cond
+    _, param_type, code, negate, rank, value_shapes = shape
+    table = db.INDEX_TABLES[param_type]
+    where = [table.c.resource_type == resource_type, table.c.param == code]
+    if value_shapes is None:  # :missing
+        return IndexFilter(table, tuple(where), negate, rank)
+    conditions, n = [], 0
+    for value_shape, count in value_shapes:
+        conditions.append(_value_build(table, value_shape, b.at(n)))
+        n += count
+    where.append(or_(*conditions))
+    return IndexFilter(table, tuple(where), negate, rank)
+
+
+def _sort_keys(resource_type: str, sort: list[tuple[str, bool]]) -> list[tuple[Any, bool]]:
+    """(SQL expression, descending) pairs, ending with the unique tie-break on pk."""
+    params = params_for(resource_type)
+    keys: list[tuple[Any, bool]] = []
+    for code, desc in sort:
+        if code == "_id":
+            keys.append((R.id, desc))
+            continue
+        if code == "_lastUpdated":
+            keys.append((R.last_updated, desc))
+            continue
+        param = params[code]
+        table = db.INDEX_TABLES[param.type]
+        if param.type == "date":
+            column = table.c.high if desc else table.c.low
+        else:
+            column = table.c.get({"token": "code", "reference": "target_id"}.get(param.type, "value"))
+        if column is None:
+            raise FhirError(400, f"Cannot sort by {code} ({param.type})", code="invalid")
+        agg = func.max(column) if desc else func.min(column)
+        sub = (select(agg).where(table.c.resource_pk == R.pk, table.c.resource_type == resource_type,
+                                 table.c.param == code).scalar_subquery())
+        zero: Any = 0 if param.type in ("date", "quantity", "number") else ""
+        # Rows without a value sort last either way: first a 0/1 "missing" flag, then the value.
+        keys.append((case((sub.is_(None), 1), else_=0).cast(Integer), False))
+        keys.append((func.coalesce(sub, zero), desc))
+    keys.append((R.pk, False))
+    return keys
+
+
+def _after(keys: list[tuple[Any, bool]], cursor_length: int) -> ColumnElement[bool]:
+    """Rows after the cursor (bound as c0, c1...) in the order of keys."""
+    if cursor_length != len(keys):
+        raise FhirError(400, "The paging cursor does not fit this search", code="invalid")
+    cursor = [bindparam(f"c{i}") for i in range(cursor_length)]
+    clauses = []
+    for i, (expr, desc) in enumerate(keys):
+        equal_before = [keys[j][0] == cursor[j] for j in range(i)]
+        step = expr < cursor[i] if desc else expr > cursor[i]
+        clauses.append(and_(*equal_before, step))
+    return or_(*clauses)
+
+
+def _base_conditions(resource_type: str, shape: tuple[Any, ...], restrict: Restriction | None,
+                     compartment: bool) -> list[ColumnElement[bool]]:
+    """The WHERE of a search of this shape; its values are bound as v0, v1... (Query.values) and,
+    with a compartment, the patient id as `compartment`."""
+    conditions = [R.deleted == false()]
+    filters = []
+    n = 0
+    for clause_shape, count in shape:
+        built = _clause_build(resource_type, clause_shape, _Binds(n))
+        n += count
+        if isinstance(built, IndexFilter):
+            filters.append(built)
+        else:
+            conditions.append(built)
+    if compartment:
         if resource_type == "Patient":
-            conditions.append(R.id == compartment)
+            conditions.append(R.id == bindparam("compartment"))
         else:
             c = db.compartment.c
-            filters.append(IndexFilter(db.compartment, (c.patient_id == compartment, c.resource_type == resource_type),
-                                       rank=1))
+            filters.append(IndexFilter(db.compartment, (c.patient_id == bindparam("compartment"),
+                                                        c.resource_type == resource_type), rank=1))
     candidates = [f for f in filters if not f.negate]
     driver = min(candidates, key=lambda f: f.rank) if candidates else None
     conditions += [f.driving() if f is driver else f.probe() for f in filters]
@@ -471,6 +628,53 @@ def _base_conditions(resource_type: str, query: Query, restrict: Restriction | N
     return conditions
 
 
+def _build_count(resource_type: str, shape: tuple[Any, ...], restrict: Restriction | None,
+                 compartment: bool) -> Any:
+    conditions = _base_conditions(resource_type, shape, restrict, compartment)
+    return select(func.count()).select_from(db.resource).where(*conditions)
+
+
+def _build_page(resource_type: str, shape: tuple[Any, ...], restrict: Restriction | None, compartment: bool,
+                sort: tuple[tuple[str, bool], ...], cursor_length: int | None) -> Any:
+    """The page query: matches in sort order, their sort keys as k0, k1..., at most `limit` rows."""
+    conditions = _base_conditions(resource_type, shape, restrict, compartment)
+    keys = _sort_keys(resource_type, list(sort))
+    if cursor_length is not None:
+        conditions.append(_after(keys, cursor_length))
+    order = [expr.desc() if desc else expr.asc() for expr, desc in keys]
+    return (select(db.resource, *[expr.label(f"k{i}") for i, (expr, _) in enumerate(keys)])
+            .where(*conditions).order_by(*order).limit(bindparam("limit", type_=Integer)))
+
+
+# Built statements by everything that shapes their SQL: the dialect, the resource type, each
+# parameter's shape (name, modifier, type and prefix of each value, how many values), the sort, the
+# compartment, the cursor's length. Executing the same statement object again costs SQLAlchemy
+# neither building nor a cache key (memoized on the statement) nor compilation (its compiled cache).
+# Searches restricted by an access policy are built each time: the restriction names the caller's
+# patients. Bounded: least recently used shapes go first.
+STATEMENT_CACHE_SIZE = 512
+_statements: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_statements_lock = threading.Lock()
+
+
+def _statement(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    with _statements_lock:
+        stmt = _statements.get(key)
+        if stmt is not None:
+            _statements.move_to_end(key)
+            return stmt
+    stmt = build()
+    with _statements_lock:
+        _statements[key] = stmt
+        while len(_statements) > STATEMENT_CACHE_SIZE:
+            _statements.popitem(last=False)
+    return stmt
+
+
+def _shape_of(query: Query) -> tuple[Any, ...]:
+    return tuple((shape, len(values)) for shape, values in query.clauses)
+
+
 def search(repo: Repository, resource_type: str, params: list[tuple[str, str]], *,
            restrict: Restriction | None = None, compartment: str | None = None, strict: bool = False,
            default_count: int = 20, max_count: int = 1000) -> tuple[Query, SearchResult]:
@@ -480,27 +684,40 @@ def search(repo: Repository, resource_type: str, params: list[tuple[str, str]], 
     if compartment is not None and resource_type != "Patient" and \
             resource_type not in patient_compartment():
         raise FhirError(400, f"{resource_type} is not in the Patient compartment", code="invalid")
-    conditions = _base_conditions(resource_type, query, restrict, compartment)
+    shape = _shape_of(query)
+    in_compartment = compartment is not None
+    values = query.values()
+    if in_compartment:
+        values["compartment"] = compartment
+    cacheable = restrict is None
+    dialect = repo.conn.dialect.name
     result = SearchResult(matches=[], warnings=query.warnings)
     if query.total in ("accurate", "estimate") or query.summary == "count":
-        result.total = repo.conn.execute(select(func.count()).select_from(db.resource).where(*conditions)
-                                         ).scalar_one()
+        def build_count() -> Any:
+            return _build_count(resource_type, shape, restrict, in_compartment)
+
+        stmt = _statement(("count", dialect, resource_type, shape, in_compartment), build_count) \
+            if cacheable else build_count()
+        result.total = repo.conn.execute(stmt, values).scalar_one()
     if query.summary == "count" or query.count == 0:
         return query, result
-    keys = builder._sort_keys(query)
-    page_conditions = list(conditions)
+    sort = tuple(query.sort)
+    cursor_length = None if query.cursor is None else len(query.cursor)
+
+    def build_page() -> Any:
+        return _build_page(resource_type, shape, restrict, in_compartment, sort, cursor_length)
+
+    stmt = _statement(("page", dialect, resource_type, shape, in_compartment, sort, cursor_length),
+                      build_page) if cacheable else build_page()
+    values["limit"] = query.count + 1
     if query.cursor is not None:
-        page_conditions.append(builder._after(keys, query.cursor))
-    order = [expr.desc() if desc else expr.asc() for expr, desc in keys]
-    stmt = (select(db.resource, *[expr.label(f"k{i}") for i, (expr, _) in enumerate(keys)])
-            .where(*page_conditions).order_by(*order).limit(query.count + 1))
-    rows = repo.conn.execute(stmt).all()
+        values.update((f"c{i}", query.cursor[i]) for i in range(cursor_length or 0))
+    rows = repo.conn.execute(stmt, values).all()
     page = rows[:query.count]
     result.matches = [Repository._stored(r) for r in page]
     if len(rows) > query.count:
-        last = page[-1]
-        values = [getattr(last, f"k{i}") for i in range(len(keys))]
-        result.next_cursor = encode_cursor(values)
+        # the sort keys k0, k1... follow the resource's columns
+        result.next_cursor = encode_cursor(list(page[-1][len(db.resource.c):]))
     if result.matches and (query.include or query.revinclude):
         result.includes = includes(repo, resource_type, result.matches, query, restrict)
     return query, result
