@@ -72,6 +72,8 @@ class SearchResult:
 
 def split_values(raw: str, sep: str = ",") -> list[str]:
     """Split on sep, honouring the \\, \\| \\$ escapes of FHIR search values."""
+    if "\\" not in raw:
+        return raw.split(sep)  # nothing escaped: the walk below would give the same
     parts, current, i = [], "", 0
     while i < len(raw):
         ch = raw[i]
