@@ -1150,3 +1150,32 @@ def test_deleted_resources_never_appear(client: Any, store: Any) -> None:
     assert get(client, "/fhir/Patient?_summary=count")["total"] == 1
     put(client, patient("gone", name=[{"family": "Shared"}]))
     assert found(client, "/fhir/Patient?family=shared") == {"gone", "kept"}
+
+
+# --- statements reused across searches of one shape -----------------------------------------------
+
+def test_searches_of_one_shape_share_a_statement_and_others_get_their_own(
+        client: Any, token_observations: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statement built for a shape of search is kept and reused with other values; a search that
+    differs in anything that shapes its SQL (modifier, number of values, system given or not, prefix)
+    gets one of its own; the least recently used go first when there are too many."""
+    from gateway.fhir import search
+
+    monkeypatch.setattr(search, "_statements", search.OrderedDict())
+    monkeypatch.setattr(search, "STATEMENT_CACHE_SIZE", 3)
+    assert found(client, "/fhir/Observation?code=1234-5") == {"o1", "o2"}
+    assert found(client, "/fhir/Observation?code=999") == {"o3"}  # same shape, other value
+    assert len(search._statements) == 1
+    cases = [
+        ("code=1234-5,999", {"o1", "o2", "o3"}),
+        (f"code={LOINC}|1234-5", {"o1"}),
+        ("code=|1234-5", {"o2"}),
+        ("code:not=1234-5", {"o3", "o4"}),
+        ("code:text=blood", {"o1"}),
+        ("_lastUpdated=gt2000", {"o1", "o2", "o3", "o4"}),
+        ("_lastUpdated=lt2000", set()),
+        ("code=999", {"o3"}),
+    ]
+    assert_cases(client, "Observation", cases)
+    assert len(search._statements) == 3
+    assert_cases(client, "Observation", cases)  # again, with the earlier shapes pushed out
