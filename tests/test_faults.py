@@ -76,9 +76,10 @@ class Gateway:
         return _http("POST", f"http://127.0.0.1:{self.http}{path}", body, timeout)
 
 
-def _http(method: str, url: str, body: bytes | None, timeout: float) -> tuple[int, dict[str, str], bytes]:
+def _http(method: str, url: str, body: bytes | None, timeout: float,
+          content_type: str = "application/fhir+json") -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, data=body, method=method, headers={
-        "Accept": "application/fhir+json", "Content-Type": "application/fhir+json"})
+        "Accept": "application/fhir+json", "Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -310,6 +311,8 @@ def test_postgresql_restarted_mid_stream(private_postgres: Any, tmp_path: Path) 
         read = gateway.get(f"/fhir/Patient/{patient}")
         search = gateway.get("/fhir/Patient?family=Fault")
         create = gateway.post("/fhir/Patient", b'{"resourceType": "Patient", "name": [{"family": "Down"}]}')
+        over_http = _http("POST", f"http://127.0.0.1:{gateway.http}/hl7/v2", adt("PGRHTTP", 90001).encode(), 10,
+                          content_type="application/hl7-v2")
         time.sleep(2.5)
         starting = time.monotonic()
         start_db()
@@ -317,6 +320,8 @@ def test_postgresql_restarted_mid_stream(private_postgres: Any, tmp_path: Path) 
         _until(lambda: sender.count("AA", since=up) >= 10, 20)
         ready_after = gateway.get("/readyz")
         read_after = gateway.get(f"/fhir/Patient/{patient}")
+        over_http_after = _http("POST", f"http://127.0.0.1:{gateway.http}/hl7/v2", adt("PGRHTTP", 90001).encode(),
+                                10, content_type="application/hl7-v2")
     log = gateway.log.read_text(errors="replace")
     outcomes = [(round(s.at - down, 2), s.control, s.outcome) for s in sender.sent]
 
@@ -325,6 +330,10 @@ def test_postgresql_restarted_mid_stream(private_postgres: Any, tmp_path: Path) 
     _operation_outcome(*search, expected=(503,))
     _operation_outcome(*create, expected=(503,))
     assert ready_after[0] == 200 and read_after[0] == 200, (ready_after, read_after[:2])
+    # HL7 over HTTP: 503 with Retry-After and the AE 207 NAK while down; the same message AA after.
+    assert over_http[0] == 503 and over_http[1].get("Retry-After"), over_http
+    assert b"MSA|AE|PGRHTTP" in over_http[2] and b"207" in over_http[2], over_http[2]
+    assert over_http_after[0] == 200 and b"MSA|AA|PGRHTTP" in over_http_after[2], over_http_after
     acked = _assert_no_false_aa(url, sender)
     during = [s for s in sender.sent if down <= s.at < starting]
     assert during, outcomes

@@ -50,15 +50,18 @@ def receive() -> Response:
         return Response(f"Content-Type must be one of {', '.join(sorted(ER7_TYPES))}\n", 415,
                         content_type="text/plain; charset=utf-8")
     raw = request.get_data(cache=False)
-    replies = _gateway().hl7.handle(raw, channel="http", peer=request.remote_addr)
-    if replies is None:
+    answer = _gateway().hl7.answer(raw, channel="http", peer=request.remote_addr)
+    if answer is None:
         return Response("No MSH segment could be read; the message was not stored.\n", 400,
                         content_type="text/plain; charset=utf-8")
-    if not replies:
-        return Response(status=204)  # enhanced mode with no acknowledgement asked for
+    # The database is down or full: nothing was stored. 503 with Retry-After tells an HTTP sender
+    # to send it again, as the AE 207 in the body tells one that reads only the ACK.
+    status, headers = (503, {"Retry-After": "5"}) if answer.unavailable else (200, {})
+    if not answer.acks:
+        return Response(status=204 if status == 200 else status, headers=headers)  # no ACK asked for
     # One body: the application ACK when the sender asked for one, else the commit ACK.
     mimetype = request.mimetype if request.mimetype != "text/plain" else "application/hl7-v2"
-    return Response(replies[-1], 200, content_type=f"{mimetype}; charset=utf-8")
+    return Response(answer.acks[-1], status, headers=headers, content_type=f"{mimetype}; charset=utf-8")
 
 
 @bp.get("/messages/<int:message_id>")

@@ -59,6 +59,7 @@ class Outcome:
     status: str
     acks: tuple[str, ...]  # what goes back, in order: none, one, or a commit ACK then an application ACK
     error: str | None = None
+    unavailable: bool = False  # the database could not take it: not stored, the sender must send it again
 
     @property
     def stored_acks(self) -> str:
@@ -79,6 +80,12 @@ class Outcome:
         return "failed"
 
 
+@dataclass(frozen=True)
+class Answer:
+    acks: list[bytes]  # encoded, in the order they go back
+    unavailable: bool  # some message was not stored: the database is down or full
+
+
 def stored_acks(text: str | None) -> tuple[str, ...]:
     return tuple(line for line in (text or "").split("\n") if line)
 
@@ -92,25 +99,33 @@ class Ingestor:
     # --- entry points ---
 
     def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None) -> list[bytes] | None:
-        """MLLP/HTTP handler: raw bytes in, the acknowledgements to send back out (none when the
-        sender asked for none); None when no MSH can be read."""
+        """MLLP handler: raw bytes in, the acknowledgements to send back out (none when the sender
+        asked for none); None when no MSH can be read."""
+        answer = self.answer(raw, channel, peer)
+        return None if answer is None else answer.acks
+
+    def answer(self, raw: bytes, channel: str, peer: str | None) -> Answer | None:
+        """handle(), also telling whether the database could not take a message (HTTP answers 503)."""
         try:
             text = parse.normalize(parse.decode(raw))
             header = parse.read_header(text)
-            return [acks.encode_ack(ack, header) for ack in self.receive(text, channel, peer)]
+            replies, unavailable = self.receive(text, channel, peer)
+            return Answer([acks.encode_ack(ack, header) for ack in replies], unavailable)
         except parse.ParseError as exc:
             metrics.hl7_message("unreadable", channel, None)
             log.warning("closing %s connection from %s: no readable MSH (%s)", channel, peer, exc.reason)
             return None
 
-    def receive(self, text: str, channel: str, peer: str | None) -> tuple[str, ...]:
+    def receive(self, text: str, channel: str, peer: str | None) -> tuple[tuple[str, ...], bool]:
         """Ingest one message or batch; returns the acknowledgements (one batch ACK for an FHS/BHS
-        batch, holding those of its messages)."""
+        batch, holding those of its messages), and whether the database could not take one."""
         messages = parse.split_batch(text)
         if len(messages) == 1 and messages[0] == text:
-            return self._counted(text, channel, peer).acks
+            outcome = self._counted(text, channel, peer)
+            return outcome.acks, outcome.unavailable
         outcomes = [self._counted(m, channel, peer) for m in messages]
-        return (acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),)
+        return ((acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),),
+                any(o.unavailable for o in outcomes))
 
     def _counted(self, text: str, channel: str, peer: str | None) -> Outcome:
         """receive_one, counted by outcome with the time from receipt to the ACK being ready."""
@@ -139,7 +154,8 @@ class Ingestor:
         log.warning("message %s%s not accepted: %s; answered AE 207", header.control_id,
                     f" from {peer}" if peer else "", what)
         diagnostics = f"not stored: {what}; send it again later"
-        return Outcome(0, "failed", self._acks(header, "E", diagnostics, ("207", None, "E")), diagnostics)
+        return Outcome(0, "failed", self._acks(header, "E", diagnostics, ("207", None, "E")), diagnostics,
+                       unavailable=True)
 
     def _receive_one(self, text: str, header: parse.Header, channel: str, peer: str | None,
                      started: float) -> Outcome:
