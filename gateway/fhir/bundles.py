@@ -107,23 +107,25 @@ class BundleProcessor:
         self.get_handler = get_handler
         self.origin = origin  # who writes (Repository.origin): store listeners may care
 
-    def process(self, bundle: Any) -> dict[str, Any]:
+    def process(self, bundle: Any, validated: bool = False) -> dict[str, Any]:
+        """validated: every resource in it was validated already (import_file checks a whole file
+        before writing any of it), so it is not done twice."""
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise FhirError(400, "POST to the base takes a Bundle", code="invalid")
         kind = bundle.get("type")
         if kind == "transaction":
-            return self.transaction(bundle)
+            return self.transaction(bundle, validated)
         if kind == "batch":
-            return self.batch(bundle)
+            return self.batch(bundle, validated)
         raise FhirError(400, f"Bundle.type must be transaction or batch, not {kind!r}", code="invalid",
                         expression=["Bundle.type"])
 
     # --- transaction: all or nothing ---
 
-    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+    def transaction(self, bundle: dict[str, Any], validated: bool = False) -> dict[str, Any]:
         plans = _plan(bundle)
         for plan in plans:
-            if plan.resource is not None and plan.method in ("POST", "PUT"):
+            if not validated and plan.resource is not None and plan.method in ("POST", "PUT"):
                 try:
                     validate(plan.resource)
                 except FhirError as exc:
@@ -221,12 +223,12 @@ class BundleProcessor:
 
     # --- batch: every entry on its own ---
 
-    def batch(self, bundle: dict[str, Any]) -> dict[str, Any]:
+    def batch(self, bundle: dict[str, Any], validated: bool = False) -> dict[str, Any]:
         plans = _plan(bundle)
         entries = []
         for plan in plans:
             try:
-                if plan.resource is not None and plan.method in ("POST", "PUT"):
+                if not validated and plan.resource is not None and plan.method in ("POST", "PUT"):
                     validate(plan.resource)
 
                 def run(repo: Repository, plan: EntryPlan = plan) -> dict[str, Any]:
@@ -345,18 +347,20 @@ def _load(processor: BundleProcessor, path: str, chunk: int, tally: Callable[[di
     pending: list[dict[str, Any]] = []
     for kind, data in iter_file_resources(path):
         if kind == "bundle":
+            # _validate_all has checked every resource of the file: the transactions do not again
             if data.get("type") in ("transaction", "batch"):
-                tally(processor.process(data))
+                tally(processor.process(data, validated=True))
             else:
                 # One transaction: entries may reference each other by fullUrl.
-                tally(processor.transaction(as_transaction([e for e in data.get("entry", []) if "resource" in e])))
+                tally(processor.transaction(as_transaction([e for e in data.get("entry", []) if "resource" in e]),
+                                            validated=True))
             continue
         pending.append({"resource": data})
         if len(pending) >= chunk:
-            tally(processor.transaction(as_transaction(pending)))
+            tally(processor.transaction(as_transaction(pending), validated=True))
             pending = []
     if pending:
-        tally(processor.transaction(as_transaction(pending)))
+        tally(processor.transaction(as_transaction(pending), validated=True))
 
 
 def criteria_params(criteria: str) -> list[tuple[str, str]]:
