@@ -8,6 +8,7 @@ test client and a live server over real HTTP (requests). It fills the forms by t
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import secrets
@@ -42,14 +43,22 @@ def load_family(store: Any) -> None:
         import_file(processor, str(FIXTURES / name))
 
 
+@functools.cache
+def _keys() -> tuple[RSAKey, ECKey]:
+    """The demo clients' signing keys, made once per test process: an RSA key takes 40-120 ms to
+    make, and every test that sets up the world registers clients with them."""
+    return (RSAKey.generate_key(2048, {"kid": "rsa-1"}, private=True),
+            ECKey.generate_key("P-384", {"kid": "ec-1"}, private=True))
+
+
 @dataclass
 class World:
     """The demo people and clients, registered in one gateway."""
 
     smart: Any
     store: Any
-    rsa: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, {"kid": "rsa-1"}, private=True))
-    ec: ECKey = field(default_factory=lambda: ECKey.generate_key("P-384", {"kid": "ec-1"}, private=True))
+    rsa: RSAKey = field(default_factory=lambda: _keys()[0])
+    ec: ECKey = field(default_factory=lambda: _keys()[1])
 
     def setup(self) -> World:
         engine = self.smart.engine
