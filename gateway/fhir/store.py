@@ -107,8 +107,11 @@ def _current_many(types: int, for_update: bool) -> Select[Any]:
     statement = select(db.resource).where(or_(*(
         and_(r.resource_type == bindparam(f"t{k}"), r.id.in_(bindparam(f"i{k}", expanding=True)))
         for k in range(types))))
-    return statement.order_by(db.resource.c.pk).with_for_update() if for_update else statement  # one lock order
-# The write path's statements, built once for the same reason.
+    # FOR UPDATE in pk order: every writer locks in one order, so two cannot deadlock on these rows
+    return statement.order_by(db.resource.c.pk).with_for_update() if for_update else statement
+
+
+# The write path's statements, built once, as _CURRENT is.
 _INSERT_RESOURCE = insert(db.resource).returning(db.resource.c.pk)
 _UPDATE_RESOURCE = (
     update(db.resource)
