@@ -4,7 +4,7 @@ screenshot at desktop and phone width and checked with axe-core."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,12 +19,14 @@ def both_widths(page: Any, name: str) -> None:
     page.set_viewport_size({"width": 1280, "height": 900})
 
 
-def search(page: Any, schedule: str, days: int) -> None:
-    search_from(page, schedule, (datetime.now(UTC) + timedelta(days=days - 1)).date())
-
-
-def search_from(page: Any, schedule: str, first: date) -> None:
-    """The find form for three clinic days from `first`."""
+def search_from_slot(page: Any, services: Any, schedule: str, slot_id: str) -> None:
+    """The find form for three clinic days from the day of the Slot `slot_id`. Not from the day
+    before: the demo calendar has six slots a weekday for each doctor, and a window from the day
+    before could fill the first page (12) before the test's own slots, depending on the hour the
+    test runs."""
+    with services.store.reading() as repo:
+        start = repo.read("Slot", slot_id).resource()["start"]
+    first = datetime.fromisoformat(start).astimezone(ZoneInfo(services.settings.timezone)).date()
     page.select_option("#find-schedule", schedule)
     page.fill("#find-start", first.isoformat())
     page.fill("#find-end", (first + timedelta(days=2)).isoformat())
@@ -58,7 +60,7 @@ def test_browser_parent_books_cancels_and_takes_an_earlier_time_for_a_child(brow
     page.click("#find-form button[type=submit]")
     assert "Enter a valid date range" in page.inner_text("#find-problem")
     shot(page, "appointments-find-error")
-    search(page, "james-okafor-schedule", 3)
+    search_from_slot(page, services, "james-okafor-schedule", slots[0])
     both_widths(page, "appointments-slots")
     page.click("#hold-form button[type=submit]")  # no time picked
     assert "Choose a time first." in page.inner_text("#find-problem")
@@ -111,13 +113,7 @@ def test_browser_caregiver_reschedules_her_fathers_visit(browser: Any, site: Any
     both_widths(page, "appointments-video")
     page.click("#reschedule-link")
     page.wait_for_selector("#rescheduling")
-    # From the slots' own clinic day: the demo calendar has six of Dr. Carter's slots on most
-    # weekdays, and a window from the day before could fill the first page (12) before them,
-    # depending on the hour the test runs.
-    with services.store.reading() as repo:
-        first_start = repo.read("Slot", slots[0]).resource()["start"]
-    clinic_day = datetime.fromisoformat(first_start).astimezone(ZoneInfo(services.settings.timezone)).date()
-    search_from(page, "emily-carter-schedule", clinic_day)
+    search_from_slot(page, services, "emily-carter-schedule", slots[0])
     shot(page, "appointments-reschedule-slots")
     page.check(f"#slot-{slots[1]}")
     page.click("#hold-form button[type=submit]")
