@@ -170,6 +170,8 @@ class AuditLog:
         self.written = 0
         self.failures = 0
         self._closing = False  # set by close(): a batch the database cannot take is given up on
+        # Set while someone waits in flush() or close(): the writer stops letting records gather.
+        self._hurry = threading.Event()
 
     def record(self, interaction: str, agent: str, *, client_id: str | None = None,
                address: str | None = None, outcome: str = "0", query: str | None = None,
@@ -214,8 +216,9 @@ class AuditLog:
             if item is not None:
                 batch.append(item)
                 # Let records gather, then take them all at once: waking for every record would
-                # hand the GIL back and forth with the request threads once per request.
-                time.sleep(self.max_delay)
+                # hand the GIL back and forth with the request threads once per request. Unless
+                # someone waits for the queue to empty: then there is nothing to wait for.
+                self._hurry.wait(self.max_delay)
             while not stop and len(batch) < self.batch_size:
                 try:
                     nxt = self.queue.get_nowait()
@@ -262,10 +265,15 @@ class AuditLog:
 
     def flush(self) -> None:
         if self._thread is not None and self._thread.is_alive():
-            self.queue.join()
+            self._hurry.set()
+            try:
+                self.queue.join()
+            finally:
+                self._hurry.clear()
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
             self._closing = True
+            self._hurry.set()
             self.queue.put(None)
             self._thread.join(timeout=30)

@@ -138,7 +138,7 @@ def live_server(settings: Settings) -> Iterator[str]:
     app = create_app(settings)
     empty_tables(app.extensions["gateway"].engine)
     server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield settings.base_url

@@ -581,6 +581,20 @@ def test_audit_event_search_by_patient_finds_observation_read(app: Any, client: 
     assert all(f"Patient/{other}" not in references(e) for e in events)
 
 
+def test_audit_flush_does_not_wait_for_records_to_gather(app: Any, client: Any) -> None:
+    """The writer lets records gather for `max_delay` to write them in batches; whoever waits in
+    flush() (tests, shutdown) must not sit through that delay."""
+    audit = app.extensions["gateway"].audit
+    audit.max_delay = 30.0
+    pid = create(client, patient())["id"]
+    client.get(f"/fhir/Patient/{pid}")
+    started = time.monotonic()
+    audit.flush()
+    assert time.monotonic() - started < 10
+    assert audit.queue.unfinished_tasks == 0
+    assert [e for e in flushed_audit_events(app, client) if e["subtype"][0]["code"] == "read"]
+
+
 # --- several current versions at once (the HL7 feed reads a message's resources this way) ---
 
 def test_find_many_reads_several_types_and_leaves_out_absent_and_deleted(store: Any) -> None:

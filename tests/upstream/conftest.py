@@ -123,7 +123,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     guard = TokenCheck(app.wsgi_app, UPSTREAM_TOKEN)
     app.wsgi_app = guard  # type: ignore[method-assign]
     server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield {"base": settings.fhir_base, "store": app.extensions["gateway"].store, "guard": guard}
