@@ -23,6 +23,19 @@ class Gateway:
     audit: Any
     hl7: Any
     smart: Any
+    analyzer: Any = None  # the web app's (create_app)
+
+    def close(self) -> None:
+        """Finish with this database: queued AuditEvents and counted rollups are written, the audit
+        writer stops, and the pool's connections are closed. For a process that goes on without
+        these services (tests, commands); a process that ends gets the same at exit."""
+        from gateway import metrics
+
+        if self.analyzer is not None:
+            self.analyzer.close()
+        self.audit.close()
+        metrics.detach(self.engine)
+        self.engine.dispose()
 
 
 def build_services(settings: Settings) -> Gateway:
@@ -69,7 +82,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     engine = services.engine
     app.extensions["gateway"] = services
     metrics.init_app(app)
-    analyzer = db.Analyzer(engine)
+    services.analyzer = analyzer = db.Analyzer(engine)
     app.before_request(analyzer.tick)
 
     app.register_blueprint(api.bp)

@@ -562,6 +562,12 @@ class Analyzer:
         finally:
             self._lock.release()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """No more checks; waits for one that is running (its connection would outlive the pool)."""
+        self._next_check = float("inf")
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+
 
 # SQLite result codes (the primary code, the low byte of sqlite_errorcode) that mean the database
 # cannot take writes just now, whatever the statement: the disk is full, or the file cannot be read

@@ -199,6 +199,15 @@ class Rollups:
             raise
         return len(rows)
 
+    def detach(self, engine: Engine) -> None:
+        """Write what was counted to `engine`, then nothing more, if the rollups go there."""
+        if self.engine is not engine:
+            return
+        self.flush()
+        with self._lock:
+            if self.engine is engine:
+                self.engine = None
+
     def close(self) -> None:
         if self._pid != os.getpid():
             return
@@ -250,6 +259,10 @@ def flush() -> int:
 
 def attach(engine: Engine, settings: Any) -> None:
     ROLLUPS.attach(engine, settings.metrics_flush_seconds, settings.metrics_keep_days)
+
+
+def detach(engine: Engine) -> None:
+    ROLLUPS.detach(engine)
 
 
 # --- the instrumentation calls ---

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from werkzeug.serving import make_server
 
-from gateway import create_app, db, metrics
+from gateway import create_app, db
 from gateway.config import Settings
 
 PG_ADMIN_URL = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -100,9 +100,9 @@ def app(settings: Settings) -> Iterator[Any]:
     gateway = app.extensions["gateway"]
     empty_tables(gateway.engine)
     yield app
-    gateway.audit.flush()
-    metrics.flush()  # this test's counts go to its database (the PostgreSQL one is dropped at the end)
-    gateway.engine.dispose()
+    # This test's AuditEvents and counts go to its database, and nothing of it stays open: a pool
+    # or a thread left behind holds PostgreSQL connections until garbage collection gets to it.
+    gateway.close()
 
 
 @pytest.fixture
@@ -144,9 +144,7 @@ def live_server(settings: Settings) -> Iterator[str]:
         yield settings.base_url
     finally:
         server.shutdown()
-        app.extensions["gateway"].audit.flush()
-        metrics.flush()
-        app.extensions["gateway"].engine.dispose()
+        app.extensions["gateway"].close()
 
 
 # --- the real browser (portal and console journeys): one Chromium per test process ---

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +279,35 @@ def test_postgresql_plans_each_statement_with_its_own_values(database_url: str) 
             assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_closed_services_leave_no_connection_open(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web app's first request starts an ANALYZE in a thread of its own, the audit writer and the
+    metrics thread write on their own: after close() none of them holds a connection to the
+    database (left to garbage collection, such connections exhausted PostgreSQL's 100 in test runs)."""
+    import psycopg
+
+    from gateway import create_app
+
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server-side connections to count")
+    analyze, analysed = db.analyze, threading.Event()
+
+    def slow_analyze(engine: Any) -> None:  # still running when the test closes the services
+        time.sleep(0.5)
+        analyze(engine)
+        analysed.set()
+
+    monkeypatch.setattr(db, "analyze", slow_analyze)
+    tag = f"close-test-{os.getpid()}"  # only this app's connections count: earlier tests' may await collection
+    settings.database_url += f"?application_name={tag}"
+    app = create_app(settings)
+    client = app.test_client()
+    created = client.post("/fhir/Patient", json={"resourceType": "Patient"},
+                          headers={"Content-Type": "application/fhir+json"})
+    client.get(f"/fhir/Patient/{created.get_json()['id']}")
+    app.extensions["gateway"].close()
+    assert analysed.wait(5)
+    with psycopg.connect(settings.database_url.split("?")[0]) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (tag,)).fetchone()
+    assert left == (0,)

@@ -51,7 +51,7 @@ def test_sign_in_posts_over_the_limit_get_a_friendly_429(settings: Any) -> None:
     assert reply.status_code == 429
     assert "Too many attempts" in text_of(reply.get_data(as_text=True))
     assert client.get("/auth/login").status_code == 200  # reading the page is not limited
-    app.extensions["gateway"].engine.dispose()
+    app.extensions["gateway"].close()
 
 
 def test_two_processes_share_the_sign_in_limit_through_redis(shared: Any) -> None:
@@ -61,7 +61,7 @@ def test_two_processes_share_the_sign_in_limit_through_redis(shared: Any) -> Non
     assert _login_posts(first.test_client(), 3) == [401, 401, 401]
     assert _login_posts(second.test_client(), 2) == [401, 429]
     for app in (first, second):
-        app.extensions["gateway"].engine.dispose()
+        app.extensions["gateway"].close()
 
 
 def test_failed_checks_counted_in_one_process_block_the_address_in_another(shared: Any) -> None:

@@ -112,5 +112,4 @@ def test_three_processes_lose_nothing_apply_nothing_twice_and_agree_on_tokens(cl
         for node in nodes:
             assert node.get("/fhir/Patient/maria-garcia", headers=bearer).status == 401
     finally:
-        services.audit.close()
-        services.engine.dispose()
+        services.close()

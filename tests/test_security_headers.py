@@ -33,7 +33,7 @@ def test_https_deployments_send_hsts_and_secure_cookies(settings: Any) -> None:
     assert reply.headers["Strict-Transport-Security"].startswith("max-age=31536000")
     cookie = reply.headers.get("Set-Cookie", "")
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
-    app.extensions["gateway"].engine.dispose()
+    app.extensions["gateway"].close()
 
 
 def test_the_templates_need_no_inline_script_or_style() -> None:

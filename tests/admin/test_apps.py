@@ -217,7 +217,7 @@ def worker_b(settings: Any) -> Iterator[Any]:
     other = create_app(dataclasses.replace(settings, token_cache_seconds=3600))
     yield other
     other.extensions["gateway"].audit.flush()
-    other.extensions["gateway"].engine.dispose()
+    other.extensions["gateway"].close()
 
 
 def test_disable_stops_the_apps_tokens_everywhere_and_enable_lets_it_back(app: Any, officer: Any, http: Any,

@@ -131,8 +131,7 @@ def site(database_url: str, live_server: str, settings: Any) -> Iterator[tuple[s
     load_schedules(services.store)
     world.services = services  # type: ignore[attr-defined]
     yield live_server, world
-    services.audit.close()
-    services.engine.dispose()
+    services.close()
 
 
 @pytest.fixture

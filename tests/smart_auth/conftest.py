@@ -329,5 +329,4 @@ def live_world(live_server: str, settings: Any) -> Any:
     services = build_services(settings)
     world = World(services.smart, services.store).setup()
     yield live_server, world
-    services.audit.close()
-    services.engine.dispose()
+    services.close()

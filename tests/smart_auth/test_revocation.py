@@ -33,7 +33,7 @@ def worker_b(settings: Any) -> Iterator[Any]:
     app = create_app(dataclasses.replace(settings, token_cache_seconds=3600))
     yield app
     app.extensions["gateway"].audit.flush()
-    app.extensions["gateway"].engine.dispose()
+    app.extensions["gateway"].close()
 
 
 def _bearer(token: str) -> dict[str, str]:

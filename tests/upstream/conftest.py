@@ -129,4 +129,4 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         yield {"base": settings.fhir_base, "store": app.extensions["gateway"].store, "guard": guard}
     finally:
         server.shutdown()
-        app.extensions["gateway"].engine.dispose()
+        app.extensions["gateway"].close()

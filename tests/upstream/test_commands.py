@@ -93,12 +93,12 @@ def test_fhir_batches_fall_back_to_single_creates_and_judge_each_entry(tmp_path:
                             .where(db.outbox.c.resource_id.in_(["c3", "c4", "c5"])).order_by(db.outbox.c.id)).all()
     assert [(r.resource_id, r.status) for r in rows] == [("c3", "delivered"), ("c4", "failed"), ("c5", "pending")]
     assert "bad recipient" in rows[1].last_error
-    services.engine.dispose()
+    services.close()
 
 
 def test_gateway_serve_runs_an_outbox_worker(tmp_path: Path, receiver: Receiver) -> None:
     services = sqlite_services(tmp_path)
-    services.engine.dispose()
+    services.close()
     port = free_port()
     env = gateway_env(GATEWAY_DATABASE_URL=services.settings.database_url, GATEWAY_OPEN_ACCESS="1",
                       GATEWAY_INSTANCE_PATH=str(tmp_path), GATEWAY_OUTBOX_MESSAGE="hl7",
@@ -136,4 +136,4 @@ def test_a_refused_transaction_sends_its_items_one_by_one(tmp_path: Path) -> Non
     with services.engine.connect() as conn:
         rows = conn.execute(select(db.outbox.c.resource_id, db.outbox.c.status).order_by(db.outbox.c.id)).all()
     assert [tuple(r) for r in rows] == [("c0", "delivered"), ("c1", "failed"), ("c2", "delivered")]
-    services.engine.dispose()
+    services.close()

@@ -40,7 +40,7 @@ def services(settings: Settings, receiver: Receiver) -> Iterator[Any]:
         repo.update("Practitioner", "dr1", records.practitioner())
         repo.update("MedicationRequest", "m1", records.medication_request())
     yield services
-    services.engine.dispose()
+    services.close()
 
 
 def items(services: Any) -> list[Any]:

@@ -79,7 +79,7 @@ def local(settings: Settings, ehr: dict[str, Any]) -> Iterator[Any]:
     empty_tables(services.engine)
     yield services
     services.audit.flush()
-    services.engine.dispose()
+    services.close()
 
 
 def client_for(services: Any) -> UpstreamClient:
