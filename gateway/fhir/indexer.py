@@ -15,7 +15,14 @@ from typing import Any
 
 from gateway import db
 from gateway.fhir.dates import MAX_MS, MIN_MS, date_range
-from gateway.fhir.searchparams import Found, SearchParam, params_for, patient_compartment, reference_type
+from gateway.fhir.searchparams import (
+    Found,
+    SearchParam,
+    element_names,
+    params_for,
+    patient_compartment,
+    reference_type,
+)
 
 Row = dict[str, Any]
 MAX_LEN = 255
@@ -180,7 +187,10 @@ def index_rows(resource: dict[str, Any], base_url: str = "") -> dict[str, list[R
     """{param type: rows} for one resource; rows lack resource_pk, which the store adds."""
     resource_type = resource["resourceType"]
     out: dict[str, list[Row]] = {}
+    present = element_names(resource)
     for code, param in params_for(resource_type).items():
+        if param.needs is not None and present.isdisjoint(param.needs):
+            continue  # most parameters find nothing in a given resource: a lookup or two says so
         seen: set[tuple[Any, ...]] = set()
         for row in param_rows(param, resource, base_url):
             key = tuple(row.values())

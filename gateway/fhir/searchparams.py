@@ -48,6 +48,10 @@ class SearchParam:
     targets: tuple[str, ...] = ()
     modifiers: tuple[str, ...] = ()
     components: tuple[Component, ...] = field(default=())
+    # Top-level elements of which a resource must have one for `extract` to find anything (None: it
+    # cannot be told from the expression; see element_names). Indexing skips the parameter when the
+    # resource has none of them.
+    needs: tuple[str, ...] | None = None
 
 
 class UnsupportedExpression(ValueError):
@@ -238,6 +242,30 @@ def _first_key(member: str, relative: bool) -> str | None:
     return first
 
 
+def _element_name(member: str, relative: bool) -> str | None:
+    """The top-level element a path starts from (for a choice element its name without the type,
+    as in value for valueQuantity), or None when the path does not start from one."""
+    tokens = _path_tokens(_strip_parens(member))
+    if len(tokens) <= (0 if relative else 1):
+        return None
+    first = tokens[0 if relative else 1].split(" as ")[0].strip().rstrip(")")
+    return first if re.fullmatch(r"\w+", first) else None
+
+
+def element_names(resource: dict[str, Any]) -> set[str]:
+    """The names of a resource's top-level elements: its keys, and for keys like valueQuantity
+    also the part before the first capital (a choice element's name; for other camelCase keys it
+    is a name nothing needs)."""
+    names = set(resource)
+    for key in resource:
+        if not key.islower():
+            for i, ch in enumerate(key):
+                if ch.isupper():
+                    names.add(key[:i])
+                    break
+    return names
+
+
 def _run(steps: list[Step], resource: dict[str, Any]) -> list[Found]:
     items: list[Found] = [(resource, None)]
     for step in steps:
@@ -252,6 +280,12 @@ def compile_expression(expression: str, resource_type: str | None) -> Extractor:
 
     With resource_type None the expression is relative (a composite component).
     """
+    return _compile(expression, resource_type)[0]
+
+
+def _compile(expression: str, resource_type: str | None) -> tuple[Extractor, tuple[str, ...] | None]:
+    """The extractor, and the top-level elements of which a resource needs one for it to find
+    anything (None when the expression does not tell)."""
     truthy = re.fullmatch(r"([\w.]+)\.exists\(\) and \1 != false", expression.strip())
     if truthy:
         _, steps = _compile_path(truthy.group(1), relative=False)
@@ -260,12 +294,14 @@ def compile_expression(expression: str, resource_type: str | None) -> Extractor:
             found = _run(steps, resource)
             return [(any(v is not False for v, _ in found), "boolean")]
 
-        return extract_truthy
+        return extract_truthy, None  # finds False when the element is absent
     members: list[tuple[str | None, list[Step]]] = []
     for member in _split_top(expression, "|"):
         base, steps = _compile_path(member, relative=resource_type is None)
         if resource_type is None or base in (resource_type, "Resource", "DomainResource"):
             members.append((_first_key(member, relative=resource_type is None), steps))
+    keys = [_element_name(member, relative=resource_type is None) for member in _split_top(expression, "|")]
+    needs = None if None in keys else tuple(dict.fromkeys(k for k in keys if k is not None))
 
     def extract(resource: dict[str, Any]) -> list[Found]:
         out: list[Found] = []
@@ -275,7 +311,7 @@ def compile_expression(expression: str, resource_type: str | None) -> Extractor:
                 out.extend(_run(steps, resource))
         return out
 
-    return extract
+    return extract, needs
 
 
 def _load_bundle(name: str) -> dict[str, Any]:
@@ -293,11 +329,13 @@ def _compile_param(sp: dict[str, Any], base: str, by_url: dict[str, dict[str, An
             Component(by_url[c["definition"]]["type"], compile_expression(c["expression"], None))
             for c in sp["component"]
         )
+    extract, needs = _compile(sp["expression"], base)
     return SearchParam(
         code=sp["code"],
         type=sp["type"],
         expression=sp["expression"],
-        extract=compile_expression(sp["expression"], base),
+        extract=extract,
+        needs=needs,
         targets=tuple(sp.get("target", ())),
         modifiers=tuple(sp.get("modifier", ())),
         components=components,
