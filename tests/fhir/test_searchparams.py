@@ -132,3 +132,33 @@ def test_choice_element_list_matches_the_models() -> None:
                 if isinstance(extra, dict) and extra.get("one_of_many"):
                     declared.add(extra["one_of_many"])
     assert set(choice_elements()) == declared
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared/corpus is not beside the checkout")
+def test_a_parameter_finds_nothing_without_the_elements_it_needs() -> None:
+    """Indexing skips a parameter when the resource has none of the elements in `needs`: on every
+    official example (contained and bundled resources too), a parameter that finds a value has one."""
+    from gateway.fhir.searchparams import element_names
+
+    resources: list[dict] = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("resourceType"), str):
+                resources.append(value)
+            for child in value.values():
+                collect(child)
+        elif isinstance(value, list):
+            for child in value:
+                collect(child)
+
+    for path in sorted(EXAMPLES.glob("*.json")):
+        collect(json.loads(path.read_text(encoding="utf-8")))
+    checked = 0
+    for resource in resources:
+        present = element_names(resource)
+        for code, param in params_for(resource["resourceType"]).items():
+            if param.needs is not None and param.extract(resource):
+                assert not present.isdisjoint(param.needs), (resource["resourceType"], code, param.needs)
+                checked += 1
+    assert len(resources) > 500 and checked > 5000
