@@ -277,3 +277,4 @@ class AuditLog:
             self._hurry.set()
             self.queue.put(None)
             self._thread.join(timeout=30)
+            self._hurry.clear()

@@ -527,10 +527,14 @@ class Analyzer:
         self._lock = threading.Lock()
         self._analysed_rows = -1
         self._analysed_at = 0.0
+        self._closed = False  # close(): no more checks
 
     def tick(self) -> None:
         now = time.monotonic()
         if now < self._next_check or not self._lock.acquire(blocking=False):
+            return
+        if self._closed:
+            self._lock.release()
             return
         self._next_check = now + self.check_every
         threading.Thread(target=self._run, name="analyze", daemon=True).start()
@@ -564,7 +568,7 @@ class Analyzer:
 
     def close(self, timeout: float = 30.0) -> None:
         """No more checks; waits for one that is running (its connection would outlive the pool)."""
-        self._next_check = float("inf")
+        self._closed = True
         if self._lock.acquire(timeout=timeout):
             self._lock.release()
 
