@@ -96,6 +96,7 @@ class Rollups:
         self.keep_days = 8
         self._pending: dict[tuple[int, str, str], list[float]] = {}
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # held by a round of the writer thread, and by detach()
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -132,6 +133,7 @@ class Rollups:
         """A forked child (a gunicorn worker) starts empty: what the parent counted is the parent's to
         write, its thread did not come along, and its lock may have been held at the fork."""
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         self._pid = os.getpid()
         self._pending = {}
         self._thread = None
@@ -155,8 +157,9 @@ class Rollups:
     def _run(self) -> None:
         while not self._wake.wait(self.flush_seconds):
             try:
-                self.maintain()
-                self.flush()
+                with self._writing:
+                    self.maintain()
+                    self.flush()
             except Exception as exc:  # the writer must outlive a database hiccup; it is logged and tried again
                 db.log_failure(log, "writing metric rollups", exc)
 
@@ -200,13 +203,15 @@ class Rollups:
         return len(rows)
 
     def detach(self, engine: Engine) -> None:
-        """Write what was counted to `engine`, then nothing more, if the rollups go there."""
+        """Write what was counted to `engine`, then nothing more, if the rollups go there. Waits
+        for a round of the writer thread that may be using it."""
         if self.engine is not engine:
             return
-        self.flush()
-        with self._lock:
-            if self.engine is engine:
-                self.engine = None
+        with self._writing:
+            self.flush()
+            with self._lock:
+                if self.engine is engine:
+                    self.engine = None
 
     def close(self) -> None:
         if self._pid != os.getpid():
