@@ -54,8 +54,9 @@ def _keys() -> tuple[RSAKey, ECKey]:
             ECKey.generate_key("P-384", {"kid": "ec-1"}, private=True))
 
 
-# The demo world's rows per database, day (grants are dated from today) and settings, per test process.
-_SAVED_WORLDS: dict[tuple[str, date, str], dict[str, list[dict[str, Any]]]] = {}
+# The demo world's rows per database, day (grants are dated from today), settings and client keys,
+# per test process.
+_SAVED_WORLDS: dict[tuple[str, date, str, str, str], dict[str, list[dict[str, Any]]]] = {}
 WORLD_TABLES = {"resource", "resource_version", "compartment", "sp_token", "sp_string", "sp_date", "sp_quantity",
                 "sp_reference", "sp_uri", "sp_composite", "auth_user", "proxy_grant", "oauth_client"}
 
@@ -114,7 +115,8 @@ class World:
         wrote are kept; later tests get those rows copied back into their emptied tables, which is
         a tenth of the time (about 600 tests set the world up, twice with PostgreSQL)."""
         engine = self.smart.engine
-        key = (engine.url.render_as_string(hide_password=False), date.today(), _settings_key(self.smart.settings))
+        key = (engine.url.render_as_string(hide_password=False), date.today(), _settings_key(self.smart.settings),
+               self.rsa.thumbprint(), self.ec.thumbprint())  # the clients' registered keys
         saved = _SAVED_WORLDS.get(key)
         if saved is not None and _restore(engine, saved):
             return self
