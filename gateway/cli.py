@@ -27,7 +27,17 @@ def _configure_logs(settings: Settings) -> None:
     logs.configure(settings.log_format, settings.log_level)
 
 
-@click.group()
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        from gateway.db import DatabaseSettingError
+
+        try:
+            return super().invoke(ctx)
+        except DatabaseSettingError as exc:  # a setting to fix, not a fault: one line, no stack trace
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """FHIR gateway: HL7v2 in, FHIR R4 and SMART on FHIR out."""
 
@@ -729,6 +739,9 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))
     settings = _settings()
     _configure_logs(settings)
+    from gateway import db as database
+
+    database.check_url(settings.database_url)  # before any worker forks and fails to boot on it
     if demo:
         load_demo(settings)
     from gateway.serving import run_gunicorn

@@ -34,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    make_url,
     select,
     text,
 )
@@ -262,10 +263,30 @@ ALL_INDEX_TABLES: tuple[Table, ...] = (
 )
 
 
+class DatabaseSettingError(ValueError):
+    """GATEWAY_DATABASE_URL names a database this process can never open (not a passing outage)."""
+
+
+def check_url(url: str) -> None:
+    """A SQLite file whose folder does not exist cannot be created: say so once, at start, instead of
+    every background round and request failing with "unable to open database file". The folder is
+    not created here: a mistyped path would otherwise become a new, empty database."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    folder = Path(database).resolve().parent
+    if not folder.is_dir():
+        raise DatabaseSettingError(
+            f"the folder {folder} for the SQLite database {database} does not exist: create it, "
+            "or set GATEWAY_DATABASE_URL to a path in an existing folder")
+
+
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     # hide_parameters: a statement's values (names, identifiers, resource JSON) stay out of exception
     # texts, which reach logs and stored error messages; the SQL itself is kept.
     if url.startswith("sqlite"):
+        check_url(url)
         # A pooled connection serves one thread at a time, so pysqlite's same-thread check can go;
         # pooling keeps the per-connection PRAGMAs off the request path.
         engine = create_engine(url, pool_size=16, max_overflow=16, hide_parameters=True,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -274,3 +277,34 @@ def test_hl7_send_to_a_port_nobody_listens_on_says_so(gateway: Any, tmp_path: Pa
     result = gateway("hl7", "send", str(message), "--port", str(free_port()), "--timeout", "2")
     assert result.exit_code == 1
     assert "Connection refused" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("import", __file__), ("serve", "--port", "0"),
+                                     ("mllp", "--port", "0"), ("hl7", "list")])
+def test_sqlite_database_in_a_missing_folder_is_refused_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """A mistyped SQLite path stops every command at once with what to fix, before anything starts
+    (no gunicorn worker failing to boot, no background round logging a stack trace every second),
+    and no folder or database is made at the mistyped place. A real process with a time limit: a
+    command that started serving instead would otherwise never return."""
+    missing = tmp_path / "no-such-folder"
+    env = {**os.environ, "GATEWAY_DATABASE_URL": f"sqlite:///{missing / 'gateway.sqlite'}",
+           "GATEWAY_INSTANCE_PATH": str(tmp_path), "GATEWAY_MLLP_PORT": "0"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", *command], env=env, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gateway {' '.join(command)} started instead of refusing the database path")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert done.stderr.strip() == (
+        f"Error: the folder {missing} for the SQLite database {missing / 'gateway.sqlite'} does not exist: "
+        "create it, or set GATEWAY_DATABASE_URL to a path in an existing folder")
+    assert not missing.exists()
+
+
+def test_database_url_check_leaves_other_databases_alone(tmp_path: Path) -> None:
+    db.check_url(f"sqlite:///{tmp_path / 'new.sqlite'}")  # the folder exists: SQLite makes the file
+    db.check_url("sqlite://")  # in memory
+    db.check_url("postgresql://postgres@127.0.0.1:5432/no-such-folder/x")  # a server's name, not a path
+    with pytest.raises(db.DatabaseSettingError):
+        db.check_url(f"sqlite:///{tmp_path / 'missing' / 'new.sqlite'}")
