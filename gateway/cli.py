@@ -29,12 +29,23 @@ def _configure_logs(settings: Settings) -> None:
 
 class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
-        from gateway.db import DatabaseSettingError
+        from sqlalchemy.exc import DBAPIError
+
+        from gateway.db import DatabaseSettingError, unavailable
 
         try:
             return super().invoke(ctx)
         except DatabaseSettingError as exc:  # a setting to fix, not a fault: one line, no stack trace
             raise click.ClickException(str(exc)) from None
+        except DBAPIError as exc:
+            # Down, unreachable or full: something to fix outside the gateway, said in one line (the
+            # driver's own first line names the host and port, never the password).
+            reason = unavailable(exc)
+            if reason is None:
+                raise
+            detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            what = "its disk is full" if reason == "full" else "it cannot be reached"
+            raise click.ClickException(f"the database did not answer: {what} ({detail})") from None
 
 
 @click.group(cls=_Commands)

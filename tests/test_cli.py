@@ -308,3 +308,26 @@ def test_database_url_check_leaves_other_databases_alone(tmp_path: Path) -> None
     db.check_url("postgresql://postgres@127.0.0.1:5432/no-such-folder/x")  # a server's name, not a path
     with pytest.raises(db.DatabaseSettingError):
         db.check_url(f"sqlite:///{tmp_path / 'missing' / 'new.sqlite'}")
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("import", "{bundle}"), ("hl7", "list")])
+def test_an_unreachable_postgresql_is_said_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """A one-off command against a PostgreSQL that does not answer ends with one line saying so,
+    host and port included and the password left out; not a SQLAlchemy traceback. (serve and mllp
+    keep running instead: they answer 503 and NAK 207 until the database is back.)"""
+    from tests.conftest import free_port
+
+    env = {**os.environ, "GATEWAY_DATABASE_URL": f"postgresql://gw:s3cret-pw@127.0.0.1:{free_port()}/gw",
+           "GATEWAY_INSTANCE_PATH": str(tmp_path)}
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "PUT", "url": "Patient/p1"}}]}))
+    command = tuple(part.format(bundle=bundle) for part in command)
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", *command], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: the database did not answer: it cannot be reached (")
+    assert "127.0.0.1" in lines[0] and "Connection refused" in lines[0]
+    assert "s3cret-pw" not in done.stdout + done.stderr
