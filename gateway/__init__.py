@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from flask_cors import CORS
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy import Engine
@@ -63,6 +63,10 @@ def build_services(settings: Settings) -> Gateway:
                    SmartAuth(engine, settings, store))
 
 
+# Endpoints that touch no patient data, served also while the audit log is behind.
+UNAUDITED_ENDPOINTS = frozenset({"healthz", "readyz", "metrics.metrics"})
+
+
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     from gateway import db, metrics
     from gateway.fhir import api
@@ -116,14 +120,25 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     logs.install(app)
     ratelimit.install(app, settings)
 
+    @app.before_request
+    def _audit_keeping_up() -> None:
+        # Every request that may touch patient data leaves an AuditEvent: while the writer cannot
+        # take more records, none starts (fail closed, before any query) rather than hang on a full
+        # queue. Health, readiness, metrics, static files and CORS preflights touch no data.
+        if not services.audit.keeping_up() and request.method != "OPTIONS" and \
+                request.endpoint not in UNAUDITED_ENDPOINTS and not (request.endpoint or "").endswith(".static"):
+            raise api.AuditBehind()
+
     @app.get("/healthz")
     def healthz() -> Any:
         return jsonify(status="ok")
 
     @app.get("/readyz")
     def readyz() -> Any:
-        if db.ping(engine):
-            return jsonify(status="ready", database="reachable")
-        return jsonify(status="unavailable", database="unreachable"), 503
+        if not db.ping(engine):
+            return jsonify(status="unavailable", database="unreachable"), 503
+        if not services.audit.keeping_up():
+            return jsonify(status="unavailable", database="reachable", audit="behind"), 503
+        return jsonify(status="ready", database="reachable")
 
     return app

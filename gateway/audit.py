@@ -5,6 +5,12 @@ go into a bounded in-memory queue that a background thread drains in batches (on
 batch). When the queue is full, request threads wait for room: records are never dropped. The
 queue is flushed on shutdown (atexit), and `flush()` lets tests and commands wait for it.
 
+When the writer cannot keep up, because the database does not take the records (down, or its disk
+full, while reads still work) or it is far behind, new requests are refused before they touch any
+data (`keeping_up()`, checked for every request in `gateway/__init__.py`): a 503 that says so, not
+a request that hangs on a full queue until the server stops answering. The last tenth of the queue
+is left for the requests already in flight, so theirs still go in.
+
 The request pays only for putting a tuple on the queue. The writer thread gathers records for up
 to `max_delay` seconds, works out the patients from the versions that were served, and writes the
 batch with one multi-row insert in one transaction: one commit per batch rather than one fsync per
@@ -156,10 +162,15 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+# New requests are refused while the queue is this full; the rest is for requests in flight.
+HIGH_WATER = 0.9
+
+
 class AuditLog:
     def __init__(self, store: FhirStore, max_queue: int = 10_000, batch_size: int = 500,
                  enabled: bool = True, max_delay: float = 0.2) -> None:
         self.max_delay = max_delay
+        self.high_water = max(1, int(max_queue * HIGH_WATER))
         self.store = store
         self.enabled = enabled
         self.batch_size = batch_size
@@ -172,6 +183,11 @@ class AuditLog:
         self._closing = False  # set by close(): a batch the database cannot take is given up on
         # Set while someone waits in flush() or close(): the writer stops letting records gather.
         self._hurry = threading.Event()
+
+    def keeping_up(self) -> bool:
+        """Whether a new request may start: its record will find room in the queue. False while the
+        records not yet written fill nine tenths of it."""
+        return not self.enabled or self.queue.qsize() < self.high_water
 
     def record(self, interaction: str, agent: str, *, client_id: str | None = None,
                address: str | None = None, outcome: str = "0", query: str | None = None,

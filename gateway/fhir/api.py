@@ -100,7 +100,26 @@ def _audit(interaction: str, *, entities: tuple[str, ...] = (), contents: tuple[
     )
 
 
+class AuditBehind(Exception):
+    """The AuditEvent writer cannot take the records of more requests now (see gateway.audit)."""
+
+
 def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(AuditBehind)
+    def _audit_behind(_exc: AuditBehind) -> Response:
+        # Nothing was read or written: refused before any query, so a client may simply try again.
+        current_app.logger.warning("%s %s answered 503: the audit log is behind", request.method, logs.route())
+        what = "the audit log cannot record more requests at the moment"
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
+        if request.path.startswith("/fhir"):
+            body = operation_outcome("error", "transient", f"The request was not carried out because {what}; "
+                                     "nothing was read or changed. Please try again later.")
+            return fhir_response(body, 503, headers)
+        response = _friendly(503) or Response(f"Unavailable: {what}; please try again later.\n", 503,
+                                              content_type="text/plain; charset=utf-8")
+        response.headers.update(headers)
+        return response
+
     @app.errorhandler(FhirError)
     def _fhir_error(exc: FhirError) -> Response:
         if request.path.startswith("/fhir") and exc.status in (401, 403):

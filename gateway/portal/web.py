@@ -119,7 +119,9 @@ def friendly_error(status: int, error: Exception | None = None) -> Response:
     """The page for an error outside any view's own handling (unknown page, a crash)."""
     messages = {404: _("There is no page at this address."), 405: _("That is not something this page does."),
                 413: _("What you sent is too large."), 429: _("Too many attempts; please wait a few minutes."),
-                400: _("We could not understand that request. Please go back and try again.")}
+                400: _("We could not understand that request. Please go back and try again."),
+                503: _("This service cannot take requests at the moment; nothing was changed. Please try again "
+                       "in a few minutes.")}
     message = messages.get(status, _("Something went wrong on our side. It has been logged; please try again."))
     if status == 400 and isinstance(error, CSRFError):
         message = _("This form has expired or was not sent from this site. Please go back, reload the page "

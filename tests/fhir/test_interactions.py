@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -593,6 +594,55 @@ def test_audit_flush_does_not_wait_for_records_to_gather(app: Any, client: Any) 
     assert time.monotonic() - started < 10
     assert audit.queue.unfinished_tasks == 0
     assert [e for e in flushed_audit_events(app, client) if e["subtype"][0]["code"] == "read"]
+
+
+def test_while_the_audit_log_is_behind_requests_are_refused_before_touching_any_data(app: Any, client: Any) -> None:
+    """The database takes no AuditEvents (down, or its disk full while reads still work): once the
+    records not yet written reach the high-water mark, new requests get a 503 saying so, before any
+    query, instead of hanging on a full queue until the server stops answering. Health answers,
+    readiness says why it is not ready, and once the writer catches up everything works again and no
+    record of the requests that were served is lost."""
+    audit = app.extensions["gateway"].audit
+    pid = create(client, patient())["id"]
+    audit.flush()
+    entered, release = threading.Event(), threading.Event()
+    write = audit._write
+
+    def held(batch: Any) -> None:
+        entered.set()
+        release.wait(60)
+        write(batch)
+
+    audit._write = held
+    audit.high_water = 3
+    try:
+        assert client.get(f"/fhir/Patient/{pid}").status_code == 200
+        assert entered.wait(10)  # the writer holds that read's record and cannot write it
+        served = [client.get(f"/fhir/Patient/{pid}").status_code for _ in range(3)]
+        assert served == [200, 200, 200] and audit.queue.qsize() == 3
+        refused = client.get(f"/fhir/Patient/{pid}")
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        issue = refused.get_json()["issue"][0]
+        assert issue["code"] == "transient" and "audit log" in issue["diagnostics"]
+        assert pid not in refused.get_data(as_text=True)
+        created = client.post("/fhir/Patient", json=patient(), headers={"Content-Type": "application/fhir+json"})
+        assert created.status_code == 503
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["audit"] == "behind"
+        page = client.get("/", headers={"Accept": "text/html"})
+        assert page.status_code == 503 and "Traceback" not in page.get_data(as_text=True)
+        assert audit.queue.qsize() == 3  # the refusals queued nothing
+    finally:
+        release.set()
+    audit.flush()
+    audit._write = write
+    assert client.get("/readyz").status_code == 200
+    assert client.get(f"/fhir/Patient/{pid}").status_code == 200
+    reads = [e for e in flushed_audit_events(app, client) if e["subtype"][0]["code"] == "read"]
+    assert len(reads) == 5  # the first read, the three served while the log was behind, the last one
+    bundle = client.get("/fhir/Patient?_summary=count").get_json()
+    assert bundle["total"] == 1  # the refused create wrote nothing
 
 
 # --- several current versions at once (the HL7 feed reads a message's resources this way) ---
