@@ -628,6 +628,7 @@ def test_while_the_audit_log_is_behind_requests_are_refused_before_touching_any_
         created = client.post("/fhir/Patient", json=patient(), headers={"Content-Type": "application/fhir+json"})
         assert created.status_code == 503
         assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.get_json()["audit"] == "behind"
         page = client.get("/", headers={"Accept": "text/html"})
