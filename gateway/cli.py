@@ -43,7 +43,7 @@ class _Commands(click.Group):
             reason = unavailable(exc)
             if reason is None:
                 raise
-            detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
             what = "its disk is full" if reason == "full" else "it cannot be reached"
             raise click.ClickException(f"the database did not answer: {what} ({detail})") from None
 

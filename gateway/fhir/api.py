@@ -109,16 +109,8 @@ def register_error_handlers(app: Flask) -> None:
     def _audit_behind(_exc: AuditBehind) -> Response:
         # Nothing was read or written: refused before any query, so a client may simply try again.
         current_app.logger.warning("%s %s answered 503: the audit log is behind", request.method, logs.route())
-        what = "the audit log cannot record more requests at the moment"
-        headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
-        if request.path.startswith("/fhir"):
-            body = operation_outcome("error", "transient", f"The request was not carried out because {what}; "
-                                     "nothing was read or changed. Please try again later.")
-            return fhir_response(body, 503, headers)
-        response = _friendly(503) or Response(f"Unavailable: {what}; please try again later.\n", 503,
-                                              content_type="text/plain; charset=utf-8")
-        response.headers.update(headers)
-        return response
+        return _try_later(503, "transient", "the audit log cannot record more requests at the moment",
+                          "The request was not carried out because {what}; nothing was read or changed.")
 
     @app.errorhandler(FhirError)
     def _fhir_error(exc: FhirError) -> Response:
@@ -148,16 +140,8 @@ def register_error_handlers(app: Flask) -> None:
         what = "the storage is full" if reason == "full" else "the database is unreachable"
         current_app.logger.warning("%s %s answered %d: %s (%s)", request.method, logs.route(), status, what,
                                    type(exc.orig).__name__)
-        headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
-        if request.path.startswith("/fhir"):
-            body = operation_outcome("error", "no-store", f"The request could not be carried out because {what}; "
-                                     "nothing was changed. Please try again later.")
-            return fhir_response(body, status, headers)
-        page = _friendly(status)
-        response = page or Response(f"Unavailable: {what}; please try again later.\n", status,
-                                    content_type="text/plain; charset=utf-8")
-        response.headers.update(headers)
-        return response
+        return _try_later(status, "no-store", what,
+                          "The request could not be carried out because {what}; nothing was changed.")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
@@ -166,6 +150,19 @@ def register_error_handlers(app: Flask) -> None:
         if request.path.startswith("/fhir"):
             return fhir_response(body, 500)
         return _friendly(500) or Response("Internal error; it has been logged.", 500, content_type="text/plain")
+
+
+def _try_later(status: int, code: str, what: str, diagnostics: str) -> Response:
+    """A passing refusal (the database or the audit log cannot take the request now) with
+    Retry-After: an OperationOutcome on the API, a page or a line of text elsewhere."""
+    headers = {"Retry-After": str(DATABASE_RETRY_AFTER)}
+    if request.path.startswith("/fhir"):
+        body = operation_outcome("error", code, diagnostics.format(what=what) + " Please try again later.")
+        return fhir_response(body, status, headers)
+    response = _friendly(status) or Response(f"Unavailable: {what}; please try again later.\n", status,
+                                             content_type="text/plain; charset=utf-8")
+    response.headers.update(headers)
+    return response
 
 
 def _friendly(status: int, error: Exception | None = None) -> Response | None:

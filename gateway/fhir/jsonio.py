@@ -20,13 +20,6 @@ from typing import Any
 import orjson
 import simplejson
 
-_OPTIONS = {
-    (False, False): 0,
-    (False, True): orjson.OPT_SORT_KEYS,
-    (True, False): orjson.OPT_INDENT_2,
-    (True, True): orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
-}
-
 
 def loads(data: str | bytes) -> Any:
     return simplejson.loads(data, use_decimal=True)
@@ -39,13 +32,12 @@ def _decimal(value: Any) -> orjson.Fragment:
 
 
 def dumps(value: Any, pretty: bool = False, sort_keys: bool = False) -> str:
+    option = (orjson.OPT_INDENT_2 if pretty else 0) | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     try:
-        return orjson.dumps(value, default=_decimal, option=_OPTIONS[pretty, sort_keys]).decode()
+        return orjson.dumps(value, default=_decimal, option=option).decode()
     except orjson.JSONEncodeError:
-        if pretty:
-            return simplejson.dumps(value, use_decimal=True, indent=2, ensure_ascii=False, sort_keys=sort_keys)
-        return simplejson.dumps(value, use_decimal=True, separators=(",", ":"), ensure_ascii=False,
-                                sort_keys=sort_keys)
+        layout: dict[str, Any] = {"indent": 2} if pretty else {"separators": (",", ":")}
+        return simplejson.dumps(value, use_decimal=True, ensure_ascii=False, sort_keys=sort_keys, **layout)
 
 
 def pretty(text: str) -> str:
