@@ -218,6 +218,35 @@ def test_tasks_stored_before_task_joined_the_compartment_are_indexed_by_the_migr
     engine.dispose()
 
 
+def test_the_id_token_rows_of_earlier_versions_are_dropped_by_the_migration_and_id_search_still_finds(
+        tmp_path: Path) -> None:
+    from sqlalchemy import insert
+
+    from gateway.fhir.search import search
+    from gateway.fhir.store import FhirStore
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
+    db.upgrade(engine, "0009")
+    store = FhirStore(engine)
+    with store.writing() as repo:
+        patient = repo.create({"resourceType": "Patient", "gender": "female"}).stored
+    with engine.begin() as conn:  # the row an earlier version wrote for every resource
+        conn.execute(insert(db.sp_token).values(resource_pk=patient.pk, resource_type="Patient", param="_id",
+                                                system=None, code=patient.id, text=None))
+    def params() -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(select(db.sp_token.c.param).where(db.sp_token.c.resource_pk == patient.pk))
+                       .scalars())
+
+    assert "_id" in params()
+    db.upgrade(engine)
+    assert "_id" not in params() and "gender" in params()
+    with store.reading() as repo:
+        _, result = search(repo, "Patient", [("_id", patient.id)])
+    assert [e.id for e in result.matches] == [patient.id]
+    engine.dispose()
+
+
 def test_the_migrations_build_exactly_the_tables_the_code_declares(database_url: str) -> None:
     """Every table, column and index the code's metadata declares comes from a migration, and the
     migrations make nothing the code does not know of (both databases)."""

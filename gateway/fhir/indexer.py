@@ -183,12 +183,23 @@ def param_rows(param: SearchParam, resource: dict[str, Any], base_url: str) -> I
             yield {"value": value[:1024]}
 
 
+# Parameters searched on the resource table's own columns (search.py: `_id` is resource.id), never
+# through index rows: a row for them would be written with every resource and never read.
+FROM_RESOURCE_TABLE = frozenset({"_id"})
+
+
+@functools.cache
+def _indexed(resource_type: str) -> tuple[tuple[str, SearchParam], ...]:
+    return tuple((code, param) for code, param in params_for(resource_type).items()
+                 if code not in FROM_RESOURCE_TABLE)
+
+
 def index_rows(resource: dict[str, Any], base_url: str = "") -> dict[str, list[Row]]:
     """{param type: rows} for one resource; rows lack resource_pk, which the store adds."""
     resource_type = resource["resourceType"]
     out: dict[str, list[Row]] = {}
     present = element_names(resource)
-    for code, param in params_for(resource_type).items():
+    for code, param in _indexed(resource_type):
         if param.needs is not None and present.isdisjoint(param.needs):
             continue  # most parameters find nothing in a given resource: a lookup or two says so
         seen: set[tuple[Any, ...]] = set()

@@ -34,6 +34,12 @@ def test_normalize_folds_case_and_accents() -> None:
     assert normalize("Muñoz ÅSTRÖM") == "munoz astrom"
 
 
+def test_no_index_row_is_written_for_id_which_search_reads_from_the_resource_table() -> None:
+    rows = index_rows({"resourceType": "Patient", "id": "p1", "gender": "female"})
+    assert all(row["param"] != "_id" for kind in rows.values() for row in kind)
+    assert any(row["param"] == "gender" for row in rows["token"])
+
+
 def test_period_without_end_is_open() -> None:
     rows = index_rows({"resourceType": "Encounter", "id": "e", "status": "planned", "class": {"code": "AMB"},
                        "period": {"start": "2020-01-01"}})
