@@ -54,7 +54,8 @@ def build_services(settings: Settings) -> Gateway:
     engine = db.make_engine(settings.database_url, settings.sqlite_synchronous)
     store = FhirStore(engine, settings.fhir_base)
     metrics.attach(engine, settings)  # this process's per-minute rollups go to this database
-    audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled)
+    audit = AuditLog(store, settings.audit_queue_size, settings.audit_batch_size, settings.audit_enabled,
+                     max_backlog=settings.audit_max_backlog)
     # patients' requests to the EHR are queued in the transaction of the local write
     Outbox(settings).install(store)
     # and the portal's notifications (new result, new message) in the same way
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
         # Every request that may touch patient data leaves an AuditEvent: while the writer cannot
         # take more records, none starts (fail closed, before any query) rather than hang on a full
         # queue. Health, readiness, metrics, static files and CORS preflights touch no data.
+        services.audit.note_activity()  # a busy process leaves spooled AuditEvents for later
         if not services.audit.keeping_up() and request.method != "OPTIONS" and \
                 request.endpoint not in UNAUDITED_ENDPOINTS and not (request.endpoint or "").endswith(".static"):
             raise api.AuditBehind()
@@ -139,6 +141,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
             return jsonify(status="unavailable", database="unreachable"), 503
         if not services.audit.keeping_up():
             return jsonify(status="unavailable", database="reachable", audit="behind"), 503
-        return jsonify(status="ready", database="reachable")
+        # AuditEvents captured but not yet stored as resources (about): a number that stays high
+        # says the server has had no idle moment to store them in
+        return jsonify(status="ready", database="reachable", audit_backlog=services.audit.backlog())
 
     return app

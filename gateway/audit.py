@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy import delete, func, select
 
 from gateway import db
 from gateway.fhir.dates import now_instant
 from gateway.fhir.indexer import compartment_patients
-from gateway.fhir.store import FhirStore
+from gateway.fhir.store import FhirStore, insert_rows
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,17 @@ def _b64(text: str) -> str:
 
 # New requests are refused while the queue is this full; the rest is for requests in flight.
 HIGH_WATER = 0.9
+# Spooled events stored as AuditEvent resources per transaction.
+SPOOL_CHUNK = 500
+# A process whose queue stayed empty this long (no audited request) stores what the spool holds.
+IDLE_AFTER = 0.5
 
 
 class AuditLog:
     def __init__(self, store: FhirStore, max_queue: int = 10_000, batch_size: int = 500,
-                 enabled: bool = True, max_delay: float = 0.2) -> None:
+                 enabled: bool = True, max_delay: float = 0.2, max_backlog: int = 100_000) -> None:
         self.max_delay = max_delay
+        self.max_backlog = max_backlog
         self.high_water = max(1, int(max_queue * HIGH_WATER))
         self.store = store
         self.enabled = enabled
@@ -178,11 +184,21 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
-        self.written = 0
+        self.spooled = 0  # events this process appended to the spool
+        self.written = 0  # events this process stored as AuditEvent resources
         self.failures = 0
+        store.audit_backlog = self.catch_up
+        self._active_at = 0.0  # time.monotonic() of the last request or record (note_activity)
         self._closing = False  # set by close(): a batch the database cannot take is given up on
         # Set while someone waits in flush() or close(): the writer stops letting records gather.
         self._hurry = threading.Event()
+
+    def note_activity(self) -> None:
+        """A request started, or a record was made: the process is not idle (see _when_idle)."""
+        self._active_at = time.monotonic()
+
+    def _idle(self) -> bool:
+        return time.monotonic() - self._active_at >= IDLE_AFTER
 
     def keeping_up(self) -> bool:
         """Whether a new request may start: its record will find room in the queue. False while the
@@ -204,14 +220,23 @@ class AuditLog:
                   entities: tuple[str, ...] = (), patients: set[str] | frozenset[str] = frozenset(),
                   description: str | None = None) -> None:
         """Record in the caller's own write transaction (`repo`), for writers that hold one anyway
-        (the HL7 feed): the AuditEvents commit or roll back with the data they record, and cost no
-        queue, thread hand-over or transaction of their own. `patients` are those whose compartments
-        the written resources lie in."""
+        (the HL7 feed): the records go into the spool with the data they record, or not at all, and
+        cost no queue or thread hand-over. `patients` are those whose compartments the written
+        resources lie in."""
         if not self.enabled:
             return
+        self.note_activity()
         record = AuditRecord(interaction, agent, client_id, None, "0", None, entities, (), now_instant(),
                              description)
-        repo.create_many(audit_events(record, set(patients)))
+        events = audit_events(record, set(patients))
+        insert_rows(repo.conn, db.audit_spool.name, [{"event": orjson.dumps(event).decode()} for event in events])
+        self.spooled += len(events)
+
+    def start(self) -> None:
+        """Start the writer now rather than at the first record: a server's worker process, so that
+        it stores the spooled events when it has time even before it serves an audited request."""
+        if self.enabled:
+            self._ensure_thread()
 
     def _ensure_thread(self) -> None:
         # Started lazily and per process: a thread does not survive gunicorn's fork.
@@ -226,7 +251,12 @@ class AuditLog:
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=IDLE_AFTER)
+            except queue.Empty:
+                if self._idle():
+                    self._when_idle()
+                continue
             batch: list[AuditRecord] = []
             stop = item is None
             if item is not None:
@@ -246,21 +276,76 @@ class AuditLog:
                     batch.append(nxt)
             if batch:
                 self._write(batch)
+                self._bound_backlog()
             for _ in range(len(batch) + (1 if stop else 0)):
                 self.queue.task_done()
             if stop:
                 return
 
+    def _when_idle(self) -> None:
+        """No request came and no record was made for IDLE_AFTER seconds: store spooled events, a
+        chunk at a time, until the spool is empty or the process has work again."""
+        try:
+            while self.queue.empty() and self._idle() and self.store_spooled(wait=False) == SPOOL_CHUNK:
+                pass
+        except Exception as exc:  # the writer must outlive it; the events stay in the spool
+            if db.unavailable(exc) is None:
+                log.exception("storing spooled audit events failed; they stay in the spool")
+
+    def _bound_backlog(self) -> None:
+        """Under sustained load the process is never idle: once the spool holds more than
+        max_backlog events, every batch written also stores a chunk of them (what a request then
+        costs is what it cost before there was a spool)."""
+        try:
+            if self.backlog() > self.max_backlog:
+                self.store_spooled(wait=False)
+        except Exception as exc:
+            if db.unavailable(exc) is None:
+                log.exception("storing spooled audit events failed; they stay in the spool")
+
+    def backlog(self) -> int:
+        """Events in the spool, about (from the first and last sequence number: two index lookups)."""
+        S = db.audit_spool.c
+        with self.store.reading() as repo:
+            first, last = repo.conn.execute(select(func.min(S.seq), func.max(S.seq))).one()
+        return 0 if first is None else last - first + 1
+
+    def store_spooled(self, limit: int = SPOOL_CHUNK, wait: bool = True) -> int:
+        """Store up to `limit` spooled events, oldest first, as AuditEvent resources, and take them
+        out of the spool in the same transaction; returns how many. On PostgreSQL, wait=False skips
+        events another process is storing at this moment; wait=True waits for it to finish."""
+        S = db.audit_spool.c
+        with self.store.reading() as repo:  # most idle checks find nothing: no write lock for them
+            if repo.conn.execute(select(S.seq).limit(1)).first() is None:
+                return 0
+        with self.store.writing(durable=False) as repo:
+            query = select(S.seq, S.event).order_by(S.seq).limit(limit)
+            if db.is_postgres(repo.conn):
+                query = query.with_for_update(skip_locked=not wait)
+            rows = repo.conn.execute(query).all()
+            if not rows:
+                return 0
+            repo.create_many([orjson.loads(row.event) for row in rows])
+            repo.conn.execute(delete(db.audit_spool).where(S.seq.in_([row.seq for row in rows])))
+        self.written += len(rows)
+        return len(rows)
+
+    def catch_up(self) -> None:
+        """Store every spooled event (searches of AuditEvent call this first)."""
+        while self.store_spooled() == SPOOL_CHUNK:
+            pass
+
     def _write(self, batch: list[AuditRecord]) -> None:
         events = [event for r in batch for event in audit_events(r, _patients(r.contents))]
+        rows = [{"event": orjson.dumps(event).decode()} for event in events]
         attempt = failed = 0
         while True:
             attempt += 1
             try:
                 # Not durable: records wait in memory before this anyway (see write_tx).
                 with self.store.writing(durable=False) as repo:
-                    repo.create_many(events)
-                self.written += len(events)
+                    insert_rows(repo.conn, db.audit_spool.name, rows)
+                self.spooled += len(events)
                 if attempt > 1:
                     log.info("wrote %d audit events after %d attempts", len(events), attempt)
                 return
@@ -280,12 +365,14 @@ class AuditLog:
         self.failures += len(events)
 
     def flush(self) -> None:
+        """Wait until every record so far is stored as an AuditEvent resource."""
         if self._thread is not None and self._thread.is_alive():
             self._hurry.set()
             try:
                 self.queue.join()
             finally:
                 self._hurry.clear()
+        self.catch_up()
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
@@ -294,3 +381,15 @@ class AuditLog:
             self.queue.put(None)
             self._thread.join(timeout=30)
             self._hurry.clear()
+            self._store_before_exit()
+
+    def _store_before_exit(self, seconds: float = 5.0) -> None:
+        """A command ending stores what the spool holds, for a few seconds at most: the rest waits
+        for a server with time, or for the next AuditEvent search."""
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline and self.store_spooled(wait=False) == SPOOL_CHUNK:
+                pass
+        except Exception as exc:
+            log.warning("spooled audit events stay in the spool for now (%s)",
+                        db.unavailable(exc) or type(exc).__name__)

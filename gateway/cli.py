@@ -649,6 +649,7 @@ def start_mllp(settings: Settings, host: str, port: int, **options: Any) -> Any:
     from gateway.hl7.mllp import start_in_thread
 
     services = build_services(settings)
+    services.audit.start()  # the feed's AuditEvents wait in the spool until the listener has time
     warm_up()  # validate every version's ACK template now, not on a sender's first message
     return start_in_thread(lambda raw: services.hl7.handle(raw, "mllp"), host, port,
                            read_timeout=settings.mllp_read_timeout,

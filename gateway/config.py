@@ -39,6 +39,7 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     audit_queue_size: int = 10_000
     audit_batch_size: int = 500
+    audit_max_backlog: int = 100_000
     audit_enabled: bool = True
     # The EHR's FHIR R4 API (gateway/upstream): a static bearer token, or SMART backend services
     # (private_key_jwt signed with the PEM key file; token endpoint from .well-known/smart-configuration).

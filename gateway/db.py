@@ -206,6 +206,16 @@ hl7_written = Table(
     Index("ix_hl7_written_resource", "resource_type", "resource_id"),
 )
 
+# AuditEvents captured but not yet stored as resources (gateway.audit): one row per event, its
+# JSON without id and meta. The request path's audit writer only appends here; the events become
+# indexed AuditEvent resources when the process has time, and before any AuditEvent search.
+audit_spool = Table(
+    "audit_spool",
+    metadata,
+    Column("seq", PK, primary_key=True, autoincrement=True),
+    Column("event", Text, nullable=False),
+)
+
 # --- the EHR connection (gateway/upstream) ---
 
 # What patients did that must reach the EHR, queued in the transaction of the local change and

@@ -21,7 +21,10 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         # Called in each worker after the fork: engines and threads are never shared across processes.
         from gateway import create_app
 
-        return create_app()
+        app = create_app()
+        # the worker stores spooled AuditEvents whenever it has time, from the start
+        app.extensions["gateway"].audit.start()
+        return app
 
 
 def run_gunicorn(host: str, port: int, workers: int, threads: int,

@@ -680,6 +680,10 @@ def _shape_of(query: Query) -> tuple[Any, ...]:
 def search(repo: Repository, resource_type: str, params: list[tuple[str, str]], *,
            restrict: Restriction | None = None, compartment: str | None = None, strict: bool = False,
            default_count: int = 20, max_count: int = 1000) -> tuple[Query, SearchResult]:
+    if _finds_audit_events(resource_type, params) and not repo.conn.info.get("write"):
+        # AuditEvents captured before this search but still in the spool are stored first. Before
+        # this transaction's first read: its snapshot (SQLite) then includes them.
+        repo.store.settle_audit()
     repo.flush()
     builder = SearchBuilder(repo, resource_type, strict)
     query = builder.parse(params, default_count, max_count)
@@ -817,6 +821,11 @@ def conditional_matches(repo: Repository, resource_type: str, criteria: str) -> 
         raise FhirError(400, "Conditional criteria are empty", code="invalid")
     _, result = search(repo, resource_type, [*params, ("_count", "2")], strict=True)
     return result.matches
+
+
+def _finds_audit_events(resource_type: str, params: list[tuple[str, str]]) -> bool:
+    return resource_type == "AuditEvent" or any(
+        name.split(":")[0] == "_revinclude" and value.startswith("AuditEvent:") for name, value in params)
 
 
 def everything(repo: Repository, patient_id: str, *, since: str | None = None, types: list[str] | None = None,

@@ -123,10 +123,10 @@ _DELETE_INDEX = {
     table.name: delete(table).where(table.c.resource_pk.in_(bindparam("pks", expanding=True)))
     for table in db.ALL_INDEX_TABLES
 }
-_INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.resource_version)}
+_INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.resource_version, db.audit_spool)}
 
 
-def _insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
+def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
     """Many rows into one of the tables above (all rows with the same keys). On SQLite they go to
     the driver as tuples: SQLAlchemy's per-row parameter processing cost more than SQLite's own insert
     (11 against 7 µs a row), and a resource has 20 to 40 index rows. On PostgreSQL, SQLAlchemy
@@ -264,10 +264,10 @@ class Repository:
         self._stale = {}
         for name, rows in self._pending.items():
             if rows:
-                _insert_rows(self.conn, name, rows)
+                insert_rows(self.conn, name, rows)
         self._pending = {}
         if self._versions:
-            _insert_rows(self.conn, db.resource_version.name, self._versions)
+            insert_rows(self.conn, db.resource_version.name, self._versions)
             self._versions = []
 
     def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
@@ -509,6 +509,13 @@ class FhirStore:
         # Absolute references on this base are indexed as local ones.
         self.base_url = fhir_base.rstrip("/")
         self.listeners: list[WriteListener] = []
+        # Stores the AuditEvents captured but not yet stored (gateway.audit sets it): searches of
+        # AuditEvent call it first, so that they find every event captured before them.
+        self.audit_backlog: Callable[[], Any] | None = None
+
+    def settle_audit(self) -> None:
+        if self.audit_backlog is not None:
+            self.audit_backlog()
 
     def notify(self, action: str, result: WriteResult, repo: Repository) -> None:
         for listener in self.listeners:

@@ -596,6 +596,81 @@ def test_audit_flush_does_not_wait_for_records_to_gather(app: Any, client: Any) 
     assert [e for e in flushed_audit_events(app, client) if e["subtype"][0]["code"] == "read"]
 
 
+def _spool_only(audit: Any) -> None:
+    """Let the writer put what is queued into the spool, and store nothing from it meanwhile."""
+    audit._when_idle = lambda: None
+    audit._hurry.set()
+    try:
+        audit.queue.join()
+    finally:
+        audit._hurry.clear()
+
+
+def _in_spool(app: Any) -> int:
+    from sqlalchemy import func, select
+
+    from gateway import db
+
+    with app.extensions["gateway"].engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(db.audit_spool)).scalar_one()
+
+
+def _stored_audit_events(app: Any) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from gateway import db
+
+    with app.extensions["gateway"].engine.connect() as conn:
+        rows = conn.execute(select(db.resource.c.content).where(db.resource.c.resource_type == "AuditEvent"))
+        return [json.loads(row.content) for row in rows]
+
+
+def test_a_search_of_audit_events_first_stores_those_still_in_the_spool(app: Any, client: Any) -> None:
+    """A read's record goes to the spool (cheap, on the request's heels); it becomes an AuditEvent
+    resource later, but never later than the next AuditEvent search: that search finds it."""
+    audit = app.extensions["gateway"].audit
+    pid = create(client, patient())["id"]
+    audit.flush()
+    _spool_only(audit)
+    client.get(f"/fhir/Patient/{pid}")
+    _spool_only(audit)
+    assert _in_spool(app) == 1
+    assert client.get("/readyz").get_json()["audit_backlog"] == 1
+    assert not [e for e in _stored_audit_events(app) if e["subtype"][0]["code"] == "read"]
+    found = client.get(f"/fhir/AuditEvent?subtype=read&entity=Patient/{pid}").get_json()
+    assert [references(e["resource"]) for e in found["entry"]] == [{f"Patient/{pid}"}]
+    assert _in_spool(app) == 0
+    # the search itself was recorded, and waits in the spool for the next one
+    _spool_only(audit)
+    assert _in_spool(app) == 1
+
+
+def test_a_process_with_nothing_to_do_stores_the_spooled_audit_events(app: Any, client: Any) -> None:
+    audit = app.extensions["gateway"].audit
+    pid = create(client, patient())["id"]
+    client.get(f"/fhir/Patient/{pid}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (audit.queue.unfinished_tasks or _in_spool(app)):
+        time.sleep(0.1)
+    assert _in_spool(app) == 0
+    assert [e for e in _stored_audit_events(app) if e["subtype"][0]["code"] == "read"]
+
+
+def test_under_sustained_load_the_spool_is_kept_below_its_bound(app: Any, client: Any) -> None:
+    """A process never idle stores spooled events with every batch once the spool holds more than
+    max_backlog: the spool stays bounded, and requests pay what they paid before it existed."""
+    audit = app.extensions["gateway"].audit
+    pid = create(client, patient())["id"]
+    audit.flush()
+    audit.max_backlog = 2
+    _spool_only(audit)
+    for _ in range(3):
+        client.get(f"/fhir/Patient/{pid}")
+    _spool_only(audit)  # the spool held 3 > 2 after that batch: they were stored with it
+    assert _in_spool(app) == 0
+    assert len([e for e in _stored_audit_events(app) if e["subtype"][0]["code"] == "read"]) == 3
+
+
 def test_while_the_audit_log_is_behind_requests_are_refused_before_touching_any_data(app: Any, client: Any) -> None:
     """The database takes no AuditEvents (down, or its disk full while reads still work): once the
     records not yet written reach the high-water mark, new requests get a 503 saying so, before any
