@@ -304,10 +304,12 @@ class AuditLog:
                 log.exception("storing spooled audit events failed; they stay in the spool")
 
     def backlog(self) -> int:
-        """Events in the spool, about (from the first and last sequence number: two index lookups)."""
+        """Events in the spool, about (from the first and last sequence number: two index lookups;
+        min and max in one SELECT would make SQLite read the whole spool)."""
         S = db.audit_spool.c
         with self.store.reading() as repo:
-            first, last = repo.conn.execute(select(func.min(S.seq), func.max(S.seq))).one()
+            first, last = repo.conn.execute(select(select(func.min(S.seq)).scalar_subquery(),
+                                                   select(func.max(S.seq)).scalar_subquery())).one()
         return 0 if first is None else last - first + 1
 
     def store_spooled(self, limit: int = SPOOL_CHUNK, wait: bool = True) -> int:
