@@ -136,3 +136,21 @@ def test_serve_refuses_to_start_when_its_mllp_port_is_taken(tmp_path: Path) -> N
                                "--mllp-port", str(port)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"the MLLP port 127.0.0.1:{port} cannot be opened" in done.stderr
+
+
+def test_gunicorn_builds_no_access_line_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app writes the access line; gunicorn, given a logging configuration, would build its own
+    line's fields for every request and drop it."""
+    from gunicorn.config import Config
+
+    from gateway.serving import GatewayLogger
+
+    cfg = Config()
+    cfg.set("logconfig_dict", {"version": 1, "disable_existing_loggers": False})
+    logger = GatewayLogger(cfg)
+
+    def atoms(*_args: object) -> dict[str, str]:
+        raise AssertionError("gunicorn built an access line")
+
+    monkeypatch.setattr(logger, "atoms", atoms)
+    logger.access(None, None, {}, None)
