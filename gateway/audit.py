@@ -25,6 +25,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,49 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+class SpareCore:
+    """Whether a core of this machine is free of other processes' work: the CPU time the machine
+    spent since the last call (/proc/stat), less this process's own, against the wall time between.
+    A process of the gateway may have nothing to do while its siblings (the web workers, the MLLP
+    listener) are busy: storing spooled AuditEvents then would take their CPU. Where /proc/stat
+    cannot be read, every core counts as free. The first call only takes the baseline."""
+
+    def __init__(self, read_stat: Callable[[], list[int]] | None = None,
+                 own_seconds: Callable[[], float] | None = None, clock: Callable[[], float] = time.monotonic,
+                 cores: int | None = None) -> None:
+        self._read_stat = read_stat or _machine_ticks
+        self._own_seconds = own_seconds or (lambda: sum(os.times()[:2]))
+        self._clock = clock
+        self.cores = cores or os.cpu_count() or 1
+        self._last: tuple[float, float, float] | None = None
+        self._answer = False
+
+    def __call__(self) -> bool:
+        try:
+            ticks = self._read_stat()
+        except (OSError, ValueError, IndexError):
+            return True
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle, iowait
+        busy = (sum(ticks[:8]) - idle) / _CLOCK_TICKS
+        now, own = self._clock(), self._own_seconds()
+        if self._last is not None and now - self._last[2] < 0.05:
+            return self._answer  # too short a span to say anything new
+        if self._last is not None:
+            last_busy, last_own, last_now = self._last
+            others = max(0.0, (busy - last_busy) - (own - last_own)) / (now - last_now)
+            self._answer = others <= self.cores - 0.75  # three quarters of a core free, at least
+        self._last = (busy, own, now)
+        return self._answer
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_ticks() -> list[int]:
+    with open("/proc/stat", "rb") as fh:
+        return [int(field) for field in fh.readline().split()[1:]]
+
+
 # New requests are refused while the queue is this full; the rest is for requests in flight.
 HIGH_WATER = 0.9
 # Spooled events stored as AuditEvent resources per transaction.
@@ -189,6 +233,7 @@ class AuditLog:
         self.failures = 0
         store.audit_backlog = self.catch_up
         self._active_at = 0.0  # time.monotonic() of the last request or record (note_activity)
+        self._spare = SpareCore()
         self._closing = False  # set by close(): a batch the database cannot take is given up on
         # Set while someone waits in flush() or close(): the writer stops letting records gather.
         self._hurry = threading.Event()
@@ -198,7 +243,9 @@ class AuditLog:
         self._active_at = time.monotonic()
 
     def _idle(self) -> bool:
-        return time.monotonic() - self._active_at >= IDLE_AFTER
+        """This process had no request and made no record for IDLE_AFTER seconds, and the machine
+        has a core its other processes leave free."""
+        return time.monotonic() - self._active_at >= IDLE_AFTER and self._spare()
 
     def keeping_up(self) -> bool:
         """Whether a new request may start: its record will find room in the queue. False while the
@@ -283,8 +330,8 @@ class AuditLog:
                 return
 
     def _when_idle(self) -> None:
-        """No request came and no record was made for IDLE_AFTER seconds: store spooled events, a
-        chunk at a time, until the spool is empty or the process has work again."""
+        """No request came and no record was made for IDLE_AFTER seconds, and a core is free: store
+        spooled events, a chunk at a time, until the spool is empty or there is work again."""
         try:
             while self.queue.empty() and self._idle() and self.store_spooled(wait=False) == SPOOL_CHUNK:
                 pass

@@ -647,6 +647,7 @@ def test_a_search_of_audit_events_first_stores_those_still_in_the_spool(app: Any
 
 def test_a_process_with_nothing_to_do_stores_the_spooled_audit_events(app: Any, client: Any) -> None:
     audit = app.extensions["gateway"].audit
+    audit._spare = lambda: True  # the test suite keeps every core of the machine busy
     pid = create(client, patient())["id"]
     client.get(f"/fhir/Patient/{pid}")
     deadline = time.monotonic() + 20
@@ -654,6 +655,36 @@ def test_a_process_with_nothing_to_do_stores_the_spooled_audit_events(app: Any, 
         time.sleep(0.1)
     assert _in_spool(app) == 0
     assert [e for e in _stored_audit_events(app) if e["subtype"][0]["code"] == "read"]
+
+
+def test_spooled_events_wait_while_other_processes_keep_the_cores_busy() -> None:
+    """A listener or worker with nothing to do must not take the CPU its busy siblings need: the
+    spool is worked off only while a core is left free by the machine's other processes."""
+    from gateway.audit import SpareCore
+
+    tick = 100  # /proc/stat counts in 1/100 s on Linux
+    machine = {"busy": 0, "idle": 0}
+    own = {"seconds": 0.0}
+    clock = {"now": 0.0}
+
+    def stat() -> list[int]:
+        return [machine["busy"], 0, 0, machine["idle"], 0, 0, 0, 0]
+
+    spare = SpareCore(stat, lambda: own["seconds"], lambda: clock["now"], cores=2)
+
+    def second(others: float, mine: float = 0.0) -> bool:
+        clock["now"] += 1.0
+        machine["busy"] += int((others + mine) * tick)
+        machine["idle"] += int((2 - others - mine) * tick)
+        own["seconds"] += mine
+        return spare()
+
+    assert spare() is False  # the baseline: nothing known yet
+    assert second(others=1.9) is False  # two web workers at full load
+    assert second(others=0.1) is True  # the load is gone
+    assert second(others=0.1, mine=0.95) is True  # its own storing does not count against it
+    assert second(others=1.5, mine=0.5) is False  # the load is back
+    assert SpareCore(lambda: (_ for _ in ()).throw(OSError("no /proc")))() is True
 
 
 def test_under_sustained_load_the_spool_is_kept_below_its_bound(app: Any, client: Any) -> None:
