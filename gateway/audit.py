@@ -20,12 +20,13 @@ event, and as little Python work as possible (it holds the GIL that request thre
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,11 @@ def _machine_ticks() -> list[int]:
         return [int(field) for field in fh.readline().split()[1:]]
 
 
+def _spool(repo: Any, events: list[dict[str, Any]]) -> None:
+    """Append events to the spool in the transaction of `repo`."""
+    insert_rows(repo.conn, db.audit_spool.name, [{"event": orjson.dumps(event).decode()} for event in events])
+
+
 # New requests are refused while the queue is this full; the rest is for requests in flight.
 HIGH_WATER = 0.9
 # Spooled events stored as AuditEvent resources per transaction.
@@ -231,7 +237,7 @@ class AuditLog:
         self.spooled = 0  # events this process appended to the spool
         self.written = 0  # events this process stored as AuditEvent resources
         self.failures = 0
-        store.audit_backlog = self.catch_up
+        store.audit_catch_up = self.catch_up
         self._active_at = 0.0  # time.monotonic() of the last request or record (note_activity)
         self._spare = SpareCore()
         self._closing = False  # set by close(): a batch the database cannot take is given up on
@@ -276,7 +282,7 @@ class AuditLog:
         record = AuditRecord(interaction, agent, client_id, None, "0", None, entities, (), now_instant(),
                              description)
         events = audit_events(record, set(patients))
-        insert_rows(repo.conn, db.audit_spool.name, [{"event": orjson.dumps(event).decode()} for event in events])
+        _spool(repo, events)
         self.spooled += len(events)
 
     def start(self) -> None:
@@ -332,23 +338,32 @@ class AuditLog:
     def _when_idle(self) -> None:
         """No request came and no record was made for IDLE_AFTER seconds, and a core is free: store
         spooled events, a chunk at a time, until the spool is empty or there is work again."""
-        try:
-            while self.queue.empty() and self._idle() and self.store_spooled(wait=False) == SPOOL_CHUNK:
-                pass
-        except Exception as exc:  # the writer must outlive it; the events stay in the spool
-            if db.unavailable(exc) is None:
-                log.exception("storing spooled audit events failed; they stay in the spool")
+        with self._spool_kept_on_failure():
+            self._store_spool_while(lambda: self.queue.empty() and self._idle(), wait=False)
 
     def _bound_backlog(self) -> None:
         """Under sustained load the process is never idle: once the spool holds more than
         max_backlog events, every batch written also stores a chunk of them (what a request then
         costs is what it cost before there was a spool)."""
-        try:
+        with self._spool_kept_on_failure():
             if self.backlog() > self.max_backlog:
                 self.store_spooled(wait=False)
+
+    @contextlib.contextmanager
+    def _spool_kept_on_failure(self) -> Iterator[None]:
+        """For the writer thread's storing: it must outlive a failure, and the events stay in the
+        spool (a database that is down or full is said elsewhere)."""
+        try:
+            yield
         except Exception as exc:
             if db.unavailable(exc) is None:
                 log.exception("storing spooled audit events failed; they stay in the spool")
+
+    def _store_spool_while(self, going_on: Callable[[], bool], wait: bool) -> None:
+        """Store spooled events a chunk at a time while going_on() holds and the spool still has
+        some (a chunk came back full)."""
+        while going_on() and self.store_spooled(wait=wait) == SPOOL_CHUNK:
+            pass
 
     def backlog(self) -> int:
         """Events in the spool, about (from the first and last sequence number: two index lookups;
@@ -381,19 +396,17 @@ class AuditLog:
 
     def catch_up(self) -> None:
         """Store every spooled event (searches of AuditEvent call this first)."""
-        while self.store_spooled() == SPOOL_CHUNK:
-            pass
+        self._store_spool_while(lambda: True, wait=True)
 
     def _write(self, batch: list[AuditRecord]) -> None:
         events = [event for r in batch for event in audit_events(r, _patients(r.contents))]
-        rows = [{"event": orjson.dumps(event).decode()} for event in events]
         attempt = failed = 0
         while True:
             attempt += 1
             try:
                 # Not durable: records wait in memory before this anyway (see write_tx).
                 with self.store.writing(durable=False) as repo:
-                    insert_rows(repo.conn, db.audit_spool.name, rows)
+                    _spool(repo, events)
                 self.spooled += len(events)
                 if attempt > 1:
                     log.info("wrote %d audit events after %d attempts", len(events), attempt)
@@ -437,8 +450,7 @@ class AuditLog:
         for a server with time, or for the next AuditEvent search."""
         deadline = time.monotonic() + seconds
         try:
-            while time.monotonic() < deadline and self.store_spooled(wait=False) == SPOOL_CHUNK:
-                pass
+            self._store_spool_while(lambda: time.monotonic() < deadline, wait=False)
         except Exception as exc:
             log.warning("spooled audit events stay in the spool for now (%s)",
                         db.unavailable(exc) or type(exc).__name__)

@@ -511,11 +511,11 @@ class FhirStore:
         self.listeners: list[WriteListener] = []
         # Stores the AuditEvents captured but not yet stored (gateway.audit sets it): searches of
         # AuditEvent call it first, so that they find every event captured before them.
-        self.audit_backlog: Callable[[], Any] | None = None
+        self.audit_catch_up: Callable[[], Any] | None = None
 
     def settle_audit(self) -> None:
-        if self.audit_backlog is not None:
-            self.audit_backlog()
+        if self.audit_catch_up is not None:
+            self.audit_catch_up()
 
     def notify(self, action: str, result: WriteResult, repo: Repository) -> None:
         for listener in self.listeners:
