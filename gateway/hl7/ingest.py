@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import text as text_sql
@@ -41,16 +41,33 @@ SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
 M = db.hl7_message.c
 RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
 RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
-# Every message runs these: built once, not per call.
-_PRIOR = select(M.id, M.content_hash, M.ack).where(
+# Every message runs these: built once, run straight on SQLite's driver (db.Prepared).
+_PRIOR_QUERY = select(M.id, M.content_hash, M.ack).where(
     M.control_id == bindparam("control_id"), M.sending_app == bindparam("sending_app"),
     M.sending_facility == bindparam("sending_facility"), M.status == "processed",
 ).order_by(M.id.desc()).limit(1)
+_PRIOR = db.Prepared(_PRIOR_QUERY)
 # The same question asked again inside the applying transaction, leaving the message itself out.
-_PRIOR_OTHER = _PRIOR.where(M.id != bindparam("message_id"))
+_PRIOR_OTHER = db.Prepared(_PRIOR_QUERY.where(M.id != bindparam("message_id")))
 _ADVISORY_LOCK = text_sql("SELECT pg_advisory_xact_lock(:key)")
-_INSERT_MESSAGE = insert(db.hl7_message).returning(M.id)
-_INSERT_WRITTEN = insert(db.hl7_written)
+_MESSAGE_COLUMNS = ("received_at", "received_ms", "channel", "peer", "sending_app", "sending_facility", "control_id",
+                    "message_type", "version", "content_hash", "status", "raw", "mrn", "flagged", "duplicate_of",
+                    "ack", "ack_ms")
+_INSERT_MESSAGE = db.Prepared(insert(db.hl7_message).values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
+                              .returning(M.id))
+_PROCESSED = db.Prepared(update(db.hl7_message).where(M.id == bindparam("message_id")).values(
+    status="processed", ack=bindparam("ack"), error=None, error_code=None, error_location=None,
+    patient_id=bindparam("patient_id"), ack_ms=bindparam("ack_ms")))
+_INSERT_WRITTEN = db.Prepared(insert(db.hl7_written).values(
+    {c.name: bindparam(c.name) for c in db.hl7_written.c}))
+
+
+class _Prior(NamedTuple):
+    """A processed message with the same (MSH-3, MSH-4, MSH-10)."""
+
+    id: int
+    content_hash: str
+    ack: str | None
 
 
 @dataclass(frozen=True)
@@ -164,8 +181,7 @@ class Ingestor:
         # on (a message that crashes us stays on file); the durable commit that precedes its ACK
         # takes it to the disk. A duplicate acknowledges data that was made durable before.
         with self.store.writing(durable=False) as repo:
-            prior = repo.conn.execute(_PRIOR, {"control_id": header.control_id, "sending_app": header.sending_app,
-                                               "sending_facility": header.sending_facility}).first()
+            prior = _prior(repo, _PRIOR, header)
             if prior is not None and prior.content_hash == content_hash:
                 message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
                                           duplicate_of=prior.id, ack=prior.ack, ack_ms=_ms_since(started))
@@ -206,10 +222,9 @@ class Ingestor:
                         self._apply(repo, message_id, translation)
                         self._audit(repo, header, message_id, translation)
                         outcome = Outcome(message_id, "processed", self._acks(header, "A"))
-                        repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                            status="processed", ack=outcome.stored_acks, error=None, error_code=None,
-                            error_location=None, patient_id=translation.patient_id, ack_ms=_ms_since(started),
-                        ))
+                        _PROCESSED.execute(repo.conn, {"message_id": message_id, "ack": outcome.stored_acks,
+                                                       "patient_id": translation.patient_id,
+                                                       "ack_ms": _ms_since(started)})
                     break
                 except (IntegrityError, OperationalError) as exc:
                     # Another process created one of these resources (same deterministic id) in the
@@ -299,8 +314,9 @@ class Ingestor:
                "sending_app": header.sending_app, "sending_facility": header.sending_facility,
                "control_id": header.control_id, "message_type": header.message_code_and_trigger,
                "version": header.version, "content_hash": content_hash, "status": status, "raw": text,
-               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, **values}
-        return repo.conn.execute(_INSERT_MESSAGE, row).scalar_one()
+               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, "ack_ms": None,
+               **values}
+        return _INSERT_MESSAGE.rows(repo.conn, row)[0][0]
 
     # --- writing the resources ---
 
@@ -337,10 +353,10 @@ class Ingestor:
         for old_id, surviving_id in translation.merges:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
         if written:
-            repo.conn.execute(_INSERT_WRITTEN, written)
+            _INSERT_WRITTEN.execute(repo.conn, written)
 
 
-def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> Any:
+def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> _Prior | None:
     """A processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than itself.
 
     Asked inside the transaction that would apply the message, after waiting for any other
@@ -351,11 +367,15 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, tex
     if db.is_postgres(repo.conn):
         key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
         repo.conn.execute(_ADVISORY_LOCK, {"key": key})
-    prior = repo.conn.execute(_PRIOR_OTHER, {"control_id": header.control_id, "sending_app": header.sending_app,
-                                             "sending_facility": header.sending_facility,
-                                             "message_id": message_id}).first()
+    prior = _prior(repo, _PRIOR_OTHER, header, message_id=message_id)
     same = prior is not None and prior.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest()
     return prior if same else None
+
+
+def _prior(repo: Repository, query: db.Prepared, header: parse.Header, **more: Any) -> _Prior | None:
+    row = query.first(repo.conn, {"control_id": header.control_id, "sending_app": header.sending_app,
+                                  "sending_facility": header.sending_facility, **more})
+    return None if row is None else _Prior(*row)
 
 
 def _ms_since(started: float) -> int:
