@@ -515,6 +515,16 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def sqlite_execute(conn: Connection, sql: str, args: Any, many: bool = False) -> sqlite3.Cursor:
+    """Run SQL on a SQLite connection's driver inside its current transaction, a driver error raised
+    as SQLAlchemy's (see Prepared); `args` positional, a list of them with many=True."""
+    try:
+        driver = conn.connection.driver_connection
+        return driver.executemany(sql, args) if many else driver.execute(sql, args)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
+
+
 class Prepared:
     """A Core statement for a hot path: on SQLite compiled once and run straight on the driver.
 
@@ -552,13 +562,9 @@ class Prepared:
             self._compile(conn.dialect)
         sql = self._sql
         assert sql is not None
-        try:
-            driver = conn.connection.driver_connection
-            if many:
-                return driver.executemany(sql, [self._args(p) for p in params])
-            return driver.execute(sql, self._args(params))
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
+        if many:
+            return sqlite_execute(conn, sql, [self._args(p) for p in params], many=True)
+        return sqlite_execute(conn, sql, self._args(params))
 
     def _args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         out = []

@@ -111,6 +111,14 @@ def _current_many(types: int, for_update: bool) -> Select[Any]:
     return statement.order_by(db.resource.c.pk).with_for_update() if for_update else statement
 
 
+@functools.lru_cache(maxsize=64)
+def _current_many_sqlite(counts: tuple[int, ...]) -> str:
+    """_current_many as SQLite text for types with these numbers of ids, run on the driver (columns
+    pk, resource_type, id, version_id, last_updated, deleted, content)."""
+    where = " OR ".join(f"(resource_type = ? AND id IN ({', '.join('?' * n)}))" for n in counts)
+    return f"SELECT pk, resource_type, id, version_id, last_updated, deleted, content FROM resource WHERE {where}"
+
+
 # The write path's statements, built once, as _CURRENT is.
 _INSERT_RESOURCE = insert(db.resource).returning(db.resource.c.pk)
 _UPDATE_RESOURCE = (
@@ -136,7 +144,7 @@ def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> Non
         return
     keys = tuple(rows[0])
     sql = f"INSERT INTO {table} ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
-    conn.exec_driver_sql(sql, [tuple(row[k] for k in keys) for row in rows])
+    db.sqlite_execute(conn, sql, [tuple(row[k] for k in keys) for row in rows], many=True)
 
 
 class Repository:
@@ -192,6 +200,11 @@ class Repository:
         by_type: dict[str, list[str]] = {}
         for resource_type, resource_id in dict.fromkeys(keys):
             by_type.setdefault(resource_type, []).append(resource_id)
+        if self.conn.dialect.name == "sqlite":  # every HL7 message asks this: straight to the driver
+            sql = _current_many_sqlite(tuple(len(ids) for ids in by_type.values()))
+            args = [value for resource_type, ids in by_type.items() for value in (resource_type, *ids)]
+            return {(r[1], r[2]): Stored(r[1], r[2], r[3], r[4], False, r[6], r[0])
+                    for r in db.sqlite_execute(self.conn, sql, args).fetchall() if not r[5]}
         params: dict[str, Any] = {}
         for k, (resource_type, ids) in enumerate(by_type.items()):
             params[f"t{k}"], params[f"i{k}"] = resource_type, ids
