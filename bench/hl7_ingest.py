@@ -1,7 +1,7 @@
 """HL7v2 ingest benchmark: the whole pipeline over MLLP beside plain parsing of the same messages.
 
     python bench/hl7_ingest.py [--messages 20000] [--database sqlite|postgresql] [--memory 100000]
-                               [--processes 1]
+                               [--processes 0]
 
 Phases, all in one run on this machine:
   baseline   python-hl7 parse-only and hl7apy parse-only rates of the same messages (python-hl7
@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway.cli import listener_processes  # noqa: E402
 from gateway.hl7 import parse  # noqa: E402
 from gateway.hl7.mllp import Deframer, frame  # noqa: E402
 from gateway.hl7.translate import UnsupportedMessage, translate  # noqa: E402
@@ -132,7 +133,7 @@ class Listener:
                     "GATEWAY_INSTANCE_PATH": str(workdir)}
         subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=self.env, check=True,
                        capture_output=True)
-        extra = ["--processes", str(processes)] if processes != 1 else []
+        extra = ["--processes", str(processes)]
         self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp", *extra], env=self.env,
                                         stdout=(workdir / "mllp.log").open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -249,8 +250,9 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--memory", type=int, default=0, help="messages for the memory phase (e.g. 100000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="cap per phase")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="listener processes (gateway mllp --processes): connections are spread over them")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="listener processes (gateway mllp --processes): connections are spread over them; "
+                             "0, as the gateway's default, one per CPU")
     args = parser.parse_args()
 
     corpus = in_scope_messages()
@@ -270,6 +272,7 @@ def main() -> None:
     def payloads(prefix: str, count: int) -> list[bytes]:
         return [with_control_id(texts[i % len(texts)], f"{run_id}{prefix}{i}") for i in range(count)]
 
+    args.processes = listener_processes(args.processes)
     results: dict[str, Any] = {"database": args.database, "processes": args.processes, "corpus_messages": len(corpus),
                                "resources_per_message": round(resources_per_message, 2),
                                "parse_only": {k: round(v, 1) for k, v in baseline.items()}}

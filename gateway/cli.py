@@ -656,11 +656,20 @@ def start_mllp(settings: Settings, host: str, port: int, **options: Any) -> Any:
                            max_message_bytes=settings.mllp_max_message_bytes, **options)
 
 
+def listener_processes(setting: int) -> int:
+    """The MLLP listener processes to run for --processes / GATEWAY_MLLP_PROCESSES: 0 (the default)
+    means one per CPU this process may run on. A message's translation is Python work that holds the
+    interpreter's lock, so one process uses one core however many senders it serves."""
+    import os
+
+    return setting if setting > 0 else max(len(os.sched_getaffinity(0)), 1)
+
+
 @main.command("mllp")
 @click.option("--host", default=None, help="default GATEWAY_MLLP_HOST (127.0.0.1)")
 @click.option("--port", default=None, type=int, help="default GATEWAY_MLLP_PORT (2575)")
 @click.option("--processes", default=None, type=int,
-              help="listener processes sharing the connections (default GATEWAY_MLLP_PROCESSES, 1)")
+              help="listener processes sharing the connections (default GATEWAY_MLLP_PROCESSES, 0: one per CPU)")
 @click.option("--parent", type=int, default=None, hidden=True, help="exit when this process is gone (serve)")
 @click.option("--handoff-fd", type=int, default=None, hidden=True,
               help="a worker process: take connections from this channel to the listener")
@@ -678,9 +687,12 @@ def mllp_command(host: str | None, port: int | None, processes: int | None, pare
         _wait_for_stop(parent, "MLLP worker")
         worker.stop()
         return
+    from gateway import db as database
+
+    database.check_url(settings.database_url)  # once, before worker processes start and each fail on it
     children: list[subprocess.Popen[bytes]] = []
     channels: list[socket.socket] = []
-    for _ in range(max(processes or settings.mllp_processes, 1) - 1):
+    for _ in range(listener_processes(processes or settings.mllp_processes) - 1):
         ours, theirs = socket.socketpair()
         children.append(subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "mllp", "--handoff-fd", str(theirs.fileno()),

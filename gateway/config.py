@@ -88,8 +88,9 @@ class Settings:
     mllp_read_timeout: int = 60
     mllp_max_message_bytes: int = 16 * 1024 * 1024
     # Listener processes: connections are spread over them (each one's messages stay in order in one
-    # process), so that several senders use several CPUs. 1: the listener alone.
-    mllp_processes: int = 1
+    # process), so that several senders use several CPUs. 0: one per CPU this process may run on;
+    # 1: the listener alone.
+    mllp_processes: int = 0
     # Bearer secret for HL7v2 over HTTP (EHR senders without a SMART backend-services client).
     hl7_http_secret: str = ""
     # The folder of translation maps (mappings/README.md); empty: the mappings/ shipped beside the

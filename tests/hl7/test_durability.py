@@ -29,8 +29,9 @@ MESSAGE = (
 
 
 def _start(database_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    # One process: the kill must land on the process that holds the connection.
     env = {**os.environ, "GATEWAY_DATABASE_URL": database_url, "GATEWAY_MLLP_PORT": str(port),
-           "GATEWAY_AUDIT_ENABLED": "0"}
+           "GATEWAY_AUDIT_ENABLED": "0", "GATEWAY_MLLP_PROCESSES": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp"], env=env,
                                stdout=log.open("ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
