@@ -40,7 +40,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
 metadata = MetaData()
 
@@ -569,8 +569,9 @@ class Prepared:
     def _args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         out = []
         for name, required, default, process in self._binds:
-            # as with SQLAlchemy, a value the statement needs must be given
-            value = values[name] if required else values.get(name, default)
+            if required and name not in values:  # as SQLAlchemy says it
+                raise InvalidRequestError(f"A value is required for bind parameter {name!r}")
+            value = values.get(name, default)
             out.append(process(value) if process is not None and value is not None else value)
         return tuple(out)
 
@@ -701,8 +702,6 @@ def unavailable(exc: BaseException) -> str | None:
 
     Callers turn it into an answer that says "try again later" (a NAK AE 207, HTTP 503 or 507)
     instead of an internal error, and log one line instead of a stack trace."""
-    from sqlalchemy.exc import DBAPIError
-
     if not isinstance(exc, DBAPIError):
         return None
     orig = exc.orig

@@ -10,15 +10,21 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway import db
 
 
+def _traced(engine: Any) -> list[str]:
+    """What SQLite itself runs on the engine's connections (BEGIN goes to the driver directly)."""
+    statements: list[str] = []
+    event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.set_trace_callback(statements.append))
+    return statements
+
+
 def test_reads_after_a_write_do_not_take_the_sqlite_write_lock(tmp_path: Path) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.sqlite'}")
-    statements: list[str] = []
-    event.listen(engine, "before_cursor_execute",
-                 lambda conn, cursor, statement, *args: statements.append(statement))
+    statements = _traced(engine)
     for _ in range(3):
         with db.write_tx(engine) as conn:
             conn.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
@@ -32,9 +38,7 @@ def test_reads_after_a_write_do_not_take_the_sqlite_write_lock(tmp_path: Path) -
 
 def test_a_write_still_takes_the_lock_up_front(tmp_path: Path) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.sqlite'}")
-    statements: list[str] = []
-    event.listen(engine, "before_cursor_execute",
-                 lambda conn, cursor, statement, *args: statements.append(statement))
+    statements = _traced(engine)
     with db.read_tx(engine) as conn:
         conn.execute(text("SELECT 1"))
     with db.write_tx(engine) as conn:
@@ -340,3 +344,65 @@ def test_closed_services_leave_no_connection_open(settings: Any, monkeypatch: py
     with psycopg.connect(settings.database_url.split("?")[0]) as conn:
         left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (tag,)).fetchone()
     assert left == (0,)
+
+
+def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> None:
+    """db.Prepared runs on SQLite's driver (and through SQLAlchemy elsewhere): the same rows, bound
+    values through the column types (a Boolean), several rows at once, a RETURNING."""
+    from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, bindparam, insert
+
+    engine = db.make_engine(database_url)
+    meta = MetaData()
+    table = Table(f"prepared_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
+                  Column("name", String(20), unique=True), Column("flag", Boolean))
+    meta.create_all(engine)
+    try:
+        add = db.Prepared(insert(table).values(name=bindparam("name"), flag=bindparam("flag")).returning(table.c.pk))
+        named = db.Prepared(select(table.c.name, table.c.flag).where(table.c.name == bindparam("name")))
+        with db.write_tx(engine) as conn:
+            pk = add.rows(conn, {"name": "a", "flag": True})[0][0]
+            db.Prepared(insert(table).values(name=bindparam("name"), flag=bindparam("flag"))).execute(
+                conn, [{"name": "b", "flag": False}, {"name": "c", "flag": None}])
+            name, flag = named.first(conn, {"name": "a"})
+            assert name == "a" and flag  # SQLite gives 1, PostgreSQL True
+            assert named.first(conn, {"name": "zz"}) is None
+            everything = select(table.c.pk, table.c.name, table.c.flag).order_by(table.c.pk)
+            expected = [tuple(r) for r in conn.execute(everything)]
+            got = db.Prepared(everything).rows(conn, {})
+        assert [row[:2] for row in got] == [row[:2] for row in expected] == [(pk, "a"), (pk + 1, "b"), (pk + 2, "c")]
+        assert [bool(row[2]) if row[2] is not None else None for row in got] == [True, False, None]
+        # a value the statement needs and was not given
+        with pytest.raises(SQLAlchemyError, match="A value is required"), db.read_tx(engine) as conn:
+            named.rows(conn, {})
+        # raised as SQLAlchemy's, as conn.execute would
+        with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
+            add.rows(conn, {"name": "a", "flag": False})
+    finally:
+        meta.drop_all(engine)
+        engine.dispose()
+
+
+def test_a_begin_that_cannot_get_the_lock_raises_sqlalchemys_error(tmp_path: Path) -> None:
+    """BEGIN goes to SQLite's driver directly; its failure is still SQLAlchemy's OperationalError,
+    which db.unavailable() and the callers' handlers read."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    path = tmp_path / "locked.sqlite"
+    engine = db.make_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with engine.connect() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=0")
+            conn.info["write"] = True
+            with pytest.raises(OperationalError, match="locked"):
+                conn.begin()
+            conn.info.pop("write")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.dispose()
