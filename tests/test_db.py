@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway import db
 
@@ -405,4 +405,39 @@ def test_a_begin_that_cannot_get_the_lock_raises_sqlalchemys_error(tmp_path: Pat
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+        engine.dispose()
+
+
+def test_a_pooled_postgresql_connection_cut_while_idle_is_replaced(database_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that sat in the pool is pinged before use, and replaced when the server cut it;
+    one returned a moment ago is not pinged (no round trip per transaction), and when it turns out
+    to be cut, its statement fails as "unreachable" (the caller says try again) and the pool
+    connects anew for the next transaction."""
+    import psycopg
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server connection to lose")
+    engine = db.make_engine(database_url)
+
+    def cut_pooled() -> None:
+        with engine.connect() as conn:
+            backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        time.sleep(0.2)
+
+    try:
+        cut_pooled()
+        monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)  # it has sat long enough: pinged, replaced
+        with db.read_tx(engine) as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # in use a moment ago: not pinged
+        cut_pooled()
+        with pytest.raises(DBAPIError) as failed, db.read_tx(engine) as conn:
+            conn.execute(text("SELECT 1"))
+        assert db.unavailable(failed.value) == "unreachable"
+        with db.read_tx(engine) as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
         engine.dispose()
