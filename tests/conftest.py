@@ -12,10 +12,11 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from werkzeug.serving import make_server
 
 from gateway import create_app, db
@@ -161,3 +162,32 @@ def chromium() -> Iterator[Any]:
                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield browser
         browser.close()
+
+
+@contextmanager
+def sql_run(engine: Any) -> Iterator[list[str]]:
+    """The SQL the database is given on `engine` meanwhile: on SQLite as SQLite itself runs it
+    (statements that go to the driver directly, db.Prepared and BEGIN, included; the pool is
+    emptied so that the connections made meanwhile trace it), elsewhere as SQLAlchemy sends it."""
+    statements: list[str] = []
+    if engine.dialect.name == "sqlite":
+        def trace(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.set_trace_callback(statements.append)
+
+        engine.dispose()
+        event.listen(engine, "connect", trace)
+        try:
+            yield statements
+        finally:
+            event.remove(engine, "connect", trace)
+            engine.dispose()
+        return
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)

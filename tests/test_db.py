@@ -13,36 +13,30 @@ from sqlalchemy import event, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway import db
-
-
-def _traced(engine: Any) -> list[str]:
-    """What SQLite itself runs on the engine's connections (BEGIN goes to the driver directly)."""
-    statements: list[str] = []
-    event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.set_trace_callback(statements.append))
-    return statements
+from tests.conftest import sql_run
 
 
 def test_reads_after_a_write_do_not_take_the_sqlite_write_lock(tmp_path: Path) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.sqlite'}")
-    statements = _traced(engine)
-    for _ in range(3):
-        with db.write_tx(engine) as conn:
-            conn.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
-        statements.clear()
-        with db.read_tx(engine) as conn:
-            conn.execute(text("SELECT 1"))
-        assert "BEGIN DEFERRED" in statements
-        assert "BEGIN IMMEDIATE" not in statements
+    with sql_run(engine) as statements:
+        for _ in range(3):
+            with db.write_tx(engine) as conn:
+                conn.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+            statements.clear()
+            with db.read_tx(engine) as conn:
+                conn.execute(text("SELECT 1"))
+            assert "BEGIN DEFERRED" in statements
+            assert "BEGIN IMMEDIATE" not in statements
     engine.dispose()
 
 
 def test_a_write_still_takes_the_lock_up_front(tmp_path: Path) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.sqlite'}")
-    statements = _traced(engine)
-    with db.read_tx(engine) as conn:
-        conn.execute(text("SELECT 1"))
-    with db.write_tx(engine) as conn:
-        conn.execute(text("SELECT 1"))
+    with sql_run(engine) as statements:
+        with db.read_tx(engine) as conn:
+            conn.execute(text("SELECT 1"))
+        with db.write_tx(engine) as conn:
+            conn.execute(text("SELECT 1"))
     assert statements.count("BEGIN IMMEDIATE") == 1
     engine.dispose()
 

@@ -379,21 +379,13 @@ def test_ack_ms_recorded_for_new_failed_duplicate_and_reprocessed_messages(mappi
 
 
 def test_ack_ms_costs_the_ingest_no_statement_of_its_own(app: Any) -> None:
-    from sqlalchemy import event
+    from tests.conftest import sql_run
 
-    engine = gateway(app).engine
-    statements: list[str] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(" ".join(statement.split()))
-
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
+    with sql_run(gateway(app).engine) as statements:
         outcome = gateway(app).hl7.receive_one(adt("COST1"), "mllp", None)
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
     assert outcome.status == "processed"
-    touching = [s for s in statements if "hl7_message" in s and not s.startswith("SELECT")]
+    flat = [" ".join(s.split()) for s in statements]
+    touching = [s for s in flat if "hl7_message" in s and not s.startswith("SELECT")]
     assert len(touching) == 2, touching  # the raw insert, then the status update that carries ack_ms
     assert "ack_ms" in touching[1]
 
