@@ -585,11 +585,13 @@ class Prepared:
         rows = self.rows(conn, params)
         return rows[0] if rows else None
 
-    def execute(self, conn: Connection, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+    def execute(self, conn: Connection, params: dict[str, Any] | list[dict[str, Any]]) -> int:
+        """Run it (once per dict in a list); returns the rows it changed, as the driver counts them."""
         if conn.dialect.name != "sqlite":
-            conn.execute(self.statement, params)
-        elif params:
-            self._cursor(conn, params, many=isinstance(params, list))
+            return conn.execute(self.statement, params).rowcount
+        if not params:
+            return 0
+        return self._cursor(conn, params, many=isinstance(params, list)).rowcount
 
     def _cursor(self, conn: Connection, params: Any, many: bool) -> sqlite3.Cursor:
         if self._sql is None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonpatch
 import orjson
@@ -92,10 +92,23 @@ def _lock_key(text_value: str) -> int:
 
 
 # Read by id is the hottest path: statements built once, so no per-call construction and
-# cache-key work (that was half of a read's time in the handler).
-_CURRENT = select(db.resource).where(
+# cache-key work (that was half of a read's time in the handler), and on SQLite run on the driver.
+_CURRENT_QUERY = select(db.resource).where(
     db.resource.c.resource_type == bindparam("t"), db.resource.c.id == bindparam("i"))
-_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_CURRENT = db.Prepared(_CURRENT_QUERY)
+_CURRENT_FOR_UPDATE = db.Prepared(_CURRENT_QUERY.with_for_update())
+
+
+class CurrentRow(NamedTuple):
+    """A row of the resource table (its columns in order)."""
+
+    pk: int
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: str
+    deleted: bool
+    content: str
 
 
 @functools.lru_cache(maxsize=32)
@@ -120,8 +133,10 @@ def _current_many_sqlite(counts: tuple[int, ...]) -> str:
 
 
 # The write path's statements, built once, as _CURRENT is.
-_INSERT_RESOURCE = insert(db.resource).returning(db.resource.c.pk)
-_UPDATE_RESOURCE = (
+_INSERT_RESOURCE = db.Prepared(insert(db.resource).values(
+    {c: bindparam(c) for c in ("resource_type", "id", "version_id", "last_updated", "deleted", "content")})
+    .returning(db.resource.c.pk))
+_UPDATE_RESOURCE = db.Prepared(
     update(db.resource)
     .where(db.resource.c.pk == bindparam("w_pk"), db.resource.c.version_id == bindparam("w_version"))
     .values(version_id=bindparam("version_id"), last_updated=bindparam("last_updated"),
@@ -167,10 +182,10 @@ class Repository:
 
     # --- reads ---
 
-    def _current_row(self, resource_type: str, resource_id: str, for_update: bool = False) -> Any:
-        if for_update and db.is_postgres(self.conn):
-            return self.conn.execute(_CURRENT_FOR_UPDATE, {"t": resource_type, "i": resource_id}).first()
-        return self.conn.execute(_CURRENT, {"t": resource_type, "i": resource_id}).first()
+    def _current_row(self, resource_type: str, resource_id: str, for_update: bool = False) -> CurrentRow | None:
+        query = _CURRENT_FOR_UPDATE if for_update and db.is_postgres(self.conn) else _CURRENT
+        row = query.first(self.conn, {"t": resource_type, "i": resource_id})
+        return None if row is None else CurrentRow(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
 
     @staticmethod
     def _stored(row: Any) -> Stored:
@@ -295,10 +310,10 @@ class Repository:
         body, last_updated = self._prepare(resource, resource_id, 1, check)
         content = jsonio.dumps(body)
         resource_type = body["resourceType"]
-        pk = self.conn.execute(_INSERT_RESOURCE, {
+        pk = _INSERT_RESOURCE.rows(self.conn, {
             "resource_type": resource_type, "id": resource_id, "version_id": 1, "last_updated": last_updated,
             "deleted": False, "content": content,
-        }).scalar_one()
+        })[0][0]
         self._insert_version(pk, body, resource_type, resource_id, 1, last_updated, method, content)
         self._write_index(pk, body, new=True)
         stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
@@ -381,11 +396,11 @@ class Repository:
         version_id = row.version_id + 1
         body, last_updated = self._prepare(resource, resource_id, version_id, check=check)
         content = jsonio.dumps(body)
-        result = self.conn.execute(_UPDATE_RESOURCE, {
+        changed = _UPDATE_RESOURCE.execute(self.conn, {
             "w_pk": row.pk, "w_version": row.version_id, "version_id": version_id,
             "last_updated": last_updated, "deleted": False, "content": content,
         })
-        if result.rowcount != 1:
+        if changed != 1:
             raise FhirError(412, f"{resource_type}/{resource_id} changed while updating", code="conflict")
         self._insert_version(row.pk, body, resource_type, resource_id, version_id, last_updated, method, content)
         self._write_index(row.pk, body, new=False)
@@ -430,7 +445,7 @@ class Repository:
             return None
         version_id = row.version_id + 1
         last_updated = now_instant()
-        self.conn.execute(_UPDATE_RESOURCE, {
+        _UPDATE_RESOURCE.execute(self.conn, {
             "w_pk": row.pk, "w_version": row.version_id, "version_id": version_id,
             "last_updated": last_updated, "deleted": True, "content": row.content,
         })
