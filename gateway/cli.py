@@ -662,7 +662,10 @@ def listener_processes(setting: int) -> int:
     interpreter's lock, so one process uses one core however many senders it serves."""
     import os
 
-    return setting if setting > 0 else max(len(os.sched_getaffinity(0)), 1)
+    if setting > 0:
+        return setting
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(len(usable), 1)
 
 
 @main.command("mllp")

@@ -297,15 +297,22 @@ class BatchHeader:
         return self.fields[number] if number < len(self.fields) else ""
 
 
-@functools.lru_cache(maxsize=16)
 def read_header(text: str) -> Header:
-    """Read the first MSH segment. Raises ParseError when there is none or its separators are unusable.
-
-    A message's header is asked for at each step (receipt, acknowledgement, parse, the MRN): the
-    last few are kept (a Header is immutable), a hit costing a dictionary lookup instead of ~20 µs."""
+    """Read the first MSH segment. Raises ParseError when there is none or its separators are unusable."""
     line = _segment_line(text, "MSH")
     if line is None:
         raise ParseError("no MSH segment", SEGMENT_SEQUENCE_ERROR, "MSH")
+    # A message's header is asked for at each step (receipt, acknowledgement, parse, the MRN): the
+    # last few are kept by their MSH line (a Header is immutable), a hit costing a lookup instead of
+    # ~20 µs. The line, not the message, is the key (a message may carry megabytes of PDF), and only
+    # an ordinary one: an MSH line of any length cannot pin memory here.
+    return _recent_header(line) if len(line) <= MSH_LINE_KEPT else _header(line)
+
+
+MSH_LINE_KEPT = 1024
+
+
+def _header(line: str) -> Header:
     fields, seps = _split_header_line(line, "MSH")
 
     def value(number: int, component: int = 1) -> str:
@@ -330,6 +337,9 @@ def read_header(text: str) -> Header:
         charset=_component((fields[18] if len(fields) > 18 else "").split(seps.repetition)[0], seps, 1),
         fields=fields,
     )
+
+
+_recent_header = functools.lru_cache(maxsize=64)(_header)
 
 
 def read_batch_header(text: str, segment: str = "BHS") -> BatchHeader | None:

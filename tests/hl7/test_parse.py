@@ -165,6 +165,18 @@ def test_read_header_fields() -> None:
     assert header.raw(3) == "SENDAPP^1.2.3^ISO" and header.raw(40) == ""
 
 
+def test_headers_are_kept_by_their_msh_line_and_only_ordinary_ones() -> None:
+    """The header is read at every step of a message: recent ones are kept, keyed by the MSH line
+    (not the message, which may carry megabytes), and an MSH line of unusual length is not kept."""
+    parse._recent_header.cache_clear()
+    first = parse.read_header(ADT)
+    again = parse.read_header(ADT + "OBX|1|ED|PDF||" + "A" * 100_000 + "\r")
+    assert again is first and parse._recent_header.cache_info().hits == 1
+    long_line = ADT.replace("SENDAPP^1.2.3^ISO", "X" * (parse.MSH_LINE_KEPT + 1), 1)
+    assert parse.read_header(long_line).sending_app == "X" * (parse.MSH_LINE_KEPT + 1)
+    assert parse._recent_header.cache_info().currsize == 1
+
+
 def test_read_header_when_the_body_is_broken() -> None:
     text = "MSH|^~\\&|A|B|C|D|20240101||ORU^R01|77|P|2.3\r\x00\x01garbage without structure\r|||\r"
     assert parse.read_header(text).control_id == "77"
