@@ -745,6 +745,14 @@ def _multiprocess_metrics() -> str:
     return made
 
 
+def served_url(host: str, port: int) -> str:
+    """http://HOST:PORT for a listening address: a wildcard address names this machine's loopback,
+    an IPv6 address goes in brackets."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
@@ -760,7 +768,9 @@ def serve(host: str, port: int, mllp_port: int | None, workers: int, threads: in
     metrics_dir = _multiprocess_metrics()
     if demo:
         os.environ["GATEWAY_OPEN_ACCESS"] = "1"
-        os.environ.setdefault("GATEWAY_BASE_URL", f"http://{host}:{port}")
+    # Without a configured public address, the address served here (not the default's port 8080):
+    # the banner, SMART discovery, OAuth redirects and links in e-mails must name one that answers.
+    os.environ.setdefault("GATEWAY_BASE_URL", served_url(host, port))
     # Every worker must sign and check login sessions and CSRF tokens with the same key: without a
     # configured one, pick it here, before the workers fork, rather than one per worker.
     os.environ.setdefault("GATEWAY_SECRET_KEY", secrets.token_urlsafe(32))

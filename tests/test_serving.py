@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +156,23 @@ def test_gunicorn_builds_no_access_line_of_its_own(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(logger, "atoms", atoms)
     logger.access(None, None, {}, None)
+
+
+def test_serve_without_a_base_url_advertises_the_address_it_serves(tmp_path: Path) -> None:
+    """An app developer running `gateway serve --port P` with no GATEWAY_BASE_URL gets SMART
+    endpoints on port P, not the default's 8080 (where nothing answers)."""
+    url = f"sqlite:///{tmp_path / 'gateway.sqlite'}"
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
+    port = free_port()
+    env = gateway_env(GATEWAY_DATABASE_URL=url, GATEWAY_INSTANCE_PATH=str(tmp_path),
+                      GATEWAY_OUTBOX_WORKER_IN_SERVE="0", GATEWAY_LOG_FORMAT="text")
+    args = ["serve", "--port", str(port), "--mllp-port", "0", "--workers", "1", "--threads", "2"]
+    discovery = f"http://127.0.0.1:{port}/fhir/.well-known/smart-configuration"
+    with gateway_process(args, env, tmp_path / "serve.log", ports=(port,)), \
+            urllib.request.urlopen(discovery, timeout=30) as reply:
+        config = json.loads(reply.read())
+    assert config["authorization_endpoint"].startswith(f"http://127.0.0.1:{port}/")
+    assert config["token_endpoint"].startswith(f"http://127.0.0.1:{port}/")
+    assert f"Portal:    http://127.0.0.1:{port}/" in (tmp_path / "serve.log").read_text(errors="replace")
