@@ -435,3 +435,11 @@ def test_a_pooled_postgresql_connection_cut_while_idle_is_replaced(database_url:
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_current_rows_name_the_resource_table_columns_in_order() -> None:
+    """Rows read on SQLite's driver become CurrentRow by position: the two must not drift apart."""
+    from gateway.fhir.store import RESOURCE_COLUMNS, CurrentRow
+
+    assert tuple(column.name for column in db.resource.c) == CurrentRow._fields
+    assert ", ".join(CurrentRow._fields) == RESOURCE_COLUMNS

@@ -100,7 +100,7 @@ _CURRENT_FOR_UPDATE = db.Prepared(_CURRENT_QUERY.with_for_update())
 
 
 class CurrentRow(NamedTuple):
-    """A row of the resource table (its columns in order)."""
+    """A row of the resource table (its columns in order: RESOURCE_COLUMNS)."""
 
     pk: int
     resource_type: str
@@ -109,6 +109,15 @@ class CurrentRow(NamedTuple):
     last_updated: str
     deleted: bool
     content: str
+
+    @classmethod
+    def of(cls, values: tuple[Any, ...]) -> CurrentRow:
+        """From a driver's row (SQLite gives `deleted` as 0 or 1)."""
+        pk, resource_type, resource_id, version_id, last_updated, deleted, content = values
+        return cls(pk, resource_type, resource_id, version_id, last_updated, bool(deleted), content)
+
+
+RESOURCE_COLUMNS = ", ".join(column.name for column in db.resource.c)
 
 
 @functools.lru_cache(maxsize=32)
@@ -126,10 +135,10 @@ def _current_many(types: int, for_update: bool) -> Select[Any]:
 
 @functools.lru_cache(maxsize=64)
 def _current_many_sqlite(counts: tuple[int, ...]) -> str:
-    """_current_many as SQLite text for types with these numbers of ids, run on the driver (columns
-    pk, resource_type, id, version_id, last_updated, deleted, content)."""
+    """_current_many as SQLite text for types with these numbers of ids, run on the driver (rows as
+    CurrentRow)."""
     where = " OR ".join(f"(resource_type = ? AND id IN ({', '.join('?' * n)}))" for n in counts)
-    return f"SELECT pk, resource_type, id, version_id, last_updated, deleted, content FROM resource WHERE {where}"
+    return f"SELECT {RESOURCE_COLUMNS} FROM resource WHERE {where}"
 
 
 # The write path's statements, built once, as _CURRENT is.
@@ -185,7 +194,7 @@ class Repository:
     def _current_row(self, resource_type: str, resource_id: str, for_update: bool = False) -> CurrentRow | None:
         query = _CURRENT_FOR_UPDATE if for_update and db.is_postgres(self.conn) else _CURRENT
         row = query.first(self.conn, {"t": resource_type, "i": resource_id})
-        return None if row is None else CurrentRow(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+        return None if row is None else CurrentRow.of(row)
 
     @staticmethod
     def _stored(row: Any) -> Stored:
@@ -218,8 +227,8 @@ class Repository:
         if self.conn.dialect.name == "sqlite":  # every HL7 message asks this: straight to the driver
             sql = _current_many_sqlite(tuple(len(ids) for ids in by_type.values()))
             args = [value for resource_type, ids in by_type.items() for value in (resource_type, *ids)]
-            return {(r[1], r[2]): Stored(r[1], r[2], r[3], r[4], False, r[6], r[0])
-                    for r in db.sqlite_execute(self.conn, sql, args).fetchall() if not r[5]}
+            rows = [CurrentRow.of(r) for r in db.sqlite_execute(self.conn, sql, args).fetchall()]
+            return {(r.resource_type, r.id): self._stored(r) for r in rows if not r.deleted}
         params: dict[str, Any] = {}
         for k, (resource_type, ids) in enumerate(by_type.items()):
             params[f"t{k}"], params[f"i{k}"] = resource_type, ids
