@@ -261,8 +261,9 @@ class Header:
     charset: str
     fields: tuple[str, ...] = field(repr=False, default=())
 
-    @property
+    @functools.cached_property
     def separators(self) -> Separators:
+        # asked for over and over (each ACK field copied from the message asks): built once
         return Separators.from_msh(self.field_separator, self.encoding_characters)
 
     @property
@@ -383,14 +384,27 @@ def first_mrn(text: str) -> str | None:
     return _component(chosen, seps, 1) or None
 
 
-@functools.lru_cache(maxsize=8)
-def _segment_line_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(?:^|[\r\n])[ \t]*({re.escape(name)}[^\r\n]*)")
-
-
 def _segment_line(text: str, name: str) -> str | None:
-    match = _segment_line_pattern(name).search(text)
-    return match.group(1) if match else None
+    """The first line that begins with `name` (after spaces or tabs), to its end."""
+    if text.startswith(name):  # MSH, in every message that has one
+        return text[:_line_end(text, 0)]
+    # str.find jumps from one occurrence of the name to the next (in a field, or where a line
+    # begins); a regex for "a line beginning with it" has no literal to search for and would step
+    # through a 4 KB message a character at a time.
+    start = text.find(name)
+    while start != -1:
+        before = start
+        while before and text[before - 1] in " \t":
+            before -= 1
+        if before == 0 or text[before - 1] in "\r\n":
+            return text[start:_line_end(text, start)]
+        start = text.find(name, start + 1)
+    return None
+
+
+def _line_end(text: str, start: int) -> int:
+    ends = [i for i in (text.find("\r", start), text.find("\n", start)) if i != -1]
+    return min(ends) if ends else len(text)
 
 
 def _split_header_line(line: str, name: str) -> tuple[tuple[str, ...], Separators]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import re
 from pathlib import Path
 
 import hl7
@@ -259,6 +260,27 @@ def test_first_mrn() -> None:
     assert parse.first_mrn(ADT.replace("MRN1^^^HOSP^MR~SSN9^^^USSSA^SS", "X1")) == "X1"
     assert parse.first_mrn("MSH|^~\\&|A\rEVN|A01\r") is None
     assert parse.first_mrn("garbage") is None
+
+
+def _line_by_regex(text: str, name: str) -> str | None:
+    """What _segment_line did before it used str.find: the reference it must agree with."""
+    match = re.search(rf"(?:^|[\r\n])[ \t]*({re.escape(name)}[^\r\n]*)", text)
+    return match.group(1) if match else None
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["PID", "MSH", "P", "ID", "|", "^", " ", "\t", "\r", "\n", "x", "PIDX", "1"]),
+                max_size=30).map("".join), st.sampled_from(["PID", "MSH", "PV1"]))
+def test_segment_lines_are_found_as_the_regex_found_them(text: str, name: str) -> None:
+    assert parse._segment_line(text, name) == _line_by_regex(text, name)
+
+
+@needs_corpus
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=[p.name for p in CORPUS_FILES])
+def test_segment_lines_of_corpus_messages_are_found_as_the_regex_found_them(path: Path) -> None:
+    text = parse.decode(path.read_bytes())
+    for name in ("MSH", "PID", "OBX", "ZZZ", "NTE"):
+        assert parse._segment_line(text, name) == _line_by_regex(text, name)
 
 
 # --- escapes ---
