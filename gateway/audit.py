@@ -208,9 +208,13 @@ def _machine_ticks() -> list[int]:
         return [int(field) for field in fh.readline().split()[1:]]
 
 
-def _spool(repo: Any, events: list[dict[str, Any]]) -> None:
-    """Append events to the spool in the transaction of `repo`."""
-    insert_rows(repo.conn, db.audit_spool.name, [{"event": orjson.dumps(event).decode()} for event in events])
+def _spool_text(event: dict[str, Any]) -> str:
+    return orjson.dumps(event).decode()
+
+
+def _spool_texts(repo: Any, texts: list[str]) -> None:
+    """Append events (as _spool_text made them) to the spool in the transaction of `repo`."""
+    insert_rows(repo.conn, db.audit_spool.name, [{"event": text} for text in texts])
 
 
 # New requests are refused while the queue is this full; the rest is for requests in flight.
@@ -273,20 +277,26 @@ class AuditLog:
         self.queue.put(AuditRecord(interaction, agent, client_id, address, outcome, query, entities,
                                    contents, now_instant(), description))
 
-    def record_in(self, repo: Any, interaction: str, agent: str, *, client_id: str | None = None,
-                  entities: tuple[str, ...] = (), patients: set[str] | frozenset[str] = frozenset(),
-                  description: str | None = None) -> None:
-        """Record in the caller's own write transaction (`repo`), for writers that hold one anyway
-        (the HL7 feed): the records go into the spool with the data they record, or not at all, and
-        cost no queue or thread hand-over. `patients` are those whose compartments the written
-        resources lie in."""
+    def prepare(self, interaction: str, agent: str, *, client_id: str | None = None,
+                entities: tuple[str, ...] = (), patients: set[str] | frozenset[str] = frozenset(),
+                description: str | None = None) -> list[str]:
+        """The events of one record, as the spool keeps them, for record_in(). Built before the
+        caller's transaction: on SQLite that transaction holds the only write lock. `patients` are
+        those whose compartments the written resources lie in."""
         if not self.enabled:
-            return
-        self.note_activity()
+            return []
         record = AuditRecord(interaction, agent, client_id, None, "0", None, entities, (), now_instant(),
                              description)
-        events = audit_events(record, set(patients))
-        _spool(repo, events)
+        return [_spool_text(event) for event in audit_events(record, set(patients))]
+
+    def record_in(self, repo: Any, events: list[str]) -> None:
+        """Record events from prepare() in the caller's own write transaction (`repo`), for writers
+        that hold one anyway (the HL7 feed): they go into the spool with the data they record, or
+        not at all, and cost no queue or thread hand-over."""
+        if not events:
+            return
+        self.note_activity()
+        _spool_texts(repo, events)
         self.spooled += len(events)
 
     def start(self) -> None:
@@ -411,7 +421,7 @@ class AuditLog:
             try:
                 # Not durable: records wait in memory before this anyway (see write_tx).
                 with self.store.writing(durable=False) as repo:
-                    _spool(repo, events)
+                    _spool_texts(repo, [_spool_text(event) for event in events])
                 self.spooled += len(events)
                 if attempt > 1:
                     log.info("wrote %d audit events after %d attempts", len(events), attempt)

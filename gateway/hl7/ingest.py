@@ -176,7 +176,7 @@ class Ingestor:
 
     def _receive_one(self, text: str, header: parse.Header, channel: str, peer: str | None,
                      started: float) -> Outcome:
-        content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        content_hash = _content_hash(text)
         # Not durable on its own: it must survive the process dying while the message is worked
         # on (a message that crashes us stays on file); the durable commit that precedes its ACK
         # takes it to the disk. A duplicate acknowledges data that was made durable before.
@@ -188,7 +188,7 @@ class Ingestor:
                 return Outcome(message_id, "duplicate", stored_acks(prior.ack))
             message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
                                       flagged=prior is not None)
-        return self.process(message_id, text, header, started)
+        return self.process(message_id, text, header, started, content_hash)
 
     def reprocess(self, message_id: int) -> Outcome:
         """Run a stored message through translation again (after a mapping fix: maps changed on disk
@@ -204,24 +204,31 @@ class Ingestor:
 
     # --- processing ---
 
-    def process(self, message_id: int, text: str, header: parse.Header, started: float) -> Outcome:
+    def process(self, message_id: int, text: str, header: parse.Header, started: float,
+                content_hash: str | None = None) -> Outcome:
         """Translate and write a stored message; `started` (perf_counter) is its receipt, and the
         milliseconds from it to the ACK go into the status update that ends the transaction (no
-        statement of their own: only the commit after it is not counted)."""
+        statement of their own: only the commit after it is not counted). `content_hash`: the
+        text's SHA-256 when the caller has it."""
         try:
             self._check_header(header)
             translation = translate(parse.parse(text))
+            content_hash = content_hash or _content_hash(text)
+            # Built before the transaction: on SQLite every moment in it holds the only write lock.
+            accepted = Outcome(message_id, "processed", self._acks(header, "A"))
+            audit_events = self._audit_events(header, message_id, translation)
             for attempt in range(1, RACE_ATTEMPTS + 1):
                 try:
                     with self.store.writing(origin="hl7") as repo:
-                        twin = _processed_twin(repo, header, message_id, text)
+                        twin = _processed_twin(repo, header, message_id, content_hash)
                         if twin is not None:  # the same message, finished meanwhile by another connection
                             repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                                 status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
                             return Outcome(message_id, "duplicate", stored_acks(twin.ack))
                         self._apply(repo, message_id, translation)
-                        self._audit(repo, header, message_id, translation)
-                        outcome = Outcome(message_id, "processed", self._acks(header, "A"))
+                        if self.audit is not None:
+                            self.audit.record_in(repo, audit_events)
+                        outcome = accepted
                         _PROCESSED.execute(repo.conn, {"message_id": message_id, "ack": outcome.stored_acks,
                                                        "patient_id": translation.patient_id,
                                                        "ack_ms": _ms_since(started)})
@@ -251,19 +258,20 @@ class Ingestor:
             return self._fail(message_id, header, "E", f"internal error: {type(exc).__name__}", "207", None,
                               started)
 
-    def _audit(self, repo: Repository, header: parse.Header, message_id: int, translation: Translation) -> None:
-        """The feed writes patient data, so it leaves AuditEvents like any other writer: in the
-        transaction that writes the data, so that no message's data is ever stored without them."""
+    def _audit_events(self, header: parse.Header, message_id: int, translation: Translation) -> list[str]:
+        """The feed writes patient data, so it leaves AuditEvents like any other writer. They are
+        spooled in the transaction that writes the data, so that no message's data is ever stored
+        without them; built before it (see AuditLog.prepare)."""
         if self.audit is None:
-            return
+            return []
         sender = "|".join(p for p in (header.sending_app, header.sending_facility) if p) or "unknown sender"
         patients: set[str] = set()
         for resource in translation.resources:
             patients |= compartment_patients(resource)
-        self.audit.record_in(repo, "update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
-                             entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
-                             patients=patients,
-                             description=f"HL7 message {message_id} {header.message_code_and_trigger}")
+        return self.audit.prepare("update", f"HL7v2 {sender}", client_id=f"hl7:{sender}",
+                                  entities=tuple(f"{r['resourceType']}/{r['id']}" for r in translation.resources),
+                                  patients=patients,
+                                  description=f"HL7 message {message_id} {header.message_code_and_trigger}")
 
     def _check_header(self, header: parse.Header) -> None:
         if header.processing_id and header.processing_id[:1] not in PROCESSING_IDS:
@@ -356,7 +364,7 @@ class Ingestor:
             _INSERT_WRITTEN.execute(repo.conn, written)
 
 
-def _processed_twin(repo: Repository, header: parse.Header, message_id: int, text: str) -> _Prior | None:
+def _processed_twin(repo: Repository, header: parse.Header, message_id: int, content_hash: str) -> _Prior | None:
     """A processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than itself.
 
     Asked inside the transaction that would apply the message, after waiting for any other
@@ -368,8 +376,11 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, tex
         key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
         repo.conn.execute(_ADVISORY_LOCK, {"key": key})
     prior = _prior(repo, _PRIOR_OTHER, header, message_id=message_id)
-    same = prior is not None and prior.content_hash == hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return prior if same else None
+    return prior if prior is not None and prior.content_hash == content_hash else None
+
+
+def _content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _prior(repo: Repository, query: db.Prepared, header: parse.Header, **more: Any) -> _Prior | None:
