@@ -212,21 +212,27 @@ def hl7_show(message_id: int) -> None:
 @hl7.command("reprocess")
 @click.argument("message_id", type=int, required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="every failed message, oldest first")
-def hl7_reprocess(message_id: int | None, all_failed: bool) -> None:
-    """Run stored messages through translation again (after a mapping fix)."""
+@click.option("--stuck", is_flag=True,
+              help="every message left 'received' for 5 minutes or more (its process died, or the database "
+                   "went away, before the result was committed), oldest first")
+def hl7_reprocess(message_id: int | None, all_failed: bool, stuck: bool) -> None:
+    """Run stored messages through translation again (after a mapping fix, or an outage)."""
     from sqlalchemy import select
 
     from gateway import build_services
     from gateway import db as database
+    from gateway.hl7.ingest import stuck_message_ids
 
-    if (message_id is None) == (not all_failed):
-        raise click.UsageError("give a message id or --failed")
+    if (message_id is not None) + all_failed + stuck != 1:
+        raise click.UsageError("give a message id, --failed or --stuck")
     services = build_services(_settings())
     ids = [message_id] if message_id is not None else []
-    if all_failed:
-        with services.engine.connect() as conn:
+    with services.engine.connect() as conn:
+        if all_failed:
             ids = list(conn.execute(select(database.hl7_message.c.id).where(
                 database.hl7_message.c.status == "failed").order_by(database.hl7_message.c.id)).scalars())
+        elif stuck:
+            ids = stuck_message_ids(conn)
     tally: dict[str, int] = {}
     for n, mid in enumerate(ids, 1):
         try:

@@ -62,6 +62,25 @@ _INSERT_WRITTEN = db.Prepared(insert(db.hl7_written).values(
     {c.name: bindparam(c.name) for c in db.hl7_written.c}))
 
 
+# A message is `received` only while a process works on it (milliseconds). One still received after
+# this long was left behind: its process died, or the database went away, before the result was
+# committed (its sender got no ACK, or an AE 207, and may have sent it again meanwhile).
+STUCK_AFTER_MS = 5 * 60 * 1000
+
+
+def is_stuck(status: str, received_ms: int, now_ms: int | None = None) -> bool:
+    """Whether a message was left `received` (see STUCK_AFTER_MS)."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    return status == "received" and received_ms <= now - STUCK_AFTER_MS
+
+
+def stuck_message_ids(conn: Any, now_ms: int | None = None) -> list[int]:
+    """Messages left `received` (see STUCK_AFTER_MS), oldest first."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    return list(conn.execute(select(M.id).where(M.status == "received", M.received_ms <= now - STUCK_AFTER_MS)
+                             .order_by(M.id)).scalars())
+
+
 class _Prior(NamedTuple):
     """A processed message with the same (MSH-3, MSH-4, MSH-10)."""
 

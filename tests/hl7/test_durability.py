@@ -135,3 +135,66 @@ def test_restart_leaves_received_messages_reprocessable(database_url: str, tmp_p
     with services.store.writing() as repo:
         message_id = ingestor._insert(repo, text, header, "mllp", None, "hash", "received")
     assert ingestor.reprocess(message_id).status == "processed"
+
+
+def test_reprocess_stuck_takes_up_messages_left_received(tmp_path: Path) -> None:
+    """`gateway hl7 reprocess --stuck`: a message left received for 5 minutes is applied, or, when
+    its sender's copy was processed meanwhile, marked a duplicate of it; one received a moment ago
+    may still be in a listener's hands and is left alone."""
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+    from gateway.hl7 import parse
+    from gateway.hl7.ingest import STUCK_AFTER_MS, _content_hash, is_stuck
+
+    url = f"sqlite:///{tmp_path / 'stuck.sqlite'}"
+    runner = CliRunner(env={"GATEWAY_DATABASE_URL": url, "GATEWAY_INSTANCE_PATH": str(tmp_path)})
+    assert runner.invoke(main, ["db", "upgrade"], catch_exceptions=False).exit_code == 0
+    resent = tmp_path / "resent.hl7"
+    resent.write_text(MESSAGE.format(n=2))
+    engine = create_engine(url)
+    old_ms = int(time.time() * 1000) - STUCK_AFTER_MS - 1000
+    with engine.begin() as conn:
+        for n, received_ms in ((1, old_ms), (2, old_ms), (3, int(time.time() * 1000))):
+            text = parse.normalize(MESSAGE.format(n=n))
+            header = parse.read_header(text)
+            conn.execute(db.hl7_message.insert().values(
+                received_at="2026-11-01T08:30:00Z", received_ms=received_ms, channel="mllp",
+                sending_app=header.sending_app, sending_facility=header.sending_facility,
+                control_id=header.control_id, message_type="ADT^A01", version="2.5.1",
+                content_hash=_content_hash(text), status="received", raw=text, flagged=False))
+    # message 2's sender got no ACK and sent it again: that copy was processed
+    port = free_port()
+    listener = _start(url, port, tmp_path / "mllp.log")
+    try:
+        sent = runner.invoke(main, ["hl7", "send", str(resent), "--port", str(port)], catch_exceptions=False)
+        assert sent.exit_code == 0 and "AA" in sent.output, sent.output
+    finally:
+        listener.terminate()
+        listener.wait(timeout=30)
+
+    result = runner.invoke(main, ["hl7", "reprocess", "--stuck"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "reprocessed 2 messages: 1 duplicate, 1 processed" in result.output
+    messages = _all(engine)
+    rows = {r.control_id: r for r in messages}
+    with engine.connect() as conn:
+        patients = {r.id for r in conn.execute(select(db.resource.c.id).where(
+            db.resource.c.resource_type == "Patient"))}
+    copies = [r for r in messages if r.control_id == "2"]
+    assert [r.status for r in copies] == ["duplicate", "processed"]
+    assert copies[0].duplicate_of == copies[1].id
+    assert rows["1"].status == "processed" and rows["3"].status == "received"
+    assert not is_stuck(rows["3"].status, rows["3"].received_ms)
+    assert len(patients) == 2  # messages 1 and 2; message 3 untouched
+    again = runner.invoke(main, ["hl7", "reprocess", "--stuck"], catch_exceptions=False)
+    assert "reprocessed 0 messages" in again.output
+    usage = runner.invoke(main, ["hl7", "reprocess", "--stuck", "--failed"])
+    assert usage.exit_code == 2 and "give a message id, --failed or --stuck" in usage.output
+    engine.dispose()
+
+
+def _all(engine: Any) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(db.hl7_message).order_by(db.hl7_message.c.id)))
+
