@@ -1,5 +1,5 @@
 """The HL7 message browser: find stored messages, show one with its segments and fields named, and
-act on failed ones (reprocess, set aside with a reason).
+act on failed ones (reprocess, set aside with a reason) and on those left `received` (reprocess).
 
 Plain functions over the engine and the ingest pipeline; the console's pages call them (and audit),
 tests call them without HTTP. The list never counts or loads all rows: newest first by id (the
@@ -27,13 +27,14 @@ from sqlalchemy import ColumnElement, Connection, Engine, select, update
 
 from gateway import db
 from gateway.hl7 import parse
-from gateway.hl7.ingest import stored_acks
+from gateway.hl7.ingest import is_stuck, stored_acks
 
 M = db.hl7_message.c
 W = db.hl7_written.c
 
 STATUSES = ("received", "processed", "failed", "duplicate", "ignored")
-REPROCESSABLE = frozenset({"failed", "ignored"})  # an ignored message can be taken up again
+# An ignored message can be taken up again; so can one left `received` (ingest.is_stuck).
+REPROCESSABLE = frozenset({"failed", "ignored"})
 IGNORABLE = frozenset({"failed"})
 PAGE_SIZE = 50
 REPROCESS_LIMIT = 50  # messages one request may reprocess (one list page): each is a full translation
@@ -128,7 +129,7 @@ class Listed:
 
     @property
     def reprocessable(self) -> bool:
-        return self.status in REPROCESSABLE
+        return reprocessable(self.status, self.received)
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,7 @@ class Detail:
 
     @property
     def reprocessable(self) -> bool:
-        return self.status in REPROCESSABLE
+        return reprocessable(self.status, self.received)
 
     @property
     def ignorable(self) -> bool:
@@ -470,38 +471,47 @@ def detail(engine: Engine, message_id: int, timezone: str = "UTC") -> Detail:
 
 # --- actions ---
 
+def reprocessable(status: str, received: datetime) -> bool:
+    """Failed or ignored, or left `received` by a crash or an outage (ingest.is_stuck)."""
+    return status in REPROCESSABLE or is_stuck(status, int(received.timestamp() * 1000))
+
+
 @dataclass(frozen=True)
 class Reprocessed:
     message_id: int
-    status: str  # processed, failed; "skipped" when its status did not allow a reprocess
+    status: str  # processed, failed, duplicate; "skipped" when its status did not allow a reprocess
     error: str | None
     patient_id: str | None
+    duplicate_of: int | None = None  # duplicate: the copy of it that was processed
 
 
 def reprocess(ingest: Any, engine: Engine, message_ids: Iterable[int]) -> list[Reprocessed]:
-    """Run failed (or ignored) messages through translation again, oldest first, with the pipeline the
-    CLI's `gateway hl7 reprocess` uses (maps changed on disk are read again first). Other messages are
-    skipped. At most REPROCESS_LIMIT at once (ValueError beyond)."""
+    """Run failed, ignored or stuck messages (see `reprocessable`) through translation again, oldest
+    first, with the pipeline the CLI's `gateway hl7 reprocess` uses (maps changed on disk are read
+    again first). Other messages are skipped. At most REPROCESS_LIMIT at once (ValueError beyond)."""
     wanted = sorted(set(message_ids))
     if len(wanted) > REPROCESS_LIMIT:
         raise ValueError(f"at most {REPROCESS_LIMIT} messages at once")
     if not wanted:
         return []
     with engine.connect() as conn:
-        statuses = {r.id: r.status for r in conn.execute(select(M.id, M.status).where(M.id.in_(wanted)))}
-    missing = [m for m in wanted if m not in statuses]
+        found = {r.id: r for r in conn.execute(select(M.id, M.status, M.received_ms).where(M.id.in_(wanted)))}
+    missing = [m for m in wanted if m not in found]
     if missing:
         raise NotFound(missing[0])
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
     outcomes = {}
     for message_id in wanted:
-        if statuses[message_id] not in REPROCESSABLE:
+        row = found[message_id]
+        if row.status not in REPROCESSABLE and not is_stuck(row.status, row.received_ms, now_ms):
             outcomes[message_id] = ("skipped", None)
             continue
         outcome = ingest.reprocess(message_id)
         outcomes[message_id] = (outcome.status, outcome.error)
     with engine.connect() as conn:
-        patients = {r.id: r.patient_id for r in conn.execute(select(M.id, M.patient_id).where(M.id.in_(wanted)))}
-    return [Reprocessed(m, outcomes[m][0], outcomes[m][1], patients.get(m)) for m in wanted]
+        after = {r.id: r for r in conn.execute(select(M.id, M.patient_id, M.duplicate_of).where(M.id.in_(wanted)))}
+    return [Reprocessed(m, outcomes[m][0], outcomes[m][1], after[m].patient_id,
+                        after[m].duplicate_of if outcomes[m][0] == "duplicate" else None) for m in wanted]
 
 
 def clean_reason(reason: str | None) -> str:

@@ -20,7 +20,8 @@ from sqlalchemy import insert, select, text
 
 from gateway import db
 from gateway.admin import messages as service
-from gateway.hl7 import translate
+from gateway.hl7 import parse, translate
+from gateway.hl7.ingest import STUCK_AFTER_MS, _content_hash
 from tests.admin.conftest import STAFF_PASSWORD, new_staff
 from tests.portal.conftest import Portal, csrf_of, text_of
 
@@ -321,6 +322,47 @@ def test_reprocess_many_from_the_list(mapping_dir: Path, app: Any, console_login
     assert f"At most {service.REPROCESS_LIMIT} messages" in text_of(reply.get_data(as_text=True))
     with pytest.raises(ValueError):
         service.reprocess(ingest, gateway(app).engine, range(1, service.REPROCESS_LIMIT + 2))
+
+
+def test_a_message_left_received_is_shown_stuck_and_reprocessed_from_the_console(app: Any, console_login: Any) -> None:
+    """Left `received` five minutes ago or more: shown stuck, and reprocessed (applied, or marked a
+    duplicate of the sender's copy processed meanwhile); one received a moment ago is left alone."""
+    ingest = gateway(app).hl7
+    engine = gateway(app).engine
+    now_ms = int(datetime.now().timestamp() * 1000)
+    old_ms = now_ms - STUCK_AFTER_MS - 1000
+    texts = {control: parse.normalize(adt(control, mrn=f"MRN-{control}")) for control in ("LEFT1", "LEFT2", "NEW")}
+    put_rows(engine, [{"received_ms": received_ms, "status": "received", "control_id": control, "sending_app": "EPIC",
+                       "sending_facility": "RIVERSIDE", "message_type": "ADT^A01", "raw": texts[control],
+                       "content_hash": _content_hash(texts[control])}
+                      for control, received_ms in (("LEFT1", old_ms), ("LEFT2", old_ms), ("NEW", now_ms))])
+    with engine.connect() as conn:
+        ids = dict(conn.execute(select(db.hl7_message.c.control_id, db.hl7_message.c.id)).all())
+    resent = ingest.receive_one(texts["LEFT2"], "mllp", None)  # the sender's copy of LEFT2, processed
+    assert resent.status == "processed"
+    driver = console_login("operator")
+    html = driver.get("/admin/messages?status=received")
+    assert f'name="id" value="{ids["LEFT1"]}"' in html and f'name="id" value="{ids["LEFT2"]}"' in html
+    assert f'name="id" value="{ids["NEW"]}"' not in html
+    assert text_of(html).count("stuck") >= 2
+    assert "stuck:" in text_of(driver.get(f"/admin/messages/{ids['LEFT1']}"))
+    assert "stuck:" not in text_of(driver.get(f"/admin/messages/{ids['NEW']}"))
+    reply = driver.client.post("/admin/messages/reprocess", data={
+        "csrf_token": csrf_of(html), "which": "selected",
+        "id": [str(ids["LEFT1"]), str(ids["LEFT2"]), str(ids["NEW"])],
+        "back": "/admin/messages?status=received"}, follow_redirects=True)
+    page = text_of(reply.get_data(as_text=True))
+    assert (f"Message {ids['LEFT2']} is a copy of message {resent.message_id}, which was processed: "
+            "marked as its duplicate.") in page
+    assert "Reprocessed 2 messages: 1 processed, 0 failed" in page and "1 message was left alone" in page
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(db.hl7_message))}
+    assert rows[ids["LEFT1"]].status == "processed" and "MSA|AA|LEFT1" in rows[ids["LEFT1"]].ack
+    assert rows[ids["LEFT2"]].status == "duplicate" and rows[ids["LEFT2"]].duplicate_of == resent.message_id
+    assert rows[ids["NEW"]].status == "received"
+    reply = driver.post(f"/admin/messages/{ids['NEW']}/reprocess", {}, page=f"/admin/messages/{ids['NEW']}")
+    assert "Only a failed, ignored or stuck message can be reprocessed." in text_of(driver.last_html)
+    assert len(console_events(app, "execute-reprocess")) == 2
 
 
 def test_ignore_needs_a_reason_and_only_takes_failed_messages(mapping_dir: Path, app: Any, console_login: Any) -> None:

@@ -163,27 +163,32 @@ def _reprocess_notice(results: list[service.Reprocessed]) -> None:
         reference = (f"Patient/{result.patient_id}",) if result.patient_id else ()
         if result.status == "skipped":
             continue
-        audit("execute-reprocess", entities=reference, outcome="0" if result.status == "processed" else "4",
+        audit("execute-reprocess", entities=reference, outcome="4" if result.status == "failed" else "0",
               description=f"HL7 message {result.message_id}: {result.status}"
                           + (f" ({result.error})" if result.error else ""))
     done = [r for r in results if r.status != "skipped"]
     processed = sum(1 for r in done if r.status == "processed")
     failed = [r for r in done if r.status == "failed"]
+    copies = [r for r in done if r.status == "duplicate"]
     skipped = len(results) - len(done)
-    if len(results) == 1 and done:
+    for copy in copies:
+        # a message left received whose sender's copy was processed meanwhile
+        flash(_("Message %(id)s is a copy of message %(of)s, which was processed: marked as its duplicate.",
+                id=copy.message_id, of=copy.duplicate_of), "ok")
+    if len(results) == 1 and done and not copies:
         if processed:
             flash(_("Message %(id)s was reprocessed: processed.", id=done[0].message_id), "ok")
         else:
             flash(_("Message %(id)s was reprocessed and failed again: %(error)s", id=done[0].message_id,
                     error=done[0].error or ""), "error")
         return
-    if done:
+    if len(done) > len(copies):
         flash(ngettext("Reprocessed %(num)d message: %(processed)s processed, %(failed)s failed.",
                        "Reprocessed %(num)d messages: %(processed)s processed, %(failed)s failed.", len(done),
                        processed=processed, failed=len(failed)), "ok" if not failed else "error")
     if skipped:
-        flash(ngettext("%(num)d message was left alone: only failed or ignored messages are reprocessed.",
-                       "%(num)d messages were left alone: only failed or ignored messages are reprocessed.",
+        flash(ngettext("%(num)d message was left alone: only failed, ignored or stuck messages are reprocessed.",
+                       "%(num)d messages were left alone: only failed, ignored or stuck messages are reprocessed.",
                        skipped), "error")
 
 
@@ -195,7 +200,7 @@ def messages_reprocess(message_id: int) -> Response:
     except service.NotFound:
         return error_page(404, _("There is no message %(id)s.", id=message_id))
     if results[0].status == "skipped":
-        flash(_("Only a failed or ignored message can be reprocessed."), "error")
+        flash(_("Only a failed, ignored or stuck message can be reprocessed."), "error")
     else:
         _reprocess_notice(results)
     back = request.form.get("back")
