@@ -195,6 +195,33 @@ def test_a_durable_sqlite_write_returns_only_after_a_flush_of_the_log_begun_afte
     engine.dispose()
 
 
+def test_checkpoints_run_on_a_thread_of_their_own_not_in_the_commits(tmp_path: Path) -> None:
+    """Durable commits leave checkpoints to WalSync's thread (SQLite's own automatic checkpoint only
+    bounds the log); a database whose commits are not group-committed keeps SQLite's default."""
+    path = tmp_path / "checkpoints.sqlite"
+    engine = db.make_engine(f"sqlite:///{path}")
+    with db.write_tx(engine) as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER, pad TEXT)"))
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == db.SAFETY_AUTOCHECKPOINT
+    sync = db._wal_sync(engine)
+    size_before = path.stat().st_size
+    for i in range(db.CHECKPOINT_EVERY * 2):
+        with db.write_tx(engine) as conn:
+            conn.execute(text("INSERT INTO t VALUES (:x, :pad)"), {"x": i, "pad": "p" * 3000})
+    deadline = time.monotonic() + 10
+    while sync.checkpoints < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sync.checkpoints >= 1
+    # the rows reached the database file, which only a checkpoint writes
+    assert path.stat().st_size > size_before + 3000 * db.CHECKPOINT_EVERY
+    engine.dispose()
+
+    relaxed = db.make_engine(f"sqlite:///{tmp_path / 'normal.sqlite'}", "NORMAL")
+    with db.write_tx(relaxed) as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 1000
+    relaxed.dispose()
+
+
 def test_tasks_stored_before_task_joined_the_compartment_are_indexed_by_the_migration(tmp_path: Path) -> None:
     from sqlalchemy import delete
 
