@@ -651,12 +651,12 @@ def start_mllp(settings: Settings, host: str, port: int, **options: Any) -> Any:
     """The MLLP listener on its own thread and event loop, with its own services (options: see
     MLLPServer, e.g. the channels to worker processes)."""
     from gateway import build_services
-    from gateway.hl7.ack import warm_up
+    from gateway.hl7.ingest import warm_up
     from gateway.hl7.mllp import start_in_thread
 
     services = build_services(settings)
     services.audit.start()  # the feed's AuditEvents wait in the spool until the listener has time
-    warm_up()  # validate every version's ACK template now, not on a sender's first message
+    warm_up()  # maps, ACK templates, FHIR models loaded now, not on a sender's first message
     return start_in_thread(lambda raw: services.hl7.handle(raw, "mllp"), host, port,
                            read_timeout=settings.mllp_read_timeout,
                            max_message_bytes=settings.mllp_max_message_bytes, **options)

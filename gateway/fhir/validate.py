@@ -23,6 +23,31 @@ def model_class(resource_type: str) -> Any:
         return None
 
 
+# fhir.resources names an element's type in its annotation as abc.<FHIR type>Type, and imports
+# that type's module the first time such an element is validated.
+_ELEMENT_TYPE = re.compile(r"\babc\.(\w+)Type\b")
+
+
+def load_models(resource_type: str) -> int:
+    """Import now the models of this resource type and of every element type it can hold, which
+    fhir.resources would import during the first validations that meet them (a request waits
+    meanwhile); returns how many types are loaded. Types the annotations do not name this way are
+    loaded when first met, as before."""
+    seen: set[str] = set()
+    pending = [resource_type]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        model = model_class(name)
+        if model is None:
+            continue
+        for field in model.model_fields.values():
+            pending.extend(_ELEMENT_TYPE.findall(str(field.annotation)))
+    return len(seen)
+
+
 def is_resource_type(name: str) -> bool:
     return bool(name) and name[:1].isupper() and name.isalnum() and model_class(name) is not None
 

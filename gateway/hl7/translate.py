@@ -295,6 +295,26 @@ def _event_spec(message_map: dict[str, Any], code: str, event: str) -> dict[str,
     return events.get(f"{code}^{event}") or events.get(event) or {}
 
 
+def written_types(maps: Mappings) -> set[str]:
+    """The resource types these maps can write: every "resource" a map names (a segment's own
+    resource, and those it creates for what it references)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "resource" and isinstance(value, str) and value[:1].isupper():
+                    found.add(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk([maps.messages, maps.segments, maps.datatypes])
+    return found
+
+
 def supported() -> list[str]:
     """Message types and events the maps translate, e.g. ["ADT^A01", ...]."""
     return [event for m in mappings().messages for event in _events(m)]

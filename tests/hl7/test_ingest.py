@@ -282,3 +282,43 @@ def test_a_database_that_cannot_be_reached_gets_a_nak_ae_207_not_a_closed_connec
     assert msa(ack)[1:3] == ["AE", "DOWN1"]
     err = next(s for s in ack.split("\r") if s.startswith("ERR|")).split("|")
     assert err[3].startswith("207^") and "send it again" in ack
+
+
+WARM_UP_CHECK = """
+import gc, sys, tempfile
+from pathlib import Path
+from gateway import build_services, db
+from gateway.config import Settings
+from gateway.hl7 import parse
+from gateway.hl7.ingest import warm_up
+
+url = f"sqlite:///{tempfile.mkdtemp()}/warm.sqlite"
+db.upgrade(db.make_engine(url))
+services = build_services(Settings.from_env(environ={}, database_url=url))
+warm_up()
+assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()
+loaded = set(sys.modules)
+for path in sys.argv[1:]:  # what each answer says: test_corpus_mllp
+    services.hl7.handle(Path(path).read_bytes())
+print("new modules:", sorted(m for m in set(sys.modules) - loaded if m.startswith("fhir")))
+services.close()
+"""
+
+
+def test_a_warmed_up_listener_loads_nothing_more_for_its_first_messages(tmp_path: Any) -> None:
+    """warm_up() loads the maps, ACK templates and, for every resource type the maps write, the FHIR
+    model and search parameters, then freezes them out of the garbage collector's full collections;
+    the first message of each kind in the corpus then imports no FHIR model (each import would be
+    time its sender waits)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "hl7" / "fhir-converter"
+    files = sorted(str(p) for p in corpus.glob("*.hl7"))
+    if not files:
+        pytest.skip("../shared/corpus is not beside the checkout")
+    done = subprocess.run([sys.executable, "-c", WARM_UP_CHECK, *files], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "new modules: []" in done.stdout, done.stdout
