@@ -265,23 +265,21 @@ class Repository:
                  check: bool) -> tuple[dict[str, Any], str]:
         if check:
             validate(resource)
-        body = dict(resource)
-        body["id"] = resource_id
-        meta = dict(body.get("meta") or {})
-        meta["versionId"] = str(version_id)
-        meta["lastUpdated"] = now_instant()
-        body["meta"] = meta
-        return body, meta["lastUpdated"]
+        return _with_meta(resource, resource_id, version_id)
 
     def _write_index(self, pk: int, body: dict[str, Any], new: bool) -> None:
         if not new:
             self._drop_index(pk, body["resourceType"])
-        for param_type, rows in index_rows(body, self.base_url).items():
+        self._add_index(pk, body["resourceType"], index_rows(body, self.base_url),
+                        compartment_patients(body, self.base_url))
+
+    def _add_index(self, pk: int, resource_type: str, rows_by_type: dict[str, list[dict[str, Any]]],
+                   patients: set[str]) -> None:
+        for param_type, rows in rows_by_type.items():
             table = db.INDEX_TABLES[param_type].name
             self._pending.setdefault(table, []).extend({**row, "resource_pk": pk} for row in rows)
-        patients = compartment_patients(body, self.base_url)
         self._pending.setdefault(db.compartment.name, []).extend(
-            {"resource_pk": pk, "resource_type": body["resourceType"], "patient_id": p} for p in sorted(patients)
+            {"resource_pk": pk, "resource_type": resource_type, "patient_id": p} for p in sorted(patients)
         )
 
     def _drop_index(self, pk: int, resource_type: str) -> None:
@@ -333,23 +331,23 @@ class Repository:
     def create_many(self, resources: list[dict[str, Any]]) -> list[Stored]:
         """Create trusted resources in bulk (server-made records such as AuditEvents): new ids, no
         validation, one multi-row INSERT per table. Listeners are not told; nothing else uses it."""
-        if not resources:
+        return self.insert_new(new_resources(resources, self.base_url))
+
+    def insert_new(self, new: list[NewResource]) -> list[Stored]:
+        """create_many for resources new_resources() made (before this transaction)."""
+        if not new:
             return []
-        bodies, rows = [], []
-        for resource in resources:
-            body, last_updated = self._prepare(resource, str(uuid.uuid4()), 1, check=False)
-            content = jsonio.dumps(body)
-            bodies.append((body, last_updated, content))
-            rows.append({"resource_type": body["resourceType"], "id": body["id"], "version_id": 1,
-                         "last_updated": last_updated, "deleted": False, "content": content})
+        rows = [{"resource_type": n.body["resourceType"], "id": n.body["id"], "version_id": 1,
+                 "last_updated": n.last_updated, "deleted": False, "content": n.content} for n in new]
         pks = self.conn.execute(
             insert(db.resource).returning(db.resource.c.pk, sort_by_parameter_order=True), rows
         ).scalars().all()
         stored = []
-        for pk, (body, last_updated, content) in zip(pks, bodies, strict=True):
-            self._insert_version(pk, body, body["resourceType"], body["id"], 1, last_updated, "POST", content)
-            self._write_index(pk, body, new=True)
-            stored.append(Stored(body["resourceType"], body["id"], 1, last_updated, False, content, pk))
+        for pk, n in zip(pks, new, strict=True):
+            rtype, rid = n.body["resourceType"], n.body["id"]
+            self._insert_version(pk, n.body, rtype, rid, 1, n.last_updated, "POST", n.content)
+            self._add_index(pk, rtype, n.index, n.patients)
+            stored.append(Stored(rtype, rid, 1, n.last_updated, False, n.content, pk))
         return stored
 
     def lock(self, key: str) -> None:
@@ -495,6 +493,40 @@ class Repository:
         page = [Stored(r.resource_type, r.id, r.version_id, r.last_updated, r.deleted, r.content, r.resource_pk,
                        r.method) for r in rows[:count]]
         return page, (rows[count - 1].seq if len(rows) > count else None)
+
+
+def _with_meta(resource: dict[str, Any], resource_id: str, version_id: int) -> tuple[dict[str, Any], str]:
+    """The resource as stored: its id, meta.versionId and meta.lastUpdated set (now)."""
+    body = dict(resource)
+    body["id"] = resource_id
+    meta = dict(body.get("meta") or {})
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = now_instant()
+    body["meta"] = meta
+    return body, meta["lastUpdated"]
+
+
+@dataclass(frozen=True)
+class NewResource:
+    """A resource for create_many with the work done that needs no database (see new_resources)."""
+
+    body: dict[str, Any]
+    last_updated: str
+    content: str
+    index: dict[str, list[dict[str, Any]]]
+    patients: set[str]
+
+
+def new_resources(resources: list[dict[str, Any]], base_url: str) -> list[NewResource]:
+    """What create_many does for each resource before it writes (a new id, meta, the JSON text, index
+    rows and compartments), so that a caller can do it before its transaction: on SQLite the
+    transaction holds the only write lock, and this is most of the cost."""
+    out = []
+    for resource in resources:
+        body, last_updated = _with_meta(resource, str(uuid.uuid4()), 1)
+        out.append(NewResource(body, last_updated, jsonio.dumps(body), index_rows(body, base_url),
+                               compartment_patients(body, base_url)))
+    return out
 
 
 def same_content(current: dict[str, Any], incoming: dict[str, Any],

@@ -682,6 +682,44 @@ def test_an_idle_process_stores_the_spool_in_short_transactions(app: Any, client
     assert len(chunks) >= 2 and max(chunks) <= IDLE_SPOOL_CHUNK
 
 
+def test_spooled_events_become_resources_before_the_write_lock_and_are_stored_once(
+        app: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite the events are made into resources (JSON, index rows) before the writing
+    transaction takes the only write lock; when another process stores them in between, this one
+    stores nothing and reads the spool again: each event is stored once."""
+    import gateway.audit as audit_module
+    from gateway import db
+
+    gateway = app.extensions["gateway"]
+    if gateway.engine.dialect.name == "postgresql":
+        pytest.skip("PostgreSQL reads and prepares in the writing transaction, row-locked (no database-wide lock)")
+    audit = gateway.audit
+    pid = create(client, patient())["id"]
+    for _ in range(3):
+        client.get(f"/fhir/Patient/{pid}")
+    _spool_only(audit)
+    spooled = _in_spool(app)
+    assert spooled >= 3
+    before = len(_stored_audit_events(app))
+    gate = db._writer_gate(gateway.engine)
+    assert gate is not None
+    real = audit_module.new_resources
+    calls: list[bool] = []
+
+    def made(resources: list[dict[str, Any]], base_url: str) -> list[Any]:
+        held = gate._depth > 0
+        calls.append(held)
+        if len(calls) == 1:  # another process stores the whole spool between the read and the write
+            assert audit_module.AuditLog.store_spooled(audit, 1000) == spooled
+        return real(resources, base_url)
+
+    monkeypatch.setattr(audit_module, "new_resources", made)
+    assert audit.store_spooled(1000) == 0  # what it had read was stored elsewhere; the spool is empty now
+    assert _in_spool(app) == 0
+    assert len(_stored_audit_events(app)) == before + spooled
+    assert calls == [False, False]  # both outside the write lock
+
+
 def test_spooled_events_wait_while_other_processes_keep_the_cores_busy() -> None:
     """A listener or worker with nothing to do must not take the CPU its busy siblings need: the
     spool is worked off only while a core is left free by the machine's other processes."""
