@@ -422,7 +422,8 @@ class AuditLog:
                     rows = list(repo.conn.execute(query).all())
                     if not rows:
                         return 0
-                    new = new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)
+            if rows:
+                new = new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)
             try:
                 with self.store.writing(durable=False) as repo:
                     if postgres:
