@@ -182,9 +182,10 @@ def _reprocess_notice(results: list[service.Reprocessed]) -> None:
             flash(_("Message %(id)s was reprocessed and failed again: %(error)s", id=done[0].message_id,
                     error=done[0].error or ""), "error")
         return
-    if len(done) > len(copies):
+    applied = len(done) - len(copies)  # the duplicates have their own lines above
+    if applied:
         flash(ngettext("Reprocessed %(num)d message: %(processed)s processed, %(failed)s failed.",
-                       "Reprocessed %(num)d messages: %(processed)s processed, %(failed)s failed.", len(done),
+                       "Reprocessed %(num)d messages: %(processed)s processed, %(failed)s failed.", applied,
                        processed=processed, failed=len(failed)), "ok" if not failed else "error")
     if skipped:
         flash(ngettext("%(num)d message was left alone: only failed, ignored or stuck messages are reprocessed.",
