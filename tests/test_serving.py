@@ -76,8 +76,12 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, 
 
 def test_sighup_replaces_the_workers_without_failing_a_request_or_a_message(served: tuple) -> None:
     proc, http_port, mllp_port, log = served
-    before = _children(proc.pid)
-    assert len(before) >= 3  # two workers and the MLLP listener
+    # The arbiter forks its workers once the MLLP listener accepts, which may be a moment after the
+    # fixture's message got its ACK from the listener.
+    deadline = time.monotonic() + 30
+    while len(before := _children(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(before) >= 3, (before, log.read_text(errors="replace")[-2000:])  # two workers and the listener
     stop = threading.Event()
     answers: list[tuple[float, int | str]] = []
     acks: list[bytes] = []
