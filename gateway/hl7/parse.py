@@ -403,8 +403,14 @@ def _segment_line(text: str, name: str) -> str | None:
 
 
 def _line_end(text: str, start: int) -> int:
-    ends = [i for i in (text.find("\r", start), text.find("\n", start)) if i != -1]
-    return min(ends) if ends else len(text)
+    """Where the line from `start` ends (its CR or LF, else the end of the text). LF is looked for
+    only up to the CR: normalized text has none, and a search past the line would read the whole
+    message (megabytes, with an embedded PDF) at every header lookup."""
+    end = text.find("\r", start)
+    if end == -1:
+        end = len(text)
+    newline = text.find("\n", start, end)
+    return end if newline == -1 else newline
 
 
 def _split_header_line(line: str, name: str) -> tuple[tuple[str, ...], Separators]:
