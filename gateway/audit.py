@@ -411,9 +411,11 @@ class AuditLog:
         S = db.audit_spool.c
         postgres = self.store.engine.dialect.name == "postgresql"
         query = select(S.seq, S.event).order_by(S.seq).limit(limit)
+        def as_resources(rows: list[Any]) -> list[NewResource]:
+            return new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)
+
         for _attempt in range(SPOOL_RACE_ATTEMPTS):
             rows: list[Any] = []
-            new: list[NewResource] = []
             with self.store.reading() as repo:  # most idle checks find nothing: no write lock for them
                 if postgres:
                     if repo.conn.execute(select(S.seq).limit(1)).first() is None:
@@ -422,15 +424,14 @@ class AuditLog:
                     rows = list(repo.conn.execute(query).all())
                     if not rows:
                         return 0
-            if rows:
-                new = new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)
+            new = as_resources(rows)  # SQLite: outside the write lock; PostgreSQL: nothing read yet
             try:
                 with self.store.writing(durable=False) as repo:
                     if postgres:
                         rows = list(repo.conn.execute(query.with_for_update(skip_locked=not wait)).all())
                         if not rows:
                             return 0
-                        new = new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)
+                        new = as_resources(rows)
                     taken = repo.conn.execute(delete(db.audit_spool).where(S.seq.in_([row.seq for row in rows])))
                     if taken.rowcount != len(rows):
                         raise _StoredElsewhere

@@ -79,16 +79,19 @@ _INSERT_WRITTEN = db.Prepared(insert(db.hl7_written).values(
 STUCK_AFTER_MS = 5 * 60 * 1000
 
 
+def _stuck_before(now_ms: int | None) -> int:
+    """The latest receipt (ms since the epoch) of a message that is stuck if still `received`."""
+    return (now_ms if now_ms is not None else time.time_ns() // 1_000_000) - STUCK_AFTER_MS
+
+
 def is_stuck(status: str, received_ms: int, now_ms: int | None = None) -> bool:
     """Whether a message was left `received` (see STUCK_AFTER_MS)."""
-    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    return status == "received" and received_ms <= now - STUCK_AFTER_MS
+    return status == "received" and received_ms <= _stuck_before(now_ms)
 
 
 def stuck_message_ids(conn: Any, now_ms: int | None = None) -> list[int]:
     """Messages left `received` (see STUCK_AFTER_MS), oldest first."""
-    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    return list(conn.execute(select(M.id).where(M.status == "received", M.received_ms <= now - STUCK_AFTER_MS)
+    return list(conn.execute(select(M.id).where(M.status == "received", M.received_ms <= _stuck_before(now_ms))
                              .order_by(M.id)).scalars())
 
 
