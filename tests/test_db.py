@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway import db
@@ -382,8 +382,8 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
         named = db.Prepared(select(table.c.name, table.c.flag).where(table.c.name == bindparam("name")))
         with db.write_tx(engine) as conn:
             pk = add.rows(conn, {"name": "a", "flag": True})[0][0]
-            db.Prepared(insert(table).values(name=bindparam("name"), flag=bindparam("flag"))).execute(
-                conn, [{"name": "b", "flag": False}, {"name": "c", "flag": None}])
+            assert db.Prepared(insert(table).values(name=bindparam("name"), flag=bindparam("flag"))).execute(
+                conn, [{"name": "b", "flag": False}, {"name": "c", "flag": None}]) == 2
             name, flag = named.first(conn, {"name": "a"})
             assert name == "a" and flag  # SQLite gives 1, PostgreSQL True
             assert named.first(conn, {"name": "zz"}) is None
@@ -398,6 +398,14 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
         # raised as SQLAlchemy's, as conn.execute would
         with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
             add.rows(conn, {"name": "a", "flag": False})
+        # where SQLAlchemy's statement events are listened to, PostgreSQL's go through SQLAlchemy
+        # (tests see the SQL); the same rows either way
+        seen: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda _c, _cur, statement, *_: seen.append(statement))
+        with db.read_tx(engine) as conn:
+            assert [row[:2] for row in db.Prepared(everything).rows(conn, {})] == [row[:2] for row in got]
+            assert named.first(conn, {"name": "b"})[0] == "b"
+        assert len(seen) == (0 if engine.dialect.name == "sqlite" else 2)
     finally:
         meta.drop_all(engine)
         engine.dispose()
@@ -454,12 +462,16 @@ def test_a_pooled_postgresql_connection_cut_while_idle_is_replaced(database_url:
         with db.read_tx(engine) as conn:
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
         monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # in use a moment ago: not pinged
-        cut_pooled()
-        with pytest.raises(DBAPIError) as failed, db.read_tx(engine) as conn:
-            conn.execute(text("SELECT 1"))
-        assert db.unavailable(failed.value) == "unreachable"
-        with db.read_tx(engine) as conn:
-            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        # through SQLAlchemy, and on the driver (db.Prepared, as the HL7 feed's statements run)
+        on_driver = db.Prepared(select(func.pg_backend_pid()))
+        for run in (lambda conn: conn.execute(text("SELECT 1")), lambda conn: on_driver.rows(conn, {})):
+            cut_pooled()
+            with pytest.raises(DBAPIError) as failed, db.read_tx(engine) as conn:
+                run(conn)
+            assert db.unavailable(failed.value) == "unreachable"
+            with db.read_tx(engine) as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+                assert on_driver.rows(conn, {})[0][0] > 0
     finally:
         engine.dispose()
 

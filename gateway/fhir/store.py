@@ -13,6 +13,7 @@ current version only and are replaced in the same transaction as the write.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import uuid
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 
 import jsonpatch
 import orjson
-from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway import db
@@ -60,6 +61,13 @@ class Stored:
         if self.content is None:
             raise ValueError("a deleted version has no content")
         return jsonio.loads(self.content)
+
+
+class _Unread(enum.Enum):
+    UNREAD = "unread"
+
+
+UNREAD = _Unread.UNREAD  # Repository.update: the caller has not read the current version
 
 
 @dataclass(frozen=True)
@@ -120,25 +128,17 @@ class CurrentRow(NamedTuple):
 RESOURCE_COLUMNS = ", ".join(column.name for column in db.resource.c)
 
 
-@functools.lru_cache(maxsize=32)
-def _current_many(types: int, for_update: bool) -> Select[Any]:
-    """Current rows of several resources: `type = :tK AND id IN (:iK...)` for each of `types` types.
-    Not a row-value list `(type, id) IN (VALUES ...)`: SQLite reads the whole table for that (15 ms at
-    20,000 resources, growing with the store), while each of these is a search of the unique index."""
-    r = db.resource.c
-    statement = select(db.resource).where(or_(*(
-        and_(r.resource_type == bindparam(f"t{k}"), r.id.in_(bindparam(f"i{k}", expanding=True)))
-        for k in range(types))))
-    # FOR UPDATE in pk order: every writer locks in one order, so two cannot deadlock on these rows
-    return statement.order_by(db.resource.c.pk).with_for_update() if for_update else statement
-
-
-@functools.lru_cache(maxsize=64)
-def _current_many_sqlite(counts: tuple[int, ...]) -> str:
-    """_current_many as SQLite text for types with these numbers of ids, run on the driver (rows as
-    CurrentRow)."""
-    where = " OR ".join(f"(resource_type = ? AND id IN ({', '.join('?' * n)}))" for n in counts)
-    return f"SELECT {RESOURCE_COLUMNS} FROM resource WHERE {where}"
+@functools.lru_cache(maxsize=128)
+def _current_many_text(dialect: str, counts: tuple[int, ...], for_update: bool) -> str:
+    """Current rows of several resources, as SQL for the driver (rows as CurrentRow):
+    `type = ? AND id IN (?...)` for types with these numbers of ids. Not a row-value list
+    `(type, id) IN (VALUES ...)`: SQLite reads the whole table for that (15 ms at 20,000 resources,
+    growing with the store), while each of these is a search of the unique index. for_update
+    (PostgreSQL): locked in pk order, so that two writers cannot deadlock on these rows."""
+    mark = "?" if dialect == "sqlite" else "%s"
+    where = " OR ".join(f"(resource_type = {mark} AND id IN ({', '.join([mark] * n)}))" for n in counts)
+    lock = " ORDER BY pk FOR UPDATE" if for_update else ""
+    return f"SELECT {RESOURCE_COLUMNS} FROM resource WHERE {where}{lock}"
 
 
 # The write path's statements, built once, as _CURRENT is.
@@ -216,25 +216,22 @@ class Repository:
         row = self._current_row(resource_type, resource_id, for_update)
         return None if row is None or row.deleted else self._stored(row)
 
-    def find_many(self, keys: list[tuple[str, str]], for_update: bool = False) -> dict[tuple[str, str], Stored]:
+    def find_many(self, keys: list[tuple[str, str]], for_update: bool = False,
+                  deleted: bool = False) -> dict[tuple[str, str], Stored]:
         """The current versions of several resources in one statement, keyed by (type, id); absent
-        and deleted ones are left out (as find() gives None for them). for_update as in find()."""
+        ones are left out, and deleted ones too unless `deleted` (as find() gives None for them).
+        for_update as in find()."""
         if not keys:
             return {}
         by_type: dict[str, list[str]] = {}
         for resource_type, resource_id in dict.fromkeys(keys):
             by_type.setdefault(resource_type, []).append(resource_id)
-        if self.conn.dialect.name == "sqlite":  # every HL7 message asks this: straight to the driver
-            sql = _current_many_sqlite(tuple(len(ids) for ids in by_type.values()))
-            args = [value for resource_type, ids in by_type.items() for value in (resource_type, *ids)]
-            rows = [CurrentRow.of(r) for r in db.sqlite_execute(self.conn, sql, args).fetchall()]
-            return {(r.resource_type, r.id): self._stored(r) for r in rows if not r.deleted}
-        params: dict[str, Any] = {}
-        for k, (resource_type, ids) in enumerate(by_type.items()):
-            params[f"t{k}"], params[f"i{k}"] = resource_type, ids
-        statement = _current_many(len(by_type), for_update and db.is_postgres(self.conn))
-        rows = self.conn.execute(statement, params).all()
-        return {(r.resource_type, r.id): self._stored(r) for r in rows if not r.deleted}
+        # every HL7 message asks this: straight to the driver (see db.Prepared)
+        sql = _current_many_text(self.conn.dialect.name, tuple(len(ids) for ids in by_type.values()),
+                                 for_update and db.is_postgres(self.conn))
+        args = [value for resource_type, ids in by_type.items() for value in (resource_type, *ids)]
+        rows = [CurrentRow.of(r) for r in db.driver_execute(self.conn, sql, args).fetchall()]
+        return {(r.resource_type, r.id): self._stored(r) for r in rows if deleted or not r.deleted}
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:
         self.flush()
@@ -376,7 +373,12 @@ class Repository:
         return self._insert_new(resource, resource_id or str(uuid.uuid4()), "POST", check=False)
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any],
-               if_match: str | None = None, check: bool = True, method: str = "PUT") -> WriteResult:
+               if_match: str | None = None, check: bool = True, method: str = "PUT",
+               current: Stored | _Unread | None = UNREAD) -> WriteResult:
+        """Create or update a resource. `current`: its current version (deleted or not; None when
+        there is none), when the caller read it in this transaction with find_many(for_update=True,
+        deleted=True), so that it is not read again (the HL7 feed reads every resource of a message
+        at once)."""
         if not isinstance(resource, dict):
             validate(resource)  # the OperationOutcome for a body that is not a resource
         if resource.get("resourceType") != resource_type:
@@ -388,7 +390,12 @@ class Repository:
         if not ID_RE.match(resource_id):
             raise FhirError(400, f"Invalid id {resource_id!r}", code="invalid")
         expected = parse_version(if_match)
-        row = self._current_row(resource_type, resource_id, for_update=True)
+        if current is UNREAD:
+            row: CurrentRow | Stored | None = self._current_row(resource_type, resource_id, for_update=True)
+        elif current is not None and (current.resource_type, current.id) != (resource_type, resource_id):
+            raise ValueError(f"the current version given is of {current.reference}, not {resource_type}/{resource_id}")
+        else:
+            row = current
         if row is None:
             if expected is not None:
                 raise FhirError(412, f"{resource_type}/{resource_id} does not exist (If-Match {if_match})",

@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy import text as text_sql
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from gateway import db, metrics
@@ -60,7 +59,7 @@ _PRIOR_QUERY = select(M.id, M.content_hash, M.ack).where(
 _PRIOR = db.Prepared(_PRIOR_QUERY)
 # The same question asked again inside the applying transaction, leaving the message itself out.
 _PRIOR_OTHER = db.Prepared(_PRIOR_QUERY.where(M.id != bindparam("message_id")))
-_ADVISORY_LOCK = text_sql("SELECT pg_advisory_xact_lock(:key)")
+_ADVISORY_LOCK = db.Prepared(select(func.pg_advisory_xact_lock(bindparam("key"))))
 _MESSAGE_COLUMNS = ("received_at", "received_ms", "channel", "peer", "sending_app", "sending_facility", "control_id",
                     "message_type", "version", "content_hash", "status", "raw", "mrn", "flagged", "duplicate_of",
                     "ack", "ack_ms")
@@ -366,10 +365,12 @@ class Ingestor:
         written: list[dict[str, Any]] = []
         # Locked on PostgreSQL until the commit: what is decided below on what was read (unchanged,
         # older) still holds when it is written, whatever another process is applying meanwhile.
-        found = repo.find_many([(r["resourceType"], r["id"]) for r in translation.resources], for_update=True)
+        found = repo.find_many([(r["resourceType"], r["id"]) for r in translation.resources], for_update=True,
+                               deleted=True)
         for resource in translation.resources:
             rtype, rid = resource["resourceType"], resource["id"]
-            existing = found.get((rtype, rid))
+            stored = found.get((rtype, rid))  # the update below goes from it: not read again
+            existing = stored if stored is not None and not stored.deleted else None
             current = existing.resource() if existing else None
             if current is not None and _is_newer(current, translation.source_time):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "skipped-older"))
@@ -388,7 +389,7 @@ class Ingestor:
             if current is not None and same_content(current, body, ("source", "versionId", "lastUpdated")):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "unchanged"))
                 continue
-            result = repo.update(rtype, rid, body)
+            result = repo.update(rtype, rid, body, current=stored)
             action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
             written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
         for old_id, surviving_id in translation.merges:
@@ -407,7 +408,7 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, con
     identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
     if db.is_postgres(repo.conn):
         key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
-        repo.conn.execute(_ADVISORY_LOCK, {"key": key})
+        _ADVISORY_LOCK.rows(repo.conn, {"key": key})
     prior = _prior(repo, _PRIOR_OTHER, header, message_id=message_id)
     return prior if prior is not None and prior.content_hash == content_hash else None
 

@@ -268,6 +268,35 @@ def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client:
     assert latest["meta"]["source"].endswith(f"/hl7/messages/{rows(app)[-1].id}")
 
 
+def test_an_updated_resource_is_read_once(app: Any, client: Any, ingest: Any) -> None:
+    """The feed reads every resource of a message in one statement, and the update of one that
+    changed goes from what was read: its row is not asked for again."""
+    from tests.conftest import sql_run
+
+    handle(ingest, adt("READ1").encode())
+    newer = adt("READ2", family="Moreno", time="20261102083000-0500").encode()
+    with sql_run(app.extensions["gateway"].engine) as statements:
+        assert msa(handle(ingest, newer).decode())[1] == "AA"
+    reads = [s for s in (" ".join(s.split()) for s in statements) if s.startswith("SELECT") and "FROM resource " in s]
+    assert len(reads) == 1, reads  # the Patient updated, the Encounter (keyed on the control id) created
+    (patient,) = patients(client, identifier="MRN100")
+    assert (patient["name"][0]["family"], patient["meta"]["versionId"]) == ("Moreno", "2")
+    # a deleted record that a message names again is written as its next version
+    with app.extensions["gateway"].store.writing() as repo:
+        repo.delete("Patient", patient["id"])
+    assert msa(handle(ingest, adt("READ3", family="Moreno", time="20261103083000-0500").encode()).decode())[1] == "AA"
+    (patient,) = patients(client, identifier="MRN100")
+    assert (patient["name"][0]["family"], patient["meta"]["versionId"]) == ("Moreno", "4")
+
+
+def test_an_update_given_another_resources_current_version_is_refused(app: Any) -> None:
+    store = app.extensions["gateway"].store
+    with store.writing() as repo:
+        first = repo.update("Patient", "p-one", {"resourceType": "Patient", "id": "p-one"}).stored
+    with pytest.raises(ValueError, match="Patient/p-one, not Patient/p-two"), store.writing() as repo:
+        repo.update("Patient", "p-two", {"resourceType": "Patient", "id": "p-two", "active": True}, current=first)
+
+
 def test_a_database_that_cannot_be_reached_gets_a_nak_ae_207_not_a_closed_connection() -> None:
     from gateway.fhir.store import FhirStore
     from gateway.hl7.ingest import Ingestor
