@@ -391,6 +391,7 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
             expected = [tuple(r) for r in conn.execute(everything)]
             got = db.Prepared(everything).rows(conn, {})
         assert [row[:2] for row in got] == [row[:2] for row in expected] == [(pk, "a"), (pk + 1, "b"), (pk + 2, "c")]
+        assert type(got[0]) is tuple  # from the driver itself (SQLAlchemy's would be its Row)
         assert [bool(row[2]) if row[2] is not None else None for row in got] == [True, False, None]
         # a value the statement needs and was not given
         with pytest.raises(SQLAlchemyError, match="A value is required"), db.read_tx(engine) as conn:
