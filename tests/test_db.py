@@ -222,6 +222,30 @@ def test_checkpoints_run_on_a_thread_of_their_own_not_in_the_commits(tmp_path: P
     relaxed.dispose()
 
 
+def test_a_log_that_grows_fast_is_checkpointed_before_its_count_of_flushes(tmp_path: Path) -> None:
+    """Large commits (messages with embedded PDFs) are checkpointed by the log's growth, not only
+    every CHECKPOINT_EVERY flushes: 40 commits of 1 MB kept the log to a few MB, where waiting for
+    32 flushes let it reach 32 MB or more (a small disk ran full)."""
+    path = tmp_path / "growth.sqlite"
+    wal = Path(str(path) + "-wal")
+    engine = db.make_engine(f"sqlite:///{path}")
+    with db.write_tx(engine) as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER, pad BLOB)"))
+    sync = db._wal_sync(engine)
+    largest = 0
+    for i in range(40):
+        with db.write_tx(engine) as conn:
+            conn.execute(text("INSERT INTO t VALUES (:x, :pad)"), {"x": i, "pad": os.urandom(1024 * 1024)})
+        largest = max(largest, wal.stat().st_size)
+        if i == 7:  # far fewer flushes than CHECKPOINT_EVERY, 8 MB of log
+            deadline = time.monotonic() + 10
+            while sync.checkpoints < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sync.checkpoints >= 1
+    assert largest < 20 * 1024 * 1024, largest
+    engine.dispose()
+
+
 def test_tasks_stored_before_task_joined_the_compartment_are_indexed_by_the_migration(tmp_path: Path) -> None:
     from sqlalchemy import delete
 
