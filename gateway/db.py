@@ -665,7 +665,10 @@ def sqlite_execute(conn: Connection, sql: str, args: Any, many: bool = False) ->
 
 def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = False) -> Any:
     """Run SQL on the connection's driver inside its current transaction and return the driver's
-    cursor: SQLite (`?` placeholders) or psycopg (`%s`, or `%(name)s` with a dict). A driver error
+    cursor: SQLite (`?` placeholders) or psycopg (`%s`, or `%(name)s` with a dict). The transaction
+    must be one SQLAlchemy began (write_tx, read_tx): a statement here is not seen by SQLAlchemy, which
+    commits only what it knows it began (psycopg would otherwise open one that is rolled back when
+    the connection goes back to the pool). A driver error
     is raised as SQLAlchemy's; on PostgreSQL through SQLAlchemy's own handling of a failed statement,
     so that a connection the server cut is invalidated and the pool connects anew, as after
     conn.execute (db.unavailable() then reads "unreachable"). Where something listens to the

@@ -51,7 +51,7 @@ SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8")
 M = db.hl7_message.c
 RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
 RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
-# Every message runs these: built once, run straight on SQLite's driver (db.Prepared).
+# Every message runs these: built once, run straight on the driver (db.Prepared).
 _PRIOR_QUERY = select(M.id, M.content_hash, M.ack).where(
     M.control_id == bindparam("control_id"), M.sending_app == bindparam("sending_app"),
     M.sending_facility == bindparam("sending_facility"), M.status == "processed",
