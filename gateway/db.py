@@ -677,7 +677,8 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
     driver to a trace callback)."""
     if conn.dialect.name == "sqlite":
         return sqlite_execute(conn, sql, args, many)
-    if conn._has_events or conn.engine._has_events:  # as SQLAlchemy itself asks
+    dispatch = conn.dispatch
+    if dispatch.before_cursor_execute or dispatch.after_cursor_execute:  # not other events (engine_disposed)
         return conn.exec_driver_sql(sql, tuple(args) if isinstance(args, list) and not many else args)
     cursor = conn.connection.driver_connection.cursor()
     try:

@@ -423,6 +423,11 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
         # raised as SQLAlchemy's, as conn.execute would
         with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
             add.rows(conn, {"name": "a", "flag": False})
+        # other events of the engine (the revocation reader listens to engine_disposed) leave the
+        # statements on the driver
+        event.listen(engine, "engine_disposed", lambda _engine: None)
+        with db.read_tx(engine) as conn:
+            assert type(named.first(conn, {"name": "a"})) is tuple
         # where SQLAlchemy's statement events are listened to, PostgreSQL's go through SQLAlchemy
         # (tests see the SQL); the same rows either way
         seen: list[str] = []
