@@ -409,7 +409,7 @@ class AuditLog:
         PostgreSQL, which has no such lock, they are read in the writing transaction, row-locked:
         wait=False skips events another process is storing at this moment, wait=True waits for it."""
         S = db.audit_spool.c
-        postgres = self.store.engine.dialect.name == "postgresql"
+        postgres = db.is_postgres(self.store.engine)
         query = select(S.seq, S.event).order_by(S.seq).limit(limit)
         def as_resources(rows: list[Any]) -> list[NewResource]:
             return new_resources([orjson.loads(row.event) for row in rows], self.store.base_url)

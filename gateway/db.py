@@ -665,7 +665,8 @@ def sqlite_execute(conn: Connection, sql: str, args: Any, many: bool = False) ->
 
 def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = False) -> Any:
     """Run SQL on the connection's driver inside its current transaction and return the driver's
-    cursor: SQLite (`?` placeholders) or psycopg (`%s`, or `%(name)s` with a dict). The transaction
+    cursor: SQLite (`?` placeholders) or psycopg (`%s`, or `%(name)s` with a dict); `args` a tuple or a
+    dict, a list of them with many=True. The transaction
     must be one SQLAlchemy began (write_tx, read_tx): a statement here is not seen by SQLAlchemy, which
     commits only what it knows it began (psycopg would otherwise open one that is rolled back when
     the connection goes back to the pool). A driver error
@@ -679,7 +680,7 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
         return sqlite_execute(conn, sql, args, many)
     dispatch = conn.dispatch
     if dispatch.before_cursor_execute or dispatch.after_cursor_execute:  # not other events (engine_disposed)
-        return conn.exec_driver_sql(sql, tuple(args) if isinstance(args, list) and not many else args)
+        return conn.exec_driver_sql(sql, args)
     cursor = conn.connection.driver_connection.cursor()
     try:
         if many:
@@ -694,8 +695,9 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
 class _Compiled(NamedTuple):
     sql: str
     binds: tuple[tuple[str, bool, Any, Any], ...]  # (name, required, default, processor)
-    named: bool  # the driver takes a dict of values (psycopg's %(name)s), not a tuple (SQLite's ?)
-    names: tuple[str, ...]  # the binds' names as the SQL text spells them (named only)
+    # the binds' names as the SQL text spells them, when the driver takes a dict of values
+    # (psycopg's %(name)s); None when it takes a tuple (SQLite's ?)
+    names: tuple[str, ...] | None
 
 
 class Prepared:
@@ -741,7 +743,7 @@ class Prepared:
                 raise InvalidRequestError(f"A value is required for bind parameter {name!r}")
             value = values.get(name, default)
             out.append(process(value) if process is not None and value is not None else value)
-        if compiled.named:
+        if compiled.names is not None:
             return dict(zip(compiled.names, out, strict=True))
         return tuple(out)
 
@@ -753,9 +755,8 @@ class Prepared:
             bind = compiled.binds[name]
             binds.append((name, bind.required, bind.value, bind.type.bind_processor(dialect)))
         escaped = getattr(compiled, "escaped_bind_names", None) or {}
-        result = self._compiled[dialect.name] = _Compiled(
-            compiled.string, tuple(binds), compiled.positiontup is None,
-            tuple(escaped.get(name, name) for name in names))
+        named = None if compiled.positiontup is not None else tuple(escaped.get(name, name) for name in names)
+        result = self._compiled[dialect.name] = _Compiled(compiled.string, tuple(binds), named)
         return result
 
 

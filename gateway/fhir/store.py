@@ -229,7 +229,7 @@ class Repository:
         # every HL7 message asks this: straight to the driver (see db.Prepared)
         sql = _current_many_text(self.conn.dialect.name, tuple(len(ids) for ids in by_type.values()),
                                  for_update and db.is_postgres(self.conn))
-        args = [value for resource_type, ids in by_type.items() for value in (resource_type, *ids)]
+        args = tuple(value for resource_type, ids in by_type.items() for value in (resource_type, *ids))
         rows = [CurrentRow.of(r) for r in db.driver_execute(self.conn, sql, args).fetchall()]
         return {(r.resource_type, r.id): self._stored(r) for r in rows if deleted or not r.deleted}
 
