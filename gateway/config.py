@@ -91,6 +91,11 @@ class Settings:
     # process), so that several senders use several CPUs. 0: one per CPU this process may run on;
     # 1: the listener alone.
     mllp_processes: int = 0
+    # Messages one listener process handles at a time (its handler threads). 0: by database, one on
+    # SQLite (its single write lock is held longer, not shared, when a second thread of the same
+    # process competes for the interpreter lock), four on PostgreSQL (round trips to the server
+    # overlap). Several processes (mllp_processes) are what use several CPUs.
+    mllp_handlers: int = 0
     # Bearer secret for HL7v2 over HTTP (EHR senders without a SMART backend-services client).
     hl7_http_secret: str = ""
     # The folder of translation maps (mappings/README.md); empty: the mappings/ shipped beside the

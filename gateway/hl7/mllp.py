@@ -150,8 +150,9 @@ class _Worker:
 class MLLPServer:
     """Receives MLLP frames on many persistent connections and answers each with the handler's ACK.
 
-    The handler is synchronous (it does blocking database work) and runs in a thread pool; each
-    connection's messages are handled one after another, in order. The handler returns the ACK bytes,
+    The handler is synchronous (it does blocking database work) and runs in a pool of max_workers
+    threads (None: the thread pool's default), so that at most that many messages are handled at
+    once; each connection's messages are handled one after another, in order. The handler returns the ACK bytes,
     or None to have the connection closed. A sender that stalls mid-frame for read_timeout seconds, or
     that does not read its ACK for write_timeout seconds, is disconnected; so is one that sends a frame
     over max_message_bytes. idle_timeout (None: never) closes connections quiet between messages.

@@ -117,6 +117,49 @@ def test_four_connections_are_served_at_once(start_server: ServerFactory) -> Non
     assert elapsed < 1.6, f"4 x 10 messages of 50 ms took {elapsed:.2f} s: connections were not concurrent"
 
 
+@pytest.mark.parametrize("handlers", [1, 3])
+def test_max_workers_is_how_many_messages_are_handled_at_once(start_server: ServerFactory, handlers: int) -> None:
+    """`GATEWAY_MLLP_HANDLERS`: with one, a process's connections take turns (the processes are what
+    run in parallel); every connection is still read and answered, in its order."""
+    lock = threading.Lock()
+    busy = [0]
+    most = [0]
+
+    def counting(message: bytes) -> bytes:
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.02)
+        with lock:
+            busy[0] -= 1
+        return echo(message)
+
+    server = start_server(counting, max_workers=handlers)
+    results: dict[int, list[list[bytes]]] = {}
+
+    def client(number: int) -> None:
+        results[number] = mllp.send_messages("127.0.0.1", server.port, [b"MSH|%d-%d" % (number, n) for n in range(8)])
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {n: [ack for (ack,) in acks] for n, acks in results.items()} == {
+        n: [b"ACK:MSH|%d-%d" % (n, m) for m in range(8)] for n in range(3)}
+    assert most[0] == handlers
+
+
+def test_handlers_per_listener_process_follow_the_database() -> None:
+    from sqlalchemy import create_engine
+
+    from gateway.cli import listener_handlers
+
+    sqlite, postgres = create_engine("sqlite://"), create_engine("postgresql+psycopg://u@127.0.0.1:1/none")
+    assert (listener_handlers(0, sqlite), listener_handlers(0, postgres)) == (1, 4)
+    assert (listener_handlers(3, sqlite), listener_handlers(2, postgres)) == (3, 2)
+
+
 def test_bytes_before_the_start_block_are_dropped(start_server: ServerFactory) -> None:
     server = start_server()
     with connect(server) as sock:
