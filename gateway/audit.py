@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, insert, select
 
 from gateway import db
 from gateway.fhir.dates import now_instant
 from gateway.fhir.indexer import compartment_patients
-from gateway.fhir.store import FhirStore, NewResource, insert_rows, new_resources
+from gateway.fhir.store import FhirStore, NewResource, new_resources
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,13 @@ def _spool_text(event: dict[str, Any]) -> str:
     return orjson.dumps(event).decode()
 
 
+_INSERT_SPOOLED = db.Prepared(insert(db.audit_spool).values(event=bindparam("event")))
+
+
 def _spool_texts(repo: Any, texts: list[str]) -> None:
-    """Append events (as _spool_text made them) to the spool in the transaction of `repo`."""
-    insert_rows(repo.conn, db.audit_spool.name, [{"event": text} for text in texts])
+    """Append events (as _spool_text made them) to the spool in the transaction of `repo`, with its
+    commit (db.at_commit: on PostgreSQL in the COMMIT's round trip)."""
+    db.at_commit(repo.conn, _INSERT_SPOOLED, [{"event": text} for text in texts])
 
 
 # New requests are refused while the queue is this full; the rest is for requests in flight.

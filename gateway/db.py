@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -635,14 +635,17 @@ def _write_tx(engine: Engine, durable: bool, group: bool = False) -> Iterator[Co
         conn.info["wal_sync"] = _wal_sync(engine) if durable and group and syncing else None
         if relaxed:  # outside any transaction, where SQLite allows it
             conn.connection.driver_connection.execute("PRAGMA synchronous=NORMAL")
+        conn.info["at_commit"] = []
         try:
-            with conn.begin():
+            with conn.begin() as transaction:
                 if not durable and is_postgres(conn):
-                    driver_execute(conn, "SET LOCAL synchronous_commit TO OFF")
+                    at_commit(conn, _SET_ASYNCHRONOUS_COMMIT, {})  # it only matters to the COMMIT
                 yield conn
+                _commit(conn, transaction)
         finally:
             conn.info.pop("write", None)
             conn.info.pop("wal_sync", None)
+            conn.info.pop("at_commit", None)
             if relaxed:
                 conn.connection.driver_connection.execute(f"PRAGMA synchronous={conn.info['synchronous']}")
 
@@ -678,8 +681,7 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
     driver to a trace callback)."""
     if conn.dialect.name == "sqlite":
         return sqlite_execute(conn, sql, args, many)
-    dispatch = conn.dispatch
-    if dispatch.before_cursor_execute or dispatch.after_cursor_execute:  # not other events (engine_disposed)
+    if not _driver_path(conn):
         return conn.exec_driver_sql(sql, args)
     cursor = conn.connection.driver_connection.cursor()
     try:
@@ -690,6 +692,57 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, sql, args, cursor, None)  # raises SQLAlchemy's error
     return cursor
+
+
+def at_commit(conn: Connection, statement: Prepared, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Run a statement whose result nobody reads (an insert, an update) at the end of this write_tx
+    transaction, just before its commit: on PostgreSQL in the same round trip as the COMMIT (see
+    pipeline). Its error, if any, then fails the commit, as SQLAlchemy's error."""
+    queued = conn.info.get("at_commit")
+    if queued is None:
+        raise RuntimeError("at_commit() belongs in a write_tx transaction")
+    queued.append((statement, params))
+
+
+def _commit(conn: Connection, transaction: Any) -> None:
+    """Run the statements at_commit queued, then commit: on PostgreSQL all in one round trip."""
+    queued = conn.info["at_commit"]
+    together = bool(queued) and is_postgres(conn) and _driver_path(conn)
+    with pipeline(conn) if together else nullcontext():
+        for statement, params in queued:
+            statement.execute(conn, params)
+        queued.clear()
+        if together:
+            # The COMMIT as one more statement of the pipeline: psycopg's own commit would wait for
+            # it, and the end of the block would then wait again for nothing (a second round trip).
+            driver_execute(conn, "COMMIT")
+    transaction.commit()  # SQLAlchemy's bookkeeping; psycopg sends nothing when the server committed
+
+
+def _driver_path(conn: Connection) -> bool:
+    """Whether driver_execute runs a PostgreSQL statement on psycopg itself (not through SQLAlchemy)."""
+    dispatch = conn.dispatch
+    return not (dispatch.before_cursor_execute or dispatch.after_cursor_execute)  # not other events (engine_disposed)
+
+
+@contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL, send the statements run in the block (Prepared.send and .execute, driver_execute)
+    to the server together, without waiting for each one's answer: the server runs them in order,
+    and the block costs one round trip at its end, where their answers come; read their rows after
+    the block (a read inside waits for the answers so far: a round trip of its own). A transaction's
+    BEGIN still goes alone (psycopg waits for it). Inside, a statement's rowcount is unknown (-1), and
+    SQLAlchemy's own execute must not run (it reads each result at once). A statement's error is
+    raised at the end of the block, as SQLAlchemy's, and the statements after it are not run.
+    SQLite runs each statement at once anyway: nothing to do there."""
+    if conn.dialect.name == "sqlite" or not _driver_path(conn):
+        yield
+        return
+    try:
+        with conn.connection.driver_connection.pipeline():
+            yield
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, "(statements sent together)", None, None, None)  # raises SQLAlchemy's
 
 
 class _Compiled(NamedTuple):
@@ -719,13 +772,18 @@ class Prepared:
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return self._cursor(conn, params, many=False).fetchall()  # type: ignore[no-any-return]
 
+    def send(self, conn: Connection, params: dict[str, Any]) -> Any:
+        """Run it and return the driver's cursor, whose rows (fetchall) may be read later: after the
+        end of a pipeline block that sent it with others."""
+        return self._cursor(conn, params, many=False)
+
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
         rows = self.rows(conn, params)
         return rows[0] if rows else None
 
     def execute(self, conn: Connection, params: dict[str, Any] | list[dict[str, Any]]) -> int:
         """Run it (once per dict in a list); returns the rows it changed, as the driver counts them."""
-        if not params:
+        if isinstance(params, list) and not params:
             return 0
         return self._cursor(conn, params, many=isinstance(params, list)).rowcount  # type: ignore[no-any-return]
 
@@ -758,6 +816,9 @@ class Prepared:
         named = None if compiled.positiontup is not None else tuple(escaped.get(name, name) for name in names)
         result = self._compiled[dialect.name] = _Compiled(compiled.string, tuple(binds), named)
         return result
+
+
+_SET_ASYNCHRONOUS_COMMIT = Prepared(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def is_postgres(conn_or_engine: Connection | Engine) -> bool:

@@ -127,14 +127,33 @@ def test_a_write_that_need_not_be_durable_skips_only_its_own_flush(store: Any) -
             return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar_one())
         return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[conn.exec_driver_sql("PRAGMA synchronous").scalar_one()]
 
+    if db.is_postgres(engine):
+        # The level only matters to the COMMIT, and is set just before it, in its round trip: a
+        # statement run at the commit, after it, writes down the level the COMMIT then ran under.
+        with db.write_tx(engine) as conn:
+            conn.execute(text("CREATE TABLE commit_level (durable BOOLEAN, level TEXT)"))
+        note = db.Prepared(text("INSERT INTO commit_level VALUES (:durable, current_setting('synchronous_commit'))"))
+        try:
+            for durable in (False, True):
+                with db.write_tx(engine, durable=durable) as conn:
+                    db.at_commit(conn, note, {"durable": durable})
+                    assert level(conn) == "on"  # not yet
+            with db.read_tx(engine) as conn:
+                assert dict(conn.execute(text("SELECT durable, level FROM commit_level")).all()) == {
+                    False: "off", True: "on"}
+                assert level(conn) == "on"
+        finally:
+            with db.write_tx(engine) as conn:
+                conn.execute(text("DROP TABLE commit_level"))
+        return
     with db.write_tx(engine, durable=False) as conn:
-        assert level(conn) in ("NORMAL", "off")
+        assert level(conn) == "NORMAL"
     with db.write_tx(engine) as conn:
-        # SQLite: the commit itself is NORMAL, and write_tx returns after a flush of the WAL that
-        # began after it (group commit, see the next test)
-        assert level(conn) in ("NORMAL", "on") if not db.is_postgres(conn) else level(conn) == "on"
+        # the commit itself is NORMAL, and write_tx returns after a flush of the WAL that began
+        # after it (group commit, see the next test)
+        assert level(conn) == "NORMAL"
     with db.read_tx(engine) as conn:
-        assert level(conn) in ("FULL", "on")
+        assert level(conn) == "FULL"
 
 
 def test_a_durable_sqlite_write_returns_only_after_a_flush_of_the_log_begun_after_its_commit(
@@ -436,6 +455,52 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
             assert [row[:2] for row in db.Prepared(everything).rows(conn, {})] == [row[:2] for row in got]
             assert named.first(conn, {"name": "b"})[0] == "b"
         assert len(seen) == (0 if engine.dialect.name == "sqlite" else 2)
+    finally:
+        meta.drop_all(engine)
+        engine.dispose()
+
+
+def test_statements_sent_together_run_in_order_and_fail_as_sqlalchemys(database_url: str) -> None:
+    """db.pipeline and db.at_commit (on PostgreSQL several statements to a round trip; on SQLite each
+    runs at once): rows read after the block; statements at the commit run in order just before
+    it; a failure among them is SQLAlchemy's IntegrityError, and nothing of that transaction stays."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert
+
+    engine = db.make_engine(database_url)
+    meta = MetaData()
+    table = Table(f"together_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
+                  Column("name", String(20), unique=True))
+    meta.create_all(engine)
+    add = db.Prepared(insert(table).values(name=bindparam("name")))
+    counted = db.Prepared(select(func.count()).select_from(table).where(table.c.name == bindparam("name")))
+
+    def names() -> list[str]:
+        with db.read_tx(engine) as conn:
+            return list(conn.execute(select(table.c.name).order_by(table.c.pk)).scalars())
+
+    try:
+        with db.write_tx(engine) as conn:
+            with db.pipeline(conn):
+                add.execute(conn, {"name": "a"})
+                answer = counted.send(conn, {"name": "a"})
+            assert answer.fetchall() == [(1,)]
+            db.at_commit(conn, add, [{"name": "b"}, {"name": "c"}])
+            db.at_commit(conn, add, {"name": "d"})
+            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 1  # not yet
+        assert names() == ["a", "b", "c", "d"]
+        with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
+            add.execute(conn, {"name": "e"})
+            db.at_commit(conn, add, {"name": "a"})  # taken
+            db.at_commit(conn, add, {"name": "f"})
+        with pytest.raises(IntegrityError), db.write_tx(engine, durable=False) as conn, db.pipeline(conn):
+            add.execute(conn, {"name": "a"})
+            add.execute(conn, {"name": "g"})
+        assert names() == ["a", "b", "c", "d"]
+        with db.write_tx(engine, durable=False) as conn:  # the connections are fine afterwards
+            db.at_commit(conn, add, {"name": "h"})
+        assert names() == ["a", "b", "c", "d", "h"]
+        with pytest.raises(RuntimeError, match="write_tx"), db.read_tx(engine) as conn:
+            db.at_commit(conn, add, {"name": "x"})
     finally:
         meta.drop_all(engine)
         engine.dispose()

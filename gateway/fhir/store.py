@@ -18,7 +18,7 @@ import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -151,24 +151,34 @@ _UPDATE_RESOURCE = db.Prepared(
     .values(version_id=bindparam("version_id"), last_updated=bindparam("last_updated"),
             deleted=bindparam("deleted"), content=bindparam("content"))
 )
+# A resource's index rows, by the pk of the resource (run once per resource whose rows go).
 _DELETE_INDEX = {
-    table.name: delete(table).where(table.c.resource_pk.in_(bindparam("pks", expanding=True)))
+    table.name: db.Prepared(delete(table).where(table.c.resource_pk == bindparam("pk")))
     for table in db.ALL_INDEX_TABLES
 }
-_INSERT = {table.name: insert(table) for table in (*db.ALL_INDEX_TABLES, db.resource_version, db.audit_spool)}
+_ROW_TABLES = {table.name: table for table in (*db.ALL_INDEX_TABLES, db.resource_version)}
+_INSERT_ROWS: dict[tuple[str, tuple[str, ...]], db.Prepared] = {}  # by table and columns given
 
 
-def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
-    """Many rows into one of the tables above (all rows with the same keys). On SQLite they go to
-    the driver as tuples: SQLAlchemy's per-row parameter processing cost more than SQLite's own insert
-    (11 against 7 µs a row), and a resource has 20 to 40 index rows. On PostgreSQL, SQLAlchemy
-    batches them into multi-row INSERTs, which is faster than the driver's executemany."""
-    if conn.dialect.name != "sqlite":
-        conn.execute(_INSERT[table], rows)
-        return
+def insert_rows(conn: Connection, table: str, rows: list[dict[str, Any]], at_commit: bool = False) -> None:
+    """Many rows into an index table or resource_version (all rows with the same keys), on the
+    driver. On SQLite as tuples: SQLAlchemy's per-row parameter processing cost more than SQLite's
+    own insert (11 against 7 µs a row), and a resource has 20 to 40 index rows. On PostgreSQL as
+    psycopg's executemany, which sends them all before reading an answer (SQLAlchemy did the same,
+    with its own cost per statement on top); with at_commit, together with the COMMIT."""
     keys = tuple(rows[0])
-    sql = f"INSERT INTO {table} ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
-    db.sqlite_execute(conn, sql, [tuple(row[k] for k in keys) for row in rows], many=True)
+    if conn.dialect.name == "sqlite":
+        sql = f"INSERT INTO {table} ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
+        db.sqlite_execute(conn, sql, [tuple(row[k] for k in keys) for row in rows], many=True)
+        return
+    statement = _INSERT_ROWS.get((table, keys))
+    if statement is None:
+        statement = _INSERT_ROWS[(table, keys)] = db.Prepared(
+            insert(_ROW_TABLES[table]).values({key: bindparam(key) for key in keys}))
+    if at_commit:
+        db.at_commit(conn, statement, rows)
+    else:
+        statement.execute(conn, rows)
 
 
 class Repository:
@@ -288,19 +298,27 @@ class Repository:
         for name in index_tables_for(resource_type):
             self._stale.setdefault(name, set()).add(pk)
 
-    def flush(self) -> None:
-        """Write what this transaction has buffered; searches and history reads call it first."""
-        for name, pks in self._stale.items():
-            if pks:
-                self.conn.execute(_DELETE_INDEX[name], {"pks": sorted(pks)})
-        self._stale = {}
-        for name, rows in self._pending.items():
-            if rows:
-                insert_rows(self.conn, name, rows)
-        self._pending = {}
-        if self._versions:
-            insert_rows(self.conn, db.resource_version.name, self._versions)
-            self._versions = []
+    def flush(self, at_commit: bool = False) -> None:
+        """Write what this transaction has buffered; searches and history reads call it first. On
+        PostgreSQL the statements go to the server together (one round trip), and with at_commit
+        (the end of the transaction) with the COMMIT: nothing reads them before it."""
+        later = at_commit and db.is_postgres(self.conn)
+        with db.pipeline(self.conn) if not later else nullcontext():
+            for name, pks in self._stale.items():
+                if pks:
+                    deletes = [{"pk": pk} for pk in sorted(pks)]
+                    if later:
+                        db.at_commit(self.conn, _DELETE_INDEX[name], deletes)
+                    else:
+                        _DELETE_INDEX[name].execute(self.conn, deletes)
+            self._stale = {}
+            for name, rows in self._pending.items():
+                if rows:
+                    insert_rows(self.conn, name, rows, at_commit=later)
+            self._pending = {}
+            if self._versions:
+                insert_rows(self.conn, db.resource_version.name, self._versions, at_commit=later)
+                self._versions = []
 
     def _insert_version(self, pk: int, body: dict[str, Any] | None, resource_type: str, resource_id: str,
                         version_id: int, last_updated: str, method: str, content: str | None) -> None:
@@ -602,7 +620,7 @@ class FhirStore:
         with db.write_tx(self.engine, durable) as conn:
             repo = Repository(self, conn, origin)
             yield repo
-            repo.flush()
+            repo.flush(at_commit=True)
 
     @contextmanager
     def reading(self) -> Iterator[Repository]:

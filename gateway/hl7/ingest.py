@@ -257,13 +257,16 @@ class Ingestor:
                             repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
                                 status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
                             return Outcome(message_id, "duplicate", stored_acks(twin.ack))
-                        self._apply(repo, message_id, translation)
+                        written = self._apply(repo, message_id, translation)
+                        outcome = accepted
+                        # what nobody reads back goes with the commit (PostgreSQL: one round trip)
+                        if written:
+                            db.at_commit(repo.conn, _INSERT_WRITTEN, written)
                         if self.audit is not None:
                             self.audit.record_in(repo, audit_events)
-                        outcome = accepted
-                        _PROCESSED.execute(repo.conn, {"message_id": message_id, "ack": outcome.stored_acks,
-                                                       "patient_id": translation.patient_id,
-                                                       "ack_ms": _ms_since(started)})
+                        db.at_commit(repo.conn, _PROCESSED, {
+                            "message_id": message_id, "ack": outcome.stored_acks,
+                            "patient_id": translation.patient_id, "ack_ms": _ms_since(started)})
                     break
                 except (IntegrityError, OperationalError) as exc:
                     # Another process created one of these resources (same deterministic id) in the
@@ -360,7 +363,8 @@ class Ingestor:
 
     # --- writing the resources ---
 
-    def _apply(self, repo: Repository, message_id: int, translation: Translation) -> None:
+    def _apply(self, repo: Repository, message_id: int, translation: Translation) -> list[dict[str, Any]]:
+        """Write the translation's resources; returns the hl7_written rows saying what became of each."""
         source = f"{self.base_url}/hl7/messages/{message_id}"
         written: list[dict[str, Any]] = []
         # Locked on PostgreSQL until the commit: what is decided below on what was read (unchanged,
@@ -394,8 +398,7 @@ class Ingestor:
             written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
         for old_id, surviving_id in translation.merges:
             written += merge_patients(repo, message_id, old_id, surviving_id, source)
-        if written:
-            _INSERT_WRITTEN.execute(repo.conn, written)
+        return written
 
 
 def _processed_twin(repo: Repository, header: parse.Header, message_id: int, content_hash: str) -> _Prior | None:
@@ -406,11 +409,15 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, con
     writer at a time anyway): two copies sent at once through two connections or two processes are
     applied once, and the second is the duplicate."""
     identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
-    if db.is_postgres(repo.conn):
-        key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
-        _ADVISORY_LOCK.rows(repo.conn, {"key": key})
-    prior = _prior(repo, _PRIOR_OTHER, header, message_id=message_id)
-    return prior if prior is not None and prior.content_hash == content_hash else None
+    params = {"control_id": header.control_id, "sending_app": header.sending_app,
+              "sending_facility": header.sending_facility, "message_id": message_id}
+    with db.pipeline(repo.conn):  # PostgreSQL: the lock and the question in one round trip
+        if db.is_postgres(repo.conn):
+            key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
+            _ADVISORY_LOCK.execute(repo.conn, {"key": key})
+        answer = _PRIOR_OTHER.send(repo.conn, params)
+    row = answer.fetchone()
+    return _Prior(*row) if row is not None and row[1] == content_hash else None
 
 
 def _content_hash(text: str) -> str:

@@ -289,6 +289,62 @@ def test_an_updated_resource_is_read_once(app: Any, client: Any, ingest: Any) ->
     assert (patient["name"][0]["family"], patient["meta"]["versionId"]) == ("Moreno", "4")
 
 
+def test_a_message_waits_on_nine_round_trips_to_postgresql(app: Any, ingest: Any,
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Each round trip to the server is time a sender waits for its ACK (0.1-0.4 ms on this machine,
+    a millisecond or more to a database on another host). Storing the message: BEGIN, the earlier
+    copy asked for, the insert, the COMMIT (with the setting that makes it asynchronous). Applying
+    it: BEGIN, the lock and the earlier copy asked again together, the resources read, the changed
+    Patient's new version, then its index rows, its history row, what was written, the AuditEvent,
+    the status and the COMMIT together. (It was 26: SET LOCAL, the lock, each index table's deletes
+    and inserts, the rows written, the AuditEvent and the status went one by one.)"""
+    import re
+    import threading
+
+    from psycopg.pq import Trace
+    from sqlalchemy import event
+
+    engine = app.extensions["gateway"].engine
+    if not db.is_postgres(engine):
+        pytest.skip("round trips are PostgreSQL's")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # no ping of a pooled connection before use
+    handle(ingest, adt("TRIPS1").encode())
+    trace_path = tmp_path / "protocol.trace"
+    me = threading.get_ident()
+    with open(trace_path, "w") as trace:
+        def traced(dbapi_conn: Any, *_: Any) -> None:
+            if threading.get_ident() == me:
+                dbapi_conn.pgconn.trace(trace.fileno())
+                dbapi_conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+
+        def untraced(dbapi_conn: Any, *_: Any) -> None:
+            if threading.get_ident() == me:
+                dbapi_conn.pgconn.untrace()
+
+        event.listen(engine, "checkout", traced)
+        event.listen(engine, "checkin", untraced)
+        try:
+            assert msa(handle(ingest, adt("TRIPS2", family="Nuñez").encode()).decode())[1] == "AA"
+        finally:
+            event.remove(engine, "checkout", traced)
+            event.remove(engine, "checkin", untraced)
+    trips: list[list[str]] = []  # the statements sent before each wait for the server
+    sent: list[str] = []
+    previous = ""
+    for line in trace_path.read_text().splitlines():
+        direction = line.partition("\t")[0]
+        if direction == "F" and previous == "B":
+            trips.append(sent)
+            sent = []
+        statement = re.search(r'\t(?:Parse\t "" |Query\t )"([^"]{0,40})', line)
+        if direction == "F" and statement:
+            sent.append(statement.group(1))
+        if direction in ("F", "B"):
+            previous = direction
+    trips.append(sent)
+    assert len(trips) == 9, "\n".join(" | ".join(trip) for trip in trips)
+
+
 def test_an_update_given_another_resources_current_version_is_refused(app: Any) -> None:
     store = app.extensions["gateway"].store
     with store.writing() as repo:
