@@ -68,6 +68,9 @@ _INSERT_MESSAGE = db.Prepared(insert(db.hl7_message).values({c: bindparam(c) for
 _PROCESSED = db.Prepared(update(db.hl7_message).where(M.id == bindparam("message_id")).values(
     status="processed", ack=bindparam("ack"), error=None, error_code=None, error_location=None,
     patient_id=bindparam("patient_id"), ack_ms=bindparam("ack_ms")))
+_DUPLICATE = db.Prepared(update(db.hl7_message).where(M.id == bindparam("message_id")).values(
+    status="duplicate", duplicate_of=bindparam("duplicate_of"), ack=bindparam("ack"), ack_ms=bindparam("ack_ms")))
+_FLAGGED = db.Prepared(update(db.hl7_message).where(M.id == bindparam("message_id")).values(flagged=True))
 _INSERT_WRITTEN = db.Prepared(insert(db.hl7_written).values(
     {c.name: bindparam(c.name) for c in db.hl7_written.c}))
 
@@ -213,13 +216,19 @@ class Ingestor:
         # on (a message that crashes us stays on file); the durable commit that precedes its ACK
         # takes it to the disk. A duplicate acknowledges data that was made durable before.
         with self.store.writing(durable=False) as repo:
-            prior = _prior(repo, _PRIOR, header)
+            # Stored as received while the earlier copy is asked for (PostgreSQL: in one round trip;
+            # the question looks at processed messages only), then made what the answer says.
+            with db.pipeline(repo.conn):
+                answer = _PRIOR.send(repo.conn, _identity(header))
+                inserted = self._insert(repo, text, header, channel, peer, content_hash)
+            row, message_id = answer.fetchone(), inserted.fetchone()[0]
+            prior = None if row is None else _Prior(*row)
             if prior is not None and prior.content_hash == content_hash:
-                message_id = self._insert(repo, text, header, channel, peer, content_hash, "duplicate",
-                                          duplicate_of=prior.id, ack=prior.ack, ack_ms=_ms_since(started))
+                db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": prior.id,
+                                                     "ack": prior.ack, "ack_ms": _ms_since(started)})
                 return Outcome(message_id, "duplicate", stored_acks(prior.ack))
-            message_id = self._insert(repo, text, header, channel, peer, content_hash, "received",
-                                      flagged=prior is not None)
+            if prior is not None:  # the same control id with other content: processed, and flagged
+                db.at_commit(repo.conn, _FLAGGED, {"message_id": message_id})
         return self.process(message_id, text, header, started, content_hash)
 
     def reprocess(self, message_id: int) -> Outcome:
@@ -254,8 +263,8 @@ class Ingestor:
                     with self.store.writing(origin="hl7") as repo:
                         twin = _processed_twin(repo, header, message_id, content_hash)
                         if twin is not None:  # the same message, finished meanwhile by another connection
-                            repo.conn.execute(update(db.hl7_message).where(M.id == message_id).values(
-                                status="duplicate", duplicate_of=twin.id, ack=twin.ack, ack_ms=_ms_since(started)))
+                            db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": twin.id,
+                                                                 "ack": twin.ack, "ack_ms": _ms_since(started)})
                             return Outcome(message_id, "duplicate", stored_acks(twin.ack))
                         written = self._apply(repo, message_id, translation)
                         outcome = accepted
@@ -351,15 +360,15 @@ class Ingestor:
         return result
 
     def _insert(self, repo: Repository, text: str, header: parse.Header, channel: str, peer: str | None,
-                content_hash: str, status: str, **values: Any) -> int:
+                content_hash: str) -> Any:
+        """Store the raw message (status received); the driver's cursor, whose one row is its id."""
         received = now_instant()
         row = {"received_at": received, "received_ms": date_range(received)[0], "channel": channel, "peer": peer,
                "sending_app": header.sending_app, "sending_facility": header.sending_facility,
                "control_id": header.control_id, "message_type": header.message_code_and_trigger,
-               "version": header.version, "content_hash": content_hash, "status": status, "raw": text,
-               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, "ack_ms": None,
-               **values}
-        return _INSERT_MESSAGE.rows(repo.conn, row)[0][0]
+               "version": header.version, "content_hash": content_hash, "status": "received", "raw": text,
+               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, "ack_ms": None}
+        return _INSERT_MESSAGE.send(repo.conn, row)
 
     # --- writing the resources ---
 
@@ -409,8 +418,7 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, con
     writer at a time anyway): two copies sent at once through two connections or two processes are
     applied once, and the second is the duplicate."""
     identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
-    params = {"control_id": header.control_id, "sending_app": header.sending_app,
-              "sending_facility": header.sending_facility, "message_id": message_id}
+    params = {**_identity(header), "message_id": message_id}
     with db.pipeline(repo.conn):  # PostgreSQL: the lock and the question in one round trip
         if db.is_postgres(repo.conn):
             key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
@@ -424,10 +432,10 @@ def _content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _prior(repo: Repository, query: db.Prepared, header: parse.Header, **more: Any) -> _Prior | None:
-    row = query.first(repo.conn, {"control_id": header.control_id, "sending_app": header.sending_app,
-                                  "sending_facility": header.sending_facility, **more})
-    return None if row is None else _Prior(*row)
+def _identity(header: parse.Header) -> dict[str, Any]:
+    """The (MSH-3, MSH-4, MSH-10) that the duplicate checks ask about."""
+    return {"control_id": header.control_id, "sending_app": header.sending_app,
+            "sending_facility": header.sending_facility}
 
 
 def _ms_since(started: float) -> int:

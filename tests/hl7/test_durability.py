@@ -133,7 +133,7 @@ def test_restart_leaves_received_messages_reprocessable(database_url: str, tmp_p
     header = parse.read_header(text)
     ingestor: Ingestor = services.hl7
     with services.store.writing() as repo:
-        message_id = ingestor._insert(repo, text, header, "mllp", None, "hash", "received")
+        message_id = ingestor._insert(repo, text, header, "mllp", None, "hash").fetchone()[0]
     assert ingestor.reprocess(message_id).status == "processed"
 
 
