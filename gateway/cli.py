@@ -684,9 +684,11 @@ def listener_handlers(setting: int, engine: Any) -> int:
     cores, four senders over two processes: about 470 messages/s with up to six threads a process,
     about 590 with one). On PostgreSQL a handler waits on round trips to the server, which other
     handlers' work fills."""
+    from gateway import db
+
     if setting > 0:
         return setting
-    return 4 if engine.dialect.name == "postgresql" else 1
+    return 4 if db.is_postgres(engine) else 1
 
 
 @main.command("mllp")

@@ -707,7 +707,7 @@ def at_commit(conn: Connection, statement: Prepared, params: dict[str, Any] | li
 def _commit(conn: Connection, transaction: Any) -> None:
     """Run the statements at_commit queued, then commit: on PostgreSQL all in one round trip."""
     queued = conn.info["at_commit"]
-    together = bool(queued) and is_postgres(conn) and _driver_path(conn)
+    together = bool(queued) and _sent_together(conn)
     with pipeline(conn) if together else nullcontext():
         for statement, params in queued:
             statement.execute(conn, params)
@@ -725,6 +725,11 @@ def _driver_path(conn: Connection) -> bool:
     return not (dispatch.before_cursor_execute or dispatch.after_cursor_execute)  # not other events (engine_disposed)
 
 
+def _sent_together(conn: Connection) -> bool:
+    """Whether a pipeline block sends its statements together here: on PostgreSQL, through psycopg."""
+    return is_postgres(conn) and _driver_path(conn)
+
+
 @contextmanager
 def pipeline(conn: Connection) -> Iterator[None]:
     """On PostgreSQL, send the statements run in the block (Prepared.send and .execute, driver_execute)
@@ -735,7 +740,7 @@ def pipeline(conn: Connection) -> Iterator[None]:
     SQLAlchemy's own execute must not run (it reads each result at once). A statement's error is
     raised at the end of the block, as SQLAlchemy's, and the statements after it are not run.
     SQLite runs each statement at once anyway: nothing to do there."""
-    if conn.dialect.name == "sqlite" or not _driver_path(conn):
+    if not _sent_together(conn):
         yield
         return
     try:
@@ -770,7 +775,7 @@ class Prepared:
         self._compiled: dict[str, _Compiled] = {}  # by dialect name: a process may use both
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return self._cursor(conn, params, many=False).fetchall()  # type: ignore[no-any-return]
+        return self.send(conn, params).fetchall()  # type: ignore[no-any-return]
 
     def send(self, conn: Connection, params: dict[str, Any]) -> Any:
         """Run it and return the driver's cursor, whose rows (fetchall) may be read later: after the

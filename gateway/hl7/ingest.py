@@ -221,8 +221,7 @@ class Ingestor:
             with db.pipeline(repo.conn):
                 answer = _PRIOR.send(repo.conn, _identity(header))
                 inserted = self._insert(repo, text, header, channel, peer, content_hash)
-            row, message_id = answer.fetchone(), inserted.fetchone()[0]
-            prior = None if row is None else _Prior(*row)
+            prior, message_id = _read_prior(answer), inserted.fetchone()[0]
             if prior is not None and prior.content_hash == content_hash:
                 db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": prior.id,
                                                      "ack": prior.ack, "ack_ms": _ms_since(started)})
@@ -424,12 +423,18 @@ def _processed_twin(repo: Repository, header: parse.Header, message_id: int, con
             key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
             _ADVISORY_LOCK.execute(repo.conn, {"key": key})
         answer = _PRIOR_OTHER.send(repo.conn, params)
-    row = answer.fetchone()
-    return _Prior(*row) if row is not None and row[1] == content_hash else None
+    prior = _read_prior(answer)
+    return prior if prior is not None and prior.content_hash == content_hash else None
 
 
 def _content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_prior(answer: Any) -> _Prior | None:
+    """The processed message a _PRIOR or _PRIOR_OTHER query found (its driver cursor), if any."""
+    row = answer.fetchone()
+    return None if row is None else _Prior(*row)
 
 
 def _identity(header: parse.Header) -> dict[str, Any]:
