@@ -198,6 +198,9 @@ class Repository:
         self._pending: dict[str, list[dict[str, Any]]] = {}
         self._stale: dict[str, set[int]] = {}
         self._versions: list[dict[str, Any]] = []
+        # What write listeners worked out in this transaction and would otherwise ask again for each
+        # resource written (who hears of a patient's new results), under keys of their own.
+        self.memo: dict[Any, Any] = {}
 
     # --- reads ---
 
@@ -231,8 +234,15 @@ class Repository:
         """The current versions of several resources in one statement, keyed by (type, id); absent
         ones are left out, and deleted ones too unless `deleted` (as find() gives None for them).
         for_update as in find()."""
+        return self.send_find_many(keys, for_update, deleted)()
+
+    def send_find_many(self, keys: list[tuple[str, str]], for_update: bool = False,
+                       deleted: bool = False) -> Callable[[], dict[tuple[str, str], Stored]]:
+        """find_many in two steps: the statement is sent now, and what this returns reads its answer;
+        call it after the db.pipeline block that sends the statement with others (PostgreSQL: one
+        round trip for all of them)."""
         if not keys:
-            return {}
+            return dict
         by_type: dict[str, list[str]] = {}
         for resource_type, resource_id in dict.fromkeys(keys):
             by_type.setdefault(resource_type, []).append(resource_id)
@@ -240,8 +250,13 @@ class Repository:
         sql = _current_many_text(self.conn.dialect.name, tuple(len(ids) for ids in by_type.values()),
                                  for_update and db.is_postgres(self.conn))
         args = tuple(value for resource_type, ids in by_type.items() for value in (resource_type, *ids))
-        rows = [CurrentRow.of(r) for r in db.driver_execute(self.conn, sql, args).fetchall()]
-        return {(r.resource_type, r.id): self._stored(r) for r in rows if deleted or not r.deleted}
+        cursor = db.driver_execute(self.conn, sql, args)
+
+        def found() -> dict[tuple[str, str], Stored]:
+            rows = [CurrentRow.of(r) for r in cursor.fetchall()]
+            return {(r.resource_type, r.id): self._stored(r) for r in rows if deleted or not r.deleted}
+
+        return found
 
     def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored:
         self.flush()
@@ -328,21 +343,6 @@ class Repository:
             "deleted": body is None, "content": content,
         })
 
-    def _insert_new(self, resource: dict[str, Any], resource_id: str, method: str, check: bool) -> WriteResult:
-        body, last_updated = self._prepare(resource, resource_id, 1, check)
-        content = jsonio.dumps(body)
-        resource_type = body["resourceType"]
-        pk = _INSERT_RESOURCE.rows(self.conn, {
-            "resource_type": resource_type, "id": resource_id, "version_id": 1, "last_updated": last_updated,
-            "deleted": False, "content": content,
-        })[0][0]
-        self._insert_version(pk, body, resource_type, resource_id, 1, last_updated, method, content)
-        self._write_index(pk, body, new=True)
-        stored = Stored(resource_type, resource_id, 1, last_updated, False, content, pk)
-        result = WriteResult(stored, 201)
-        self.store.notify("create", result, self)
-        return result
-
     def create_many(self, resources: list[dict[str, Any]]) -> list[Stored]:
         """Create trusted resources in bulk (server-made records such as AuditEvents): new ids, no
         validation, one multi-row INSERT per table. Listeners are not told; nothing else uses it."""
@@ -388,7 +388,7 @@ class Repository:
                 return WriteResult(matches[0], 200, changed=False)
             if len(matches) > 1:
                 raise FhirError(412, f"If-None-Exist matched {len(matches)} resources", code="duplicate")
-        return self._insert_new(resource, resource_id or str(uuid.uuid4()), "POST", check=False)
+        return self._write([self._plan_new(resource, resource_id or str(uuid.uuid4()), "POST", check=False)])[0]
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any],
                if_match: str | None = None, check: bool = True, method: str = "PUT",
@@ -397,6 +397,22 @@ class Repository:
         there is none), when the caller read it in this transaction with find_many(for_update=True,
         deleted=True), so that it is not read again (the HL7 feed reads every resource of a message
         at once)."""
+        planned = self._plan(resource_type, resource_id, resource, if_match, check, method, current)
+        return planned if isinstance(planned, WriteResult) else self._write([planned])[0]
+
+    def update_many(self, writes: list[tuple[dict[str, Any], Stored | None]], method: str = "PUT") -> list[WriteResult]:
+        """update() of several resources, each with its current version as update() takes it
+        (read with find_many(for_update=True, deleted=True)), written together: on PostgreSQL the
+        new rows and the changed ones go to the server in one round trip, not one each."""
+        planned = [self._plan(body["resourceType"], body["id"], body, None, True, method, current)
+                   for body, current in writes]
+        written = iter(self._write([p for p in planned if isinstance(p, _Planned)]))
+        return [p if isinstance(p, WriteResult) else next(written) for p in planned]
+
+    def _plan(self, resource_type: str, resource_id: str, resource: dict[str, Any], if_match: str | None,
+              check: bool, method: str, current: Stored | _Unread | None) -> _Planned | WriteResult:
+        """What an update will write (validated, with its meta and JSON text), or its result when it
+        writes nothing (the content is unchanged)."""
         if not isinstance(resource, dict):
             validate(resource)  # the OperationOutcome for a body that is not a resource
         if resource.get("resourceType") != resource_type:
@@ -418,28 +434,45 @@ class Repository:
             if expected is not None:
                 raise FhirError(412, f"{resource_type}/{resource_id} does not exist (If-Match {if_match})",
                                 code="conflict")
-            return self._insert_new(resource, resource_id, method, check=check)
+            return self._plan_new(resource, resource_id, method, check)
         if expected is not None and expected != row.version_id:
             raise FhirError(412, f"Version conflict: {resource_type}/{resource_id} is at version "
                                  f"{row.version_id}, If-Match gave {expected}", code="conflict")
         if not row.deleted and same_content(jsonio.loads(row.content), resource):
             # Stored content was valid when it was written, so an identical body needs no validation.
             return WriteResult(self._stored(row), 200, changed=False)
-        version_id = row.version_id + 1
-        body, last_updated = self._prepare(resource, resource_id, version_id, check=check)
-        content = jsonio.dumps(body)
-        changed = _UPDATE_RESOURCE.execute(self.conn, {
-            "w_pk": row.pk, "w_version": row.version_id, "version_id": version_id,
-            "last_updated": last_updated, "deleted": False, "content": content,
-        })
-        if changed != 1:
-            raise FhirError(412, f"{resource_type}/{resource_id} changed while updating", code="conflict")
-        self._insert_version(row.pk, body, resource_type, resource_id, version_id, last_updated, method, content)
-        self._write_index(row.pk, body, new=False)
-        stored = Stored(resource_type, resource_id, version_id, last_updated, False, content, row.pk)
-        write = WriteResult(stored, 201 if row.deleted else 200)
-        self.store.notify("update", write, self)
-        return write
+        body, last_updated = self._prepare(resource, resource_id, row.version_id + 1, check)
+        return _Planned(body, last_updated, jsonio.dumps(body), method, row.pk, row.version_id, row.deleted)
+
+    def _plan_new(self, resource: dict[str, Any], resource_id: str, method: str, check: bool) -> _Planned:
+        body, last_updated = self._prepare(resource, resource_id, 1, check)
+        return _Planned(body, last_updated, jsonio.dumps(body), method)
+
+    def _write(self, planned: list[_Planned]) -> list[WriteResult]:
+        """Write planned versions: the resource rows first (PostgreSQL: all in one round trip), then
+        their history and index rows (buffered until flush) and the listeners told, in order."""
+        if not planned:
+            return []  # an empty pipeline would still cost a round trip
+        with db.pipeline(self.conn):
+            sent = [_INSERT_RESOURCE.send(self.conn, p.row()) if p.pk is None else
+                    _UPDATE_RESOURCE.send(self.conn, {**p.row(), "w_pk": p.pk, "w_version": p.current_version})
+                    for p in planned]
+        results = []
+        for p, cursor in zip(planned, sent, strict=True):
+            rtype, rid = p.body["resourceType"], p.body["id"]
+            if p.pk is None:
+                pk = cursor.fetchone()[0]
+            elif cursor.rowcount != 1:
+                raise FhirError(412, f"{rtype}/{rid} changed while updating", code="conflict")
+            else:
+                pk = p.pk
+            self._insert_version(pk, p.body, rtype, rid, p.version_id, p.last_updated, p.method, p.content)
+            self._write_index(pk, p.body, new=p.pk is None)
+            stored = Stored(rtype, rid, p.version_id, p.last_updated, False, p.content, pk)
+            result = WriteResult(stored, 201 if p.pk is None or p.was_deleted else 200)
+            self.store.notify("create" if p.pk is None else "update", result, self)
+            results.append(result)
+        return results
 
     def conditional_update(self, resource_type: str, criteria: str, resource: dict[str, Any],
                            if_match: str | None = None) -> WriteResult:
@@ -529,6 +562,29 @@ def _with_meta(resource: dict[str, Any], resource_id: str, version_id: int) -> t
     meta["lastUpdated"] = now_instant()
     body["meta"] = meta
     return body, meta["lastUpdated"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """A version Repository._plan has made ready to write: of a new resource (pk None) or of the
+    resource row `pk`, now at `version_id - 1` (deleted or not)."""
+
+    body: dict[str, Any]
+    last_updated: str
+    content: str
+    method: str
+    pk: int | None = None
+    current_version: int = 0
+    was_deleted: bool = False
+
+    @property
+    def version_id(self) -> int:
+        return self.current_version + 1
+
+    def row(self) -> dict[str, Any]:
+        """The values of its row in the resource table."""
+        return {"resource_type": self.body["resourceType"], "id": self.body["id"], "version_id": self.version_id,
+                "last_updated": self.last_updated, "deleted": False, "content": self.content}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from gateway.fhir import jsonio
 from gateway.fhir.dates import date_range, now_instant
 from gateway.fhir.indexer import compartment_patients, index_rows
 from gateway.fhir.outcome import FhirError
-from gateway.fhir.store import FhirStore, Repository, same_content
+from gateway.fhir.store import FhirStore, Repository, Stored, WriteResult, same_content
 from gateway.fhir.validate import load_models, validate
 from gateway.hl7 import ack as acks
 from gateway.hl7 import parse
@@ -260,12 +260,20 @@ class Ingestor:
             for attempt in range(1, RACE_ATTEMPTS + 1):
                 try:
                     with self.store.writing(origin="hl7") as repo:
-                        twin = _processed_twin(repo, header, message_id, content_hash)
+                        # Is another copy finished meanwhile? And the current versions of the
+                        # resources, read for update (PostgreSQL: locked until the commit, so that what
+                        # _apply decides on them, unchanged or older, still holds when it writes,
+                        # whatever another process applies meanwhile). One round trip for both.
+                        with db.pipeline(repo.conn):
+                            twin_answer = _ask_processed_twin(repo, header, message_id)
+                            found = repo.send_find_many([(r["resourceType"], r["id"]) for r in translation.resources],
+                                                       for_update=True, deleted=True)
+                        twin = _processed_twin(twin_answer, content_hash)
                         if twin is not None:  # the same message, finished meanwhile by another connection
                             db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": twin.id,
                                                                  "ack": twin.ack, "ack_ms": _ms_since(started)})
                             return Outcome(message_id, "duplicate", stored_acks(twin.ack))
-                        written = self._apply(repo, message_id, translation)
+                        written = self._apply(repo, message_id, translation, found())
                         outcome = accepted
                         # what nobody reads back goes with the commit (PostgreSQL: one round trip)
                         if written:
@@ -371,14 +379,13 @@ class Ingestor:
 
     # --- writing the resources ---
 
-    def _apply(self, repo: Repository, message_id: int, translation: Translation) -> list[dict[str, Any]]:
-        """Write the translation's resources; returns the hl7_written rows saying what became of each."""
+    def _apply(self, repo: Repository, message_id: int, translation: Translation,
+               found: dict[tuple[str, str], Stored]) -> list[dict[str, Any]]:
+        """Write the translation's resources, given their current versions (read for update, deleted
+        ones too); returns the hl7_written rows saying what became of each."""
         source = f"{self.base_url}/hl7/messages/{message_id}"
-        written: list[dict[str, Any]] = []
-        # Locked on PostgreSQL until the commit: what is decided below on what was read (unchanged,
-        # older) still holds when it is written, whatever another process is applying meanwhile.
-        found = repo.find_many([(r["resourceType"], r["id"]) for r in translation.resources], for_update=True,
-                               deleted=True)
+        written: list[dict[str, Any] | None] = []
+        writes: list[tuple[dict[str, Any], Stored | None]] = []
         for resource in translation.resources:
             rtype, rid = resource["resourceType"], resource["id"]
             stored = found.get((rtype, rid))  # the update below goes from it: not read again
@@ -401,28 +408,37 @@ class Ingestor:
             if current is not None and same_content(current, body, ("source", "versionId", "lastUpdated")):
                 written.append(_written(message_id, rtype, rid, existing.version_id, "unchanged"))
                 continue
-            result = repo.update(rtype, rid, body, current=stored)
-            action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
-            written.append(_written(message_id, rtype, rid, result.stored.version_id, action))
+            written.append(None)  # filled in below, once written
+            writes.append((body, stored))
+        results = iter(repo.update_many(writes))
+        rows = [row if row is not None else _written_result(message_id, next(results)) for row in written]
         for old_id, surviving_id in translation.merges:
-            written += merge_patients(repo, message_id, old_id, surviving_id, source)
-        return written
+            rows += merge_patients(repo, message_id, old_id, surviving_id, source)
+        return rows
 
 
-def _processed_twin(repo: Repository, header: parse.Header, message_id: int, content_hash: str) -> _Prior | None:
-    """A processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than itself.
+def _written_result(message_id: int, result: WriteResult) -> dict[str, Any]:
+    action = "created" if result.status == 201 else ("updated" if result.changed else "unchanged")
+    return _written(message_id, result.stored.resource_type, result.stored.id, result.stored.version_id, action)
+
+
+def _ask_processed_twin(repo: Repository, header: parse.Header, message_id: int) -> Any:
+    """Ask for a processed message with this one's (MSH-3, MSH-4, MSH-10), other than itself; the
+    driver cursor that _processed_twin reads.
 
     Asked inside the transaction that would apply the message, after waiting for any other
     transaction applying a message of the same identity (a PostgreSQL advisory lock; SQLite has one
     writer at a time anyway): two copies sent at once through two connections or two processes are
     applied once, and the second is the duplicate."""
-    identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
-    params = {**_identity(header), "message_id": message_id}
-    with db.pipeline(repo.conn):  # PostgreSQL: the lock and the question in one round trip
-        if db.is_postgres(repo.conn):
-            key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
-            _ADVISORY_LOCK.execute(repo.conn, {"key": key})
-        answer = _PRIOR_OTHER.send(repo.conn, params)
+    if db.is_postgres(repo.conn):
+        identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
+        key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
+        _ADVISORY_LOCK.execute(repo.conn, {"key": key})
+    return _PRIOR_OTHER.send(repo.conn, {**_identity(header), "message_id": message_id})
+
+
+def _processed_twin(answer: Any, content_hash: str) -> _Prior | None:
+    """The message _ask_processed_twin found, if it has this content."""
     prior = _read_prior(answer)
     return prior if prior is not None and prior.content_hash == content_hash else None
 

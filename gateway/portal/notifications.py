@@ -220,11 +220,11 @@ class Listener:
 
 def listeners_for(conn: Connection, patient_id: str) -> list[Listener]:
     """The patient's own logins and every login that may act for the patient today."""
-    own = conn.execute(select(auth_user.c.id).where(auth_user.c.fhir_user == f"Patient/{patient_id}")).scalars()
-    proxies = conn.execute(select(proxy_grant.c.user_id).where(
-        proxy_grant.c.patient_id == patient_id, proxy_grant.c.revoked_ms.is_(None))).scalars()
+    users = select(auth_user.c.id).where(auth_user.c.fhir_user == f"Patient/{patient_id}").union(
+        select(proxy_grant.c.user_id).where(proxy_grant.c.patient_id == patient_id,
+                                            proxy_grant.c.revoked_ms.is_(None)))
     out = []
-    for user_id in sorted({*own, *proxies}):
+    for user_id in sorted(set(conn.execute(users).scalars())):
         acting = people.acting_for(conn, user_id)
         user = people.get_user(conn, user_id)
         if user is not None and patient_id in acting:
@@ -247,7 +247,12 @@ def queue(repo: Repository, settings: Settings, event: str, patient_id: str, res
     conn = repo.conn
     reference = f"{resource['resourceType']}/{resource['id']}"
     added = 0
-    for listener in listeners_for(conn, patient_id):
+    # asked once a transaction: a lab result's Observations are usually all one patient's
+    key = ("notification listeners", patient_id)
+    listeners = repo.memo.get(key)
+    if listeners is None:
+        listeners = repo.memo[key] = listeners_for(conn, patient_id)
+    for listener in listeners:
         if not may_know(listener, patient_id, resource, repo.base_url):
             continue
         channel = conn.execute(select(portal_preference.c.channel).where(

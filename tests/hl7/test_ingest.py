@@ -289,15 +289,21 @@ def test_an_updated_resource_is_read_once(app: Any, client: Any, ingest: Any) ->
     assert (patient["name"][0]["family"], patient["meta"]["versionId"]) == ("Moreno", "4")
 
 
-def test_a_message_waits_on_eight_round_trips_to_postgresql(app: Any, ingest: Any,
-                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    """Each round trip to the server is time a sender waits for its ACK (0.1-0.4 ms on this machine,
-    a millisecond or more to a database on another host). Storing the message: BEGIN, the insert
-    with the earlier copy asked for, the COMMIT (with the setting that makes it asynchronous). Applying
-    it: BEGIN, the lock and the earlier copy asked again together, the resources read, the changed
-    Patient's new version, then its index rows, its history row, what was written, the AuditEvent,
-    the status and the COMMIT together. (It was 26: SET LOCAL, the lock, each index table's deletes
-    and inserts, the rows written, the AuditEvent and the status went one by one.)"""
+ORU = (
+    "MSH|^~\\&|LAB|RIVERSIDE|GATEWAY|RIVERSIDE|20261101090000-0500||ORU^R01^ORU_R01|{control}|P|2.5.1\r"
+    "PID|1||MRN100^^^RIVERSIDE^MR||Lopez^Ana^Maria||19860412|F\r"
+    "OBR|1|{control}P|{control}F|24331-1^Lipid panel^LN|||20261101080000-0500||||||||||||||||||F\r"
+    "OBX|1|NM|2093-3^Cholesterol^LN||182|mg/dL|<200||||F\r"
+    "OBX|2|NM|2571-8^Triglyceride^LN||140|mg/dL|<150||||F\r"
+    "OBX|3|NM|2085-9^HDL^LN||52|mg/dL|>40||||F\r"
+    "OBX|4|NM|13457-7^LDL^LN||102|mg/dL|<130||||F\r"
+)
+
+
+def _round_trips(app: Any, ingest: Any, message: str, trace_path: Any) -> list[list[str]]:
+    """Handle a message and return what went to PostgreSQL before each wait for its answers (the
+    first 40 characters of each statement), from libpq's protocol trace of this thread's
+    connections."""
     import re
     import threading
 
@@ -305,11 +311,6 @@ def test_a_message_waits_on_eight_round_trips_to_postgresql(app: Any, ingest: An
     from sqlalchemy import event
 
     engine = app.extensions["gateway"].engine
-    if not db.is_postgres(engine):
-        pytest.skip("round trips are PostgreSQL's")
-    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # no ping of a pooled connection before use
-    handle(ingest, adt("TRIPS1").encode())
-    trace_path = tmp_path / "protocol.trace"
     me = threading.get_ident()
     with open(trace_path, "w") as trace:
         def traced(dbapi_conn: Any, *_: Any) -> None:
@@ -324,11 +325,11 @@ def test_a_message_waits_on_eight_round_trips_to_postgresql(app: Any, ingest: An
         event.listen(engine, "checkout", traced)
         event.listen(engine, "checkin", untraced)
         try:
-            assert msa(handle(ingest, adt("TRIPS2", family="Nuñez").encode()).decode())[1] == "AA"
+            assert msa(handle(ingest, message.encode()).decode())[1] == "AA"
         finally:
             event.remove(engine, "checkout", traced)
             event.remove(engine, "checkin", untraced)
-    trips: list[list[str]] = []  # the statements sent before each wait for the server
+    trips: list[list[str]] = []
     sent: list[str] = []
     previous = ""
     for line in trace_path.read_text().splitlines():
@@ -342,7 +343,34 @@ def test_a_message_waits_on_eight_round_trips_to_postgresql(app: Any, ingest: An
         if direction in ("F", "B"):
             previous = direction
     trips.append(sent)
-    assert len(trips) == 8, "\n".join(" | ".join(trip) for trip in trips)
+    return trips
+
+
+def test_a_message_waits_on_seven_or_eight_round_trips_to_postgresql_however_many_resources_it_writes(
+        app: Any, ingest: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Each round trip to the server is time a sender waits for its ACK (0.1-0.4 ms on this machine,
+    a millisecond or more to a database on another host). Storing the message: BEGIN, the insert
+    with the earlier copy asked for, the COMMIT (with the setting that makes it asynchronous). Applying
+    it: BEGIN; the lock, the earlier copy asked again and the resources read, together; the new and
+    changed resources' rows, together however many there are; then their index rows, their history
+    rows, what was written, the AuditEvent, the status and the COMMIT together; and for new results,
+    once, who is to hear of them (the portal's notifications). (It was 26 for a
+    changed Patient, when SET LOCAL, the lock, each index table's deletes and inserts, the rows
+    written, the AuditEvent and the status went one by one; then 8, and one more for each new or
+    changed resource, until the resources' rows went together.)"""
+    if not db.is_postgres(app.extensions["gateway"].engine):
+        pytest.skip("round trips are PostgreSQL's")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 3600.0)  # no ping of a pooled connection before use
+    handle(ingest, adt("TRIPS1").encode())
+    changed_patient = _round_trips(app, ingest, adt("TRIPS2", family="Nuñez"), tmp_path / "adt.trace")
+    assert len(changed_patient) == 7, "\n".join(" | ".join(trip) for trip in changed_patient)
+    assert changed_patient[5] == ["UPDATE resource SET version_id=$1::INTEG"]
+    # a report and four results, all new, and the Patient: still one round trip for their rows, and
+    # one to ask who is to hear of the new results (once for the patient, not once a result)
+    results = _round_trips(app, ingest, ORU.format(control="TRIPS3"), tmp_path / "oru.trace")
+    assert len(results) == 8, "\n".join(" | ".join(trip) for trip in results)
+    assert sum(statement.startswith("INSERT INTO resource ") for statement in results[5]) == 5, results[5]
+    assert [trip for trip in results if any("auth_user" in statement for statement in trip)] == [results[6]]
 
 
 def test_an_update_given_another_resources_current_version_is_refused(app: Any) -> None:
