@@ -646,6 +646,8 @@ def _write_tx(engine: Engine, durable: bool, group: bool = False) -> Iterator[Co
             conn.info.pop("write", None)
             conn.info.pop("wal_sync", None)
             conn.info.pop("at_commit", None)
+            if conn.info.pop("began_in_pipeline", False):
+                _end_own_begin(conn)
             if relaxed:
                 conn.connection.driver_connection.execute(f"PRAGMA synchronous={conn.info['synchronous']}")
 
@@ -736,18 +738,50 @@ def pipeline(conn: Connection) -> Iterator[None]:
     to the server together, without waiting for each one's answer: the server runs them in order,
     and the block costs one round trip at its end, where their answers come; read their rows after
     the block (a read inside waits for the answers so far: a round trip of its own). A transaction's
-    BEGIN still goes alone (psycopg waits for it). Inside, a statement's rowcount is unknown (-1), and
+    BEGIN of a write_tx transaction goes with the block's statements when they are its first (psycopg
+    would send its own and wait for it). Inside, a statement's rowcount is unknown (-1), and
     SQLAlchemy's own execute must not run (it reads each result at once). A statement's error is
     raised at the end of the block, as SQLAlchemy's, and the statements after it are not run.
     SQLite runs each statement at once anyway: nothing to do there."""
     if not _sent_together(conn):
         yield
         return
+    driver = conn.connection.driver_connection
+    begin = _begin_here(conn, driver)
     try:
-        with conn.connection.driver_connection.pipeline():
+        with driver.pipeline():
+            if begin:
+                driver.execute("BEGIN")
             yield
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, "(statements sent together)", None, None, None)  # raises SQLAlchemy's
+
+
+def _begin_here(conn: Connection, driver: Any) -> bool:
+    """Whether a pipeline block starts its write_tx transaction: nothing sent in it yet, and psycopg
+    would open it with a plain BEGIN. If so the block sends that BEGIN itself, with psycopg's
+    autocommit on so that psycopg sends none of its own, until _write_tx has ended the transaction
+    (psycopg's commit and rollback go by the server's transaction status, not by autocommit)."""
+    from psycopg.pq import TransactionStatus
+
+    if ("at_commit" not in conn.info or driver.autocommit or driver.pgconn.transaction_status != TransactionStatus.IDLE
+            or driver.isolation_level is not None or driver.read_only is not None or driver.deferrable is not None):
+        return False
+    driver.autocommit = True
+    conn.info["began_in_pipeline"] = True
+    return True
+
+
+def _end_own_begin(conn: Connection) -> None:
+    """Autocommit off again once the transaction a pipeline began has ended; a connection that cannot
+    (still in a transaction its rollback did not end) is dropped, never pooled in autocommit."""
+    if conn.invalidated or conn.closed:
+        return
+    try:
+        conn.connection.driver_connection.autocommit = False
+    except Exception:  # psycopg's ProgrammingError (in a transaction) or a broken connection
+        logging.getLogger(__name__).warning("a database connection left in a transaction after its end was dropped")
+        conn.invalidate()
 
 
 class _Compiled(NamedTuple):

@@ -165,6 +165,52 @@ def chromium() -> Iterator[Any]:
 
 
 @contextmanager
+def pg_round_trips(engine: Any, trace_path: Any) -> Iterator[list[list[str]]]:
+    """What this thread's connections of a PostgreSQL `engine` send meanwhile before each wait for
+    the server's answers (a round trip): the first 40 characters of each statement, from libpq's
+    protocol trace (written to `trace_path`), read into the list at the end of the block. The
+    connections must be checked out inside the block."""
+    import re
+
+    from psycopg.pq import Trace
+
+    me = threading.get_ident()
+    trips: list[list[str]] = []
+    with open(trace_path, "w") as trace:
+        def traced(dbapi_conn: Any, *_: Any) -> None:
+            if threading.get_ident() == me:
+                dbapi_conn.pgconn.trace(trace.fileno())
+                dbapi_conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+
+        def untraced(dbapi_conn: Any, *_: Any) -> None:
+            if threading.get_ident() == me:
+                dbapi_conn.pgconn.untrace()
+
+        event.listen(engine, "checkout", traced)
+        event.listen(engine, "checkin", untraced)
+        try:
+            yield trips
+        finally:
+            event.remove(engine, "checkout", traced)
+            event.remove(engine, "checkin", untraced)
+    sent: list[str] = []
+    previous = ""
+    with open(trace_path) as written:
+        lines = written.read().splitlines()
+    for line in lines:
+        direction = line.partition("\t")[0]
+        if direction == "F" and previous == "B":
+            trips.append(sent)
+            sent = []
+        statement = re.search(r'\t(?:Parse\t "" |Query\t )"([^"]{0,40})', line)
+        if direction == "F" and statement:
+            sent.append(statement.group(1))
+        if direction in ("F", "B"):
+            previous = direction
+    trips.append(sent)
+
+
+@contextmanager
 def sql_run(engine: Any) -> Iterator[list[str]]:
     """The SQL the database is given on `engine` meanwhile: on SQLite as SQLite itself runs it
     (statements that go to the driver directly, db.Prepared and BEGIN, included; the pool is

@@ -460,6 +460,57 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
         engine.dispose()
 
 
+def test_a_transaction_begun_by_its_first_statements_sent_together_is_still_one_transaction(
+        database_url: str) -> None:
+    """On PostgreSQL a write_tx's BEGIN goes with the statements of a first pipeline block (one round
+    trip, not two): psycopg's autocommit is on meanwhile, so that it sends no BEGIN of its own. What
+    follows, through SQLAlchemy or not, is in that transaction; a failure or an exception takes all of
+    it back; and no connection goes back to the pool with autocommit on."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, event, insert
+
+    engine = db.make_engine(database_url)
+    meta = MetaData()
+    table = Table(f"begun_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
+                  Column("name", String(20), unique=True))
+    meta.create_all(engine)
+    add = db.Prepared(insert(table).values(name=bindparam("name")))
+    pooled_in_autocommit: list[bool] = []
+    event.listen(engine, "checkin", lambda dbapi_conn, _: pooled_in_autocommit.append(
+        bool(getattr(dbapi_conn, "autocommit", False)) if db.is_postgres(engine) else False))
+
+    def names() -> list[str]:
+        with db.read_tx(engine) as conn:
+            return list(conn.execute(select(table.c.name).order_by(table.c.pk)).scalars())
+
+    try:
+        with pytest.raises(RuntimeError, match="changed my mind"), db.write_tx(engine) as conn:
+            with db.pipeline(conn):
+                add.execute(conn, {"name": "a"})
+            conn.execute(insert(table).values(name="b"))
+            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 2
+            raise RuntimeError("changed my mind")
+        assert names() == []
+        with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
+            with db.pipeline(conn):
+                add.execute(conn, {"name": "c"})
+            add.execute(conn, {"name": "d"})
+            conn.execute(insert(table).values(name="c"))  # taken, by the first statement
+        assert names() == []
+        with db.write_tx(engine, durable=False) as conn:
+            with db.pipeline(conn):
+                add.execute(conn, {"name": "e"})
+            db.at_commit(conn, add, {"name": "f"})
+        with db.write_tx(engine) as conn:  # statements one at a time: psycopg's own BEGIN, as before
+            add.execute(conn, {"name": "g"})
+            with db.pipeline(conn):
+                add.execute(conn, {"name": "h"})
+        assert names() == ["e", "f", "g", "h"]
+        assert pooled_in_autocommit and not any(pooled_in_autocommit)
+    finally:
+        meta.drop_all(engine)
+        engine.dispose()
+
+
 def test_statements_sent_together_run_in_order_and_fail_as_sqlalchemys(database_url: str) -> None:
     """db.pipeline and db.at_commit (on PostgreSQL several statements to a round trip; on SQLite each
     runs at once): rows read after the block; statements at the commit run in order just before

@@ -317,6 +317,8 @@ class Repository:
         """Write what this transaction has buffered; searches and history reads call it first. On
         PostgreSQL the statements go to the server together (one round trip), and with at_commit
         (the end of the transaction) with the COMMIT: nothing reads them before it."""
+        if not (self._versions or any(self._stale.values()) or any(self._pending.values())):
+            return  # on PostgreSQL an empty pipeline still costs a round trip
         later = at_commit and db.is_postgres(self.conn)
         with db.pipeline(self.conn) if not later else nullcontext():
             for name, pks in self._stale.items():

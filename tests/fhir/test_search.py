@@ -1179,3 +1179,21 @@ def test_searches_of_one_shape_share_a_statement_and_others_get_their_own(
     assert_cases(client, "Observation", cases)
     assert len(search._statements) == 3
     assert_cases(client, "Observation", cases)  # again, with the earlier shapes pushed out
+
+
+def test_a_search_on_postgresql_waits_on_no_round_trip_that_sends_nothing(app: Any, store: Any, tmp_path: Any) -> None:
+    """A search first writes what its transaction has buffered (Repository.flush). With nothing
+    buffered it sends nothing: a psycopg pipeline with no statement in it still waits on the server
+    once (it cost every search, history and version read a round trip)."""
+    from gateway import db
+    from gateway.fhir.search import search
+    from tests.conftest import pg_round_trips
+
+    engine = app.extensions["gateway"].engine
+    if not db.is_postgres(engine):
+        pytest.skip("round trips are PostgreSQL's")
+    seed(store, {"resourceType": "Patient", "id": "trips", "name": [{"family": "Trip"}]})
+    with pg_round_trips(engine, tmp_path / "search.trace") as trips, store.reading() as repo:
+        _, found = search(repo, "Patient", [("family", "Trip")])
+        assert [stored.id for stored in found.matches] == ["trips"]
+    assert trips and all(trips), trips
