@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy import event, func, select, text
@@ -460,101 +461,102 @@ def test_prepared_statements_give_what_sqlalchemy_gives(database_url: str) -> No
         engine.dispose()
 
 
-def test_a_transaction_begun_by_its_first_statements_sent_together_is_still_one_transaction(
-        database_url: str) -> None:
-    """On PostgreSQL a write_tx's BEGIN goes with the statements of a first pipeline block (one round
-    trip, not two): psycopg's autocommit is on meanwhile, so that it sends no BEGIN of its own. What
-    follows, through SQLAlchemy or not, is in that transaction; a failure or an exception takes all of
-    it back; and no connection goes back to the pool with autocommit on."""
-    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, event, insert
-
-    engine = db.make_engine(database_url)
-    meta = MetaData()
-    table = Table(f"begun_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
-                  Column("name", String(20), unique=True))
-    meta.create_all(engine)
-    add = db.Prepared(insert(table).values(name=bindparam("name")))
-    pooled_in_autocommit: list[bool] = []
-    event.listen(engine, "checkin", lambda dbapi_conn, _: pooled_in_autocommit.append(
-        bool(getattr(dbapi_conn, "autocommit", False)) if db.is_postgres(engine) else False))
-
-    def names() -> list[str]:
-        with db.read_tx(engine) as conn:
-            return list(conn.execute(select(table.c.name).order_by(table.c.pk)).scalars())
-
-    try:
-        with pytest.raises(RuntimeError, match="changed my mind"), db.write_tx(engine) as conn:
-            with db.pipeline(conn):
-                add.execute(conn, {"name": "a"})
-            conn.execute(insert(table).values(name="b"))
-            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 2
-            raise RuntimeError("changed my mind")
-        assert names() == []
-        with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
-            with db.pipeline(conn):
-                add.execute(conn, {"name": "c"})
-            add.execute(conn, {"name": "d"})
-            conn.execute(insert(table).values(name="c"))  # taken, by the first statement
-        assert names() == []
-        with db.write_tx(engine, durable=False) as conn:
-            with db.pipeline(conn):
-                add.execute(conn, {"name": "e"})
-            db.at_commit(conn, add, {"name": "f"})
-        with db.write_tx(engine) as conn:  # statements one at a time: psycopg's own BEGIN, as before
-            add.execute(conn, {"name": "g"})
-            with db.pipeline(conn):
-                add.execute(conn, {"name": "h"})
-        assert names() == ["e", "f", "g", "h"]
-        assert pooled_in_autocommit and not any(pooled_in_autocommit)
-    finally:
-        meta.drop_all(engine)
-        engine.dispose()
+class _Names(NamedTuple):
+    engine: Any
+    table: Any
+    add: db.Prepared  # inserts {"name": ...}
+    names: Callable[[], list[str]]  # the names stored, in the order they came
 
 
-def test_statements_sent_together_run_in_order_and_fail_as_sqlalchemys(database_url: str) -> None:
-    """db.pipeline and db.at_commit (on PostgreSQL several statements to a round trip; on SQLite each
-    runs at once): rows read after the block; statements at the commit run in order just before
-    it; a failure among them is SQLAlchemy's IntegrityError, and nothing of that transaction stays."""
+@pytest.fixture
+def names_table(database_url: str) -> Iterator[_Names]:
+    """A table of unique names of its own on a fresh engine, dropped afterwards."""
     from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert
 
     engine = db.make_engine(database_url)
     meta = MetaData()
-    table = Table(f"together_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
+    table = Table(f"names_{os.getpid()}_{time.monotonic_ns()}", meta, Column("pk", Integer, primary_key=True),
                   Column("name", String(20), unique=True))
     meta.create_all(engine)
-    add = db.Prepared(insert(table).values(name=bindparam("name")))
-    counted = db.Prepared(select(func.count()).select_from(table).where(table.c.name == bindparam("name")))
 
     def names() -> list[str]:
         with db.read_tx(engine) as conn:
             return list(conn.execute(select(table.c.name).order_by(table.c.pk)).scalars())
 
     try:
-        with db.write_tx(engine) as conn:
-            with db.pipeline(conn):
-                add.execute(conn, {"name": "a"})
-                answer = counted.send(conn, {"name": "a"})
-            assert answer.fetchall() == [(1,)]
-            db.at_commit(conn, add, [{"name": "b"}, {"name": "c"}])
-            db.at_commit(conn, add, {"name": "d"})
-            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 1  # not yet
-        assert names() == ["a", "b", "c", "d"]
-        with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
-            add.execute(conn, {"name": "e"})
-            db.at_commit(conn, add, {"name": "a"})  # taken
-            db.at_commit(conn, add, {"name": "f"})
-        with pytest.raises(IntegrityError), db.write_tx(engine, durable=False) as conn, db.pipeline(conn):
-            add.execute(conn, {"name": "a"})
-            add.execute(conn, {"name": "g"})
-        assert names() == ["a", "b", "c", "d"]
-        with db.write_tx(engine, durable=False) as conn:  # the connections are fine afterwards
-            db.at_commit(conn, add, {"name": "h"})
-        assert names() == ["a", "b", "c", "d", "h"]
-        with pytest.raises(RuntimeError, match="write_tx"), db.read_tx(engine) as conn:
-            db.at_commit(conn, add, {"name": "x"})
+        yield _Names(engine, table, db.Prepared(insert(table).values(name=bindparam("name"))), names)
     finally:
         meta.drop_all(engine)
         engine.dispose()
+
+
+def test_a_transaction_begun_by_its_first_statements_sent_together_is_still_one_transaction(
+        names_table: _Names) -> None:
+    """On PostgreSQL a write_tx's BEGIN goes with the statements of a first pipeline block (one round
+    trip, not two): psycopg's autocommit is on meanwhile, so that it sends no BEGIN of its own. What
+    follows, through SQLAlchemy or not, is in that transaction; a failure or an exception takes all of
+    it back; and no connection goes back to the pool with autocommit on."""
+    from sqlalchemy import event, insert
+
+    engine, table, add, names = names_table
+    pooled_in_autocommit: list[bool] = []
+    event.listen(engine, "checkin", lambda dbapi_conn, _: pooled_in_autocommit.append(
+        bool(getattr(dbapi_conn, "autocommit", False)) if db.is_postgres(engine) else False))
+    with pytest.raises(RuntimeError, match="changed my mind"), db.write_tx(engine) as conn:
+        with db.pipeline(conn):
+            add.execute(conn, {"name": "a"})
+        conn.execute(insert(table).values(name="b"))
+        assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 2
+        raise RuntimeError("changed my mind")
+    assert names() == []
+    with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
+        with db.pipeline(conn):
+            add.execute(conn, {"name": "c"})
+        add.execute(conn, {"name": "d"})
+        conn.execute(insert(table).values(name="c"))  # taken, by the first statement
+    assert names() == []
+    with db.write_tx(engine, durable=False) as conn:
+        with db.pipeline(conn):
+            add.execute(conn, {"name": "e"})
+        db.at_commit(conn, add, {"name": "f"})
+    with db.write_tx(engine) as conn:  # statements one at a time: psycopg's own BEGIN, as before
+        add.execute(conn, {"name": "g"})
+        with db.pipeline(conn):
+            add.execute(conn, {"name": "h"})
+    assert names() == ["e", "f", "g", "h"]
+    assert pooled_in_autocommit and not any(pooled_in_autocommit)
+
+
+def test_statements_sent_together_run_in_order_and_fail_as_sqlalchemys(names_table: _Names) -> None:
+    """db.pipeline and db.at_commit (on PostgreSQL several statements to a round trip; on SQLite each
+    runs at once): rows read after the block; statements at the commit run in order just before
+    it; a failure among them is SQLAlchemy's IntegrityError, and nothing of that transaction stays."""
+    from sqlalchemy import bindparam
+
+    engine, table, add, names = names_table
+    counted = db.Prepared(select(func.count()).select_from(table).where(table.c.name == bindparam("name")))
+    with db.write_tx(engine) as conn:
+        with db.pipeline(conn):
+            add.execute(conn, {"name": "a"})
+            answer = counted.send(conn, {"name": "a"})
+        assert answer.fetchall() == [(1,)]
+        db.at_commit(conn, add, [{"name": "b"}, {"name": "c"}])
+        db.at_commit(conn, add, {"name": "d"})
+        assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 1  # not yet
+    assert names() == ["a", "b", "c", "d"]
+    with pytest.raises(IntegrityError), db.write_tx(engine) as conn:
+        add.execute(conn, {"name": "e"})
+        db.at_commit(conn, add, {"name": "a"})  # taken
+        db.at_commit(conn, add, {"name": "f"})
+    with pytest.raises(IntegrityError), db.write_tx(engine, durable=False) as conn, db.pipeline(conn):
+        add.execute(conn, {"name": "a"})
+        add.execute(conn, {"name": "g"})
+    assert names() == ["a", "b", "c", "d"]
+    with db.write_tx(engine, durable=False) as conn:  # the connections are fine afterwards
+        db.at_commit(conn, add, {"name": "h"})
+    assert names() == ["a", "b", "c", "d", "h"]
+    with pytest.raises(RuntimeError, match="write_tx"), db.read_tx(engine) as conn:
+        db.at_commit(conn, add, {"name": "x"})
 
 
 def test_a_begin_that_cannot_get_the_lock_raises_sqlalchemys_error(tmp_path: Path) -> None:
