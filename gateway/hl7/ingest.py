@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from gateway import db, metrics
@@ -52,10 +52,13 @@ M = db.hl7_message.c
 RACE_ATTEMPTS = 3  # applying a message again after another writer created the same resource first
 RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
 # Every message runs these: built once, run straight on the driver (db.Prepared).
+# The processed message of the same (MSH-3, MSH-4, MSH-10) with the same content, if any (this one is
+# its duplicate, whatever came under that control id between them), else the latest with that
+# identity (this one is then processed, and flagged).
 _PRIOR_QUERY = select(M.id, M.content_hash, M.ack).where(
     M.control_id == bindparam("control_id"), M.sending_app == bindparam("sending_app"),
     M.sending_facility == bindparam("sending_facility"), M.status == "processed",
-).order_by(M.id.desc()).limit(1)
+).order_by(case((M.content_hash == bindparam("content_hash"), 0), else_=1), M.id.desc()).limit(1)
 _PRIOR = db.Prepared(_PRIOR_QUERY)
 # The same question asked again inside the applying transaction, leaving the message itself out.
 _PRIOR_OTHER = db.Prepared(_PRIOR_QUERY.where(M.id != bindparam("message_id")))
@@ -219,7 +222,7 @@ class Ingestor:
             # Stored as received while the earlier copy is asked for (PostgreSQL: in one round trip;
             # the question looks at processed messages only), then made what the answer says.
             with db.pipeline(repo.conn):
-                answer = _PRIOR.send(repo.conn, _identity(header))
+                answer = _PRIOR.send(repo.conn, {**_identity(header), "content_hash": content_hash})
                 inserted = self._insert(repo, text, header, channel, peer, content_hash)
             prior, message_id = _read_prior(answer), inserted.fetchone()[0]
             if prior is not None and prior.content_hash == content_hash:
@@ -265,7 +268,7 @@ class Ingestor:
                         # _apply decides on them, unchanged or older, still holds when it writes,
                         # whatever another process applies meanwhile). One round trip for both.
                         with db.pipeline(repo.conn):
-                            twin_answer = _ask_processed_twin(repo, header, message_id)
+                            twin_answer = _ask_processed_twin(repo, header, message_id, content_hash)
                             found = repo.send_find_many([(r["resourceType"], r["id"]) for r in translation.resources],
                                                        for_update=True, deleted=True)
                         twin = _processed_twin(twin_answer, content_hash)
@@ -422,9 +425,9 @@ def _written_result(message_id: int, result: WriteResult) -> dict[str, Any]:
     return _written(message_id, result.stored.resource_type, result.stored.id, result.stored.version_id, action)
 
 
-def _ask_processed_twin(repo: Repository, header: parse.Header, message_id: int) -> Any:
-    """Ask for a processed message with this one's (MSH-3, MSH-4, MSH-10), other than itself; the
-    driver cursor that _processed_twin reads.
+def _ask_processed_twin(repo: Repository, header: parse.Header, message_id: int, content_hash: str) -> Any:
+    """Ask for a processed message with this one's (MSH-3, MSH-4, MSH-10) and content, other than
+    itself; the driver cursor that _processed_twin reads.
 
     Asked inside the transaction that would apply the message, after waiting for any other
     transaction applying a message of the same identity (a PostgreSQL advisory lock; SQLite has one
@@ -434,7 +437,7 @@ def _ask_processed_twin(repo: Repository, header: parse.Header, message_id: int)
         identity = f"{header.sending_app}|{header.sending_facility}|{header.control_id}"
         key = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big", signed=True)
         _ADVISORY_LOCK.execute(repo.conn, {"key": key})
-    return _PRIOR_OTHER.send(repo.conn, {**_identity(header), "message_id": message_id})
+    return _PRIOR_OTHER.send(repo.conn, {**_identity(header), "message_id": message_id, "content_hash": content_hash})
 
 
 def _processed_twin(answer: Any, content_hash: str) -> _Prior | None:

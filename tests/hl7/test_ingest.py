@@ -88,6 +88,20 @@ def test_same_control_id_other_content_is_processed_and_flagged(app: Any, client
     assert patients(client, identifier="MRN100")[0]["name"][0]["family"] == "Lopez-Garcia"
 
 
+def test_a_resend_is_a_duplicate_even_after_other_content_under_its_control_id(app: Any, client: Any,
+                                                                               ingest: Any) -> None:
+    """A sender that reuses a control id (its counter started over) and then resends the first
+    message: the resend is the first one's duplicate, not new data, however many came between."""
+    first = handle(ingest, adt().encode()).decode()
+    handle(ingest, adt(family="Lopez-Garcia", time="20261101093000-0500").encode())
+    again = handle(ingest, adt().encode()).decode()
+    assert again == first
+    first_row, other, resend = rows(app)
+    assert (other.status, other.flagged) == ("processed", True)
+    assert (resend.status, resend.duplicate_of, resend.flagged) == ("duplicate", first_row.id, False)
+    assert patients(client, identifier="MRN100")[0]["name"][0]["family"] == "Lopez-Garcia"
+
+
 def test_older_message_does_not_overwrite_newer_data(client: Any, ingest: Any) -> None:
     handle(ingest, adt(control="NEW", family="Newer", time="20261102080000-0500").encode())
     ack = handle(ingest, adt(control="OLD", family="Older", time="20261101080000-0500").encode()).decode()
