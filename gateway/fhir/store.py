@@ -568,8 +568,8 @@ def _with_meta(resource: dict[str, Any], resource_id: str, version_id: int) -> t
 
 @dataclass(frozen=True, slots=True)
 class _Planned:
-    """A version Repository._plan has made ready to write: of a new resource (pk None) or of the
-    resource row `pk`, now at `version_id - 1` (deleted or not)."""
+    """A version Repository._plan has made ready to write: of a new resource (pk None), or the next
+    version of the resource row `pk`, now at `current_version` (deleted, if was_deleted)."""
 
     body: dict[str, Any]
     last_updated: str
