@@ -240,6 +240,21 @@ def may_know(listener: Listener, patient_id: str, resource: dict[str, Any], base
     return access.visible(grant, resource["resourceType"], resource["id"], resource, base_url)
 
 
+def _route(repo: Repository, settings: Settings, listener: Listener, event: str) -> tuple[str, str | None]:
+    """How this login hears of this kind of event: the channel it chose (email unless it chose
+    otherwise; SMS only with a provider and a number) and the address on its own record; no
+    address when it chose none or its record has none."""
+    channel = repo.conn.execute(select(portal_preference.c.channel).where(
+        portal_preference.c.user_id == listener.user_id, portal_preference.c.event == event)).scalar() or "email"
+    if channel == "none":
+        return channel, None
+    own = repo.find("Patient", listener.fhir_user.split("/", 1)[1])
+    known = addresses(own.resource() if own is not None and own.content else None)
+    if channel == "sms" and not (settings.sms_url and known.get("sms")):
+        channel = "email"
+    return channel, known.get(channel)
+
+
 def queue(repo: Repository, settings: Settings, event: str, patient_id: str, resource: dict[str, Any],
           key_suffix: str = "") -> int:
     """Queue the event for everyone who should hear about it, in the caller's transaction; returns
@@ -247,7 +262,7 @@ def queue(repo: Repository, settings: Settings, event: str, patient_id: str, res
     conn = repo.conn
     reference = f"{resource['resourceType']}/{resource['id']}"
     added = 0
-    # asked once a transaction: a lab result's Observations are usually all one patient's
+    # Who hears of it, and how, asked once a transaction: a lab report's results are all one patient's.
     key = ("notification listeners", patient_id)
     listeners = repo.memo.get(key)
     if listeners is None:
@@ -255,15 +270,11 @@ def queue(repo: Repository, settings: Settings, event: str, patient_id: str, res
     for listener in listeners:
         if not may_know(listener, patient_id, resource, repo.base_url):
             continue
-        channel = conn.execute(select(portal_preference.c.channel).where(
-            portal_preference.c.user_id == listener.user_id, portal_preference.c.event == event)).scalar() or "email"
-        if channel == "none":
-            continue
-        own = repo.find("Patient", listener.fhir_user.split("/", 1)[1])
-        known = addresses(own.resource() if own is not None and own.content else None)
-        if channel == "sms" and not (settings.sms_url and known.get("sms")):
-            channel = "email"
-        address = known.get(channel)
+        route_key = ("notification route", listener.user_id, event)
+        route = repo.memo.get(route_key)
+        if route is None:
+            route = repo.memo[route_key] = _route(repo, settings, listener, event)
+        channel, address = route
         if not address:
             continue
         now = now_ms()

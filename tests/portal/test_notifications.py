@@ -120,6 +120,29 @@ def test_each_event_queues_once_per_login(app: Any, world: Any, store: Any) -> N
     assert _user(app, "former") not in [r.user_id for r in rows]  # the relationship ended
 
 
+def test_a_report_asks_once_who_hears_of_its_results_and_where(app: Any, world: Any, store: Any) -> None:
+    """Three results written together (a lab report from the feed): a row for each result and login,
+    but who acts for the patient, each login's channel and its address are asked once, not once a
+    result (on PostgreSQL each ask is a round trip the feed's ACK waits on)."""
+    from tests.conftest import sql_run
+
+    when = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0).isoformat()
+    results = [{"resourceType": "Observation", "id": f"robert-panel-{n}", "status": "final",
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                          "code": "laboratory"}]}],
+                "code": {"text": f"Analyte {n}"}, "subject": {"reference": "Patient/robert-chen"},
+                "effectiveDateTime": when, "issued": when, "valueQuantity": {"value": 10 + n, "unit": "mg/dL"}}
+               for n in range(3)]
+    with sql_run(app.extensions["gateway"].engine) as statements, store.writing(origin="hl7") as repo:
+        repo.update_many([(result, None) for result in results])
+    rows = _rows(app)
+    assert sorted((r.user_id, r.dedup_key.rsplit("/", 1)[1]) for r in rows) == sorted(
+        (_user(app, login), f"robert-panel-{n}") for login in ("robert", "linda") for n in range(3))
+    asked = [" ".join(s.split()) for s in statements]
+    assert sum("FROM auth_user" in s and "proxy_grant" in s for s in asked) == 1, asked
+    assert sum("FROM portal_preference" in s for s in asked) == 2, asked  # one a login
+
+
 def test_old_history_and_other_writes_notify_nobody(app: Any, world: Any, store: Any) -> None:
     _lab(store, "robert-old-glucose", "robert-chen", hours_ago=24 * 400)
     with store.writing() as repo:  # a message the patient sends is not news to the patient
