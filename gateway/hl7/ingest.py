@@ -226,9 +226,7 @@ class Ingestor:
                 inserted = self._insert(repo, text, header, channel, peer, content_hash)
             prior, message_id = _read_prior(answer), inserted.fetchone()[0]
             if prior is not None and prior.content_hash == content_hash:
-                db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": prior.id,
-                                                     "ack": prior.ack, "ack_ms": _ms_since(started)})
-                return Outcome(message_id, "duplicate", stored_acks(prior.ack))
+                return _duplicate(repo, message_id, prior, started)
             if prior is not None:  # the same control id with other content: processed, and flagged
                 db.at_commit(repo.conn, _FLAGGED, {"message_id": message_id})
         return self.process(message_id, text, header, started, content_hash)
@@ -273,9 +271,7 @@ class Ingestor:
                                                        for_update=True, deleted=True)
                         twin = _processed_twin(twin_answer, content_hash)
                         if twin is not None:  # the same message, finished meanwhile by another connection
-                            db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": twin.id,
-                                                                 "ack": twin.ack, "ack_ms": _ms_since(started)})
-                            return Outcome(message_id, "duplicate", stored_acks(twin.ack))
+                            return _duplicate(repo, message_id, twin, started)
                         written = self._apply(repo, message_id, translation, found())
                         outcome = accepted
                         # what nobody reads back goes with the commit (PostgreSQL: one round trip)
@@ -444,6 +440,13 @@ def _processed_twin(answer: Any, content_hash: str) -> _Prior | None:
     """The message _ask_processed_twin found, if it has this content."""
     prior = _read_prior(answer)
     return prior if prior is not None and prior.content_hash == content_hash else None
+
+
+def _duplicate(repo: Repository, message_id: int, original: _Prior, started: float) -> Outcome:
+    """The message is a copy of a processed one: marked so at the commit, answered with its ACK."""
+    db.at_commit(repo.conn, _DUPLICATE, {"message_id": message_id, "duplicate_of": original.id,
+                                         "ack": original.ack, "ack_ms": _ms_since(started)})
+    return Outcome(message_id, "duplicate", stored_acks(original.ack))
 
 
 def _content_hash(text: str) -> str:
