@@ -199,8 +199,14 @@ class Repository:
         self._stale: dict[str, set[int]] = {}
         self._versions: list[dict[str, Any]] = []
         # What write listeners worked out in this transaction and would otherwise ask again for each
-        # resource written (who hears of a patient's new results), under keys of their own.
-        self.memo: dict[Any, Any] = {}
+        # resource written (who hears of a patient's new results), under keys of their own (memoized).
+        self._memo: dict[Any, Any] = {}
+
+    def memoized(self, key: Any, work_out: Callable[[], Any]) -> Any:
+        """What work_out() gives, worked out once in this transaction for `key`."""
+        if key not in self._memo:
+            self._memo[key] = work_out()
+        return self._memo[key]
 
     # --- reads ---
 

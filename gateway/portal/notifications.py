@@ -263,18 +263,12 @@ def queue(repo: Repository, settings: Settings, event: str, patient_id: str, res
     reference = f"{resource['resourceType']}/{resource['id']}"
     added = 0
     # Who hears of it, and how, asked once a transaction: a lab report's results are all one patient's.
-    key = ("notification listeners", patient_id)
-    listeners = repo.memo.get(key)
-    if listeners is None:
-        listeners = repo.memo[key] = listeners_for(conn, patient_id)
+    listeners = repo.memoized(("notification listeners", patient_id), lambda: listeners_for(conn, patient_id))
     for listener in listeners:
         if not may_know(listener, patient_id, resource, repo.base_url):
             continue
-        route_key = ("notification route", listener.user_id, event)
-        route = repo.memo.get(route_key)
-        if route is None:
-            route = repo.memo[route_key] = _route(repo, settings, listener, event)
-        channel, address = route
+        channel, address = repo.memoized(("notification route", listener.user_id, event),
+                                         lambda listener=listener: _route(repo, settings, listener, event))
         if not address:
             continue
         now = now_ms()
