@@ -169,22 +169,31 @@ def pg_round_trips(engine: Any, trace_path: Any) -> Iterator[list[list[str]]]:
     """What this thread's connections of a PostgreSQL `engine` send meanwhile before each wait for
     the server's answers (a round trip): the first 40 characters of each statement, from libpq's
     protocol trace (written to `trace_path`), read into the list at the end of the block. The
-    connections must be checked out inside the block."""
+    connections must be checked out inside the block. A statement the connection prepared (see
+    db.PREPARE_WHEN_ASKED), earlier or here, is sent by its name: the name is looked up in the
+    connection's pg_prepared_statements when it goes back to the pool."""
+    import os
     import re
 
     from psycopg.pq import Trace
 
     me = threading.get_ident()
     trips: list[list[str]] = []
+    prepared: dict[int, dict[str, str]] = {}  # by connection: statement name -> SQL
     with open(trace_path, "w") as trace:
         def traced(dbapi_conn: Any, *_: Any) -> None:
             if threading.get_ident() == me:
+                os.write(trace.fileno(), f"connection\t{id(dbapi_conn)}\n".encode())
                 dbapi_conn.pgconn.trace(trace.fileno())
                 dbapi_conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
 
         def untraced(dbapi_conn: Any, *_: Any) -> None:
             if threading.get_ident() == me:
                 dbapi_conn.pgconn.untrace()
+                with dbapi_conn.cursor() as cursor:
+                    cursor.execute("SELECT name, statement FROM pg_prepared_statements")
+                    prepared.setdefault(id(dbapi_conn), {}).update(cursor.fetchall())
+                dbapi_conn.rollback()
 
         event.listen(engine, "checkout", traced)
         event.listen(engine, "checkin", untraced)
@@ -195,16 +204,23 @@ def pg_round_trips(engine: Any, trace_path: Any) -> Iterator[list[list[str]]]:
             event.remove(engine, "checkin", untraced)
     sent: list[str] = []
     previous = ""
+    names: dict[str, str] = {}
     with open(trace_path) as written:
         lines = written.read().splitlines()
     for line in lines:
-        direction = line.partition("\t")[0]
+        direction, _, rest = line.partition("\t")
+        if direction == "connection":
+            names = prepared.get(int(rest), {})
+            continue
         if direction == "F" and previous == "B":
             trips.append(sent)
             sent = []
-        statement = re.search(r'\t(?:Parse\t "" |Query\t )"([^"]{0,40})', line)
-        if direction == "F" and statement:
-            sent.append(statement.group(1))
+        unnamed = re.search(r'\t(?:Parse\t "" |Query\t )"([^"]{0,40})', line)
+        by_name = re.search(r'\tBind\t "" "([^"]+)"', line)
+        if direction == "F" and unnamed:
+            sent.append(unnamed.group(1))
+        elif direction == "F" and by_name:
+            sent.append(names.get(by_name.group(1), by_name.group(1))[:40])
         if direction in ("F", "B"):
             previous = direction
     trips.append(sent)

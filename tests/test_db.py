@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import bindparam, event, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway import db
@@ -364,17 +364,23 @@ def test_unavailable_tells_a_database_that_cannot_work_from_a_statement_that_fai
     assert db.unavailable(ValueError("not a database error")) is None
 
 
-def test_postgresql_plans_each_statement_with_its_own_values(database_url: str) -> None:
-    """No server-side prepared statements: a generic plan, made once for any values, drove a patient's
-    search from its most common token (every laboratory result in the store)."""
+def test_postgresql_prepares_keyed_statements_and_never_a_search(database_url: str) -> None:
+    """A statement run through SQLAlchemy (every search) is never prepared, however often it runs: a
+    generic plan, made once for any values, drove a patient's search from its most common token
+    (every laboratory result in the store). A db.Prepared statement (a lookup by key, a write) is,
+    on its first run on a connection, and runs prepared from then on."""
     if not database_url.startswith("postgresql"):
         pytest.skip("prepared statements are PostgreSQL's")
     engine = db.make_engine(database_url)
+    by_id = db.Prepared(select(db.resource.c.pk).where(db.resource.c.id == bindparam("i")))
     try:
-        with engine.connect() as conn:
+        with db.read_tx(engine) as conn:
             for n in range(10):
-                conn.execute(select(db.resource.c.pk).where(db.resource.c.id == f"r{n}")).all()
-            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
+                conn.execute(select(db.resource.c.pk).where(db.resource.c.version_id == n)).all()
+                assert by_id.first(conn, {"i": f"r{n}"}) is None
+            prepared = conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements").scalars().all()
+        assert len(prepared) == 1
+        assert "resource.id = $1" in prepared[0] and "version_id" not in prepared[0]
     finally:
         engine.dispose()
 
