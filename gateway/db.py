@@ -11,7 +11,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
 import weakref
@@ -299,17 +298,6 @@ def check_url(url: str) -> None:
 BEGIN_WRITE, BEGIN_READ = "BEGIN IMMEDIATE", "BEGIN DEFERRED"
 
 
-# psycopg's prepare_threshold on PostgreSQL: a count no statement reaches, so nothing is prepared for
-# having run often; only the statements that ask (Prepared, the keyed lookup of find_many, and the
-# inserts of executemany, which always asks) are. Prepared once per connection, they are parsed
-# once, and PostgreSQL may plan them once for any values (a generic plan): right for these, which
-# find rows by a key or write them, and saving about a third of the server's CPU per HL7 message
-# (1.9 against 2.9 ms). Wrong for searches: psycopg's own threshold (five runs) had a search for one
-# patient's laboratory results planned from "category = laboratory" (every lab result in the store)
-# instead of from the patient, 1.5 s instead of 2 ms at 1,000,000 resources; so they are never prepared.
-PREPARE_WHEN_ASKED = sys.maxsize
-
-
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
     # hide_parameters: a statement's values (names, identifiers, resource JSON) stay out of exception
     # texts, which reach logs and stored error messages; the SQL itself is kept.
@@ -354,9 +342,26 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    # Server-side prepared statements only where asked for (see PREPARE_WHEN_ASKED).
-    engine = create_engine(url, pool_size=10, max_overflow=20, hide_parameters=True,
-                           connect_args={"prepare_threshold": PREPARE_WHEN_ASKED})
+    # psycopg prepares a statement on the server once it has run five times on a connection (its
+    # prepare_threshold; executemany's at once): parsed once from then on, which took a third off the
+    # server's CPU for an HL7 message. Every run is still planned with its own values
+    # (plan_cache_mode=force_custom_plan). A plan made once for any values (a generic plan) lasts until
+    # the table is analyzed again: one made while an index table held a page of rows read the whole
+    # table for every lookup once it had grown (with autovacuum off, an HL7 benchmark fell from 120 to
+    # 30 messages/s over 50,000 messages), and a search for one patient's laboratory results was
+    # planned from "category = laboratory" (every lab result in the store) instead of from the
+    # patient, 1.5 s instead of 2 ms at 1,000,000 resources.
+    engine = create_engine(url, pool_size=10, max_overflow=20, hide_parameters=True)
+
+    @event.listens_for(engine, "connect")
+    def _custom_plans(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # a setting of the session, so outside any transaction
+        dbapi_conn.autocommit = True
+        try:
+            dbapi_conn.execute("SET plan_cache_mode TO force_custom_plan")
+        finally:
+            dbapi_conn.autocommit = False
+
     _ping_when_idle(engine)
     return engine
 
@@ -677,8 +682,7 @@ def sqlite_execute(conn: Connection, sql: str, args: Any, many: bool = False) ->
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
 
 
-def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = False,
-                   prepare: bool | None = None) -> Any:
+def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = False) -> Any:
     """Run SQL on the connection's driver inside its current transaction and return the driver's
     cursor: SQLite (`?` placeholders) or psycopg (`%s`, or `%(name)s` with a dict); `args` a tuple or a
     dict, a list of them with many=True. The transaction
@@ -690,8 +694,7 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
     conn.execute (db.unavailable() then reads "unreachable"). Where something listens to the
     statements SQLAlchemy runs (before_cursor_execute: tests that look at the SQL), a PostgreSQL
     statement goes through SQLAlchemy as text, so that it is seen (SQLite shows the statements on its
-    driver to a trace callback). prepare=True: a keyed statement PostgreSQL is to prepare on this
-    connection (see PREPARE_WHEN_ASKED; executemany always asks); SQLite keeps its own statement cache."""
+    driver to a trace callback)."""
     if conn.dialect.name == "sqlite":
         return sqlite_execute(conn, sql, args, many)
     if not _driver_path(conn):
@@ -701,7 +704,7 @@ def driver_execute(conn: Connection, sql: str, args: Any = None, many: bool = Fa
         if many:
             cursor.executemany(sql, args)
         else:
-            cursor.execute(sql, args, prepare=prepare)
+            cursor.execute(sql, args)
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, sql, args, cursor, None)  # raises SQLAlchemy's error
     return cursor
@@ -841,7 +844,7 @@ class Prepared:
         compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
         if many:
             return driver_execute(conn, compiled.sql, [self._args(compiled, p) for p in params], many=True)
-        return driver_execute(conn, compiled.sql, self._args(compiled, params), prepare=True)
+        return driver_execute(conn, compiled.sql, self._args(compiled, params))
 
     @staticmethod
     def _args(compiled: _Compiled, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:

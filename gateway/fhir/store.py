@@ -256,7 +256,7 @@ class Repository:
         sql = _current_many_text(self.conn.dialect.name, tuple(len(ids) for ids in by_type.values()),
                                  for_update and db.is_postgres(self.conn))
         args = tuple(value for resource_type, ids in by_type.items() for value in (resource_type, *ids))
-        cursor = db.driver_execute(self.conn, sql, args, prepare=True)  # a keyed lookup: see db.PREPARE_WHEN_ASKED
+        cursor = db.driver_execute(self.conn, sql, args)
 
         def found() -> dict[tuple[str, str], Stored]:
             rows = [CurrentRow.of(r) for r in cursor.fetchall()]
