@@ -169,9 +169,9 @@ def pg_round_trips(engine: Any, trace_path: Any) -> Iterator[list[list[str]]]:
     """What this thread's connections of a PostgreSQL `engine` send meanwhile before each wait for
     the server's answers (a round trip): the first 40 characters of each statement, from libpq's
     protocol trace (written to `trace_path`), read into the list at the end of the block. The
-    connections must be checked out inside the block. A statement the connection prepared (see
-    db.PREPARE_WHEN_ASKED), earlier or here, is sent by its name: the name is looked up in the
-    connection's pg_prepared_statements when it goes back to the pool."""
+    connections must be checked out inside the block. A statement the connection has prepared
+    (psycopg does after five runs; see db.make_engine), earlier or here, is sent by its name: the
+    name is looked up in the connection's pg_prepared_statements when it goes back to the pool."""
     import os
     import re
 
