@@ -389,8 +389,8 @@ def test_a_statement_prepared_on_a_small_table_still_finds_rows_by_index_once_it
     """A prepared statement planned once for any values (a generic plan) keeps that plan until the
     table is analyzed again. A plan made while an index table held a page of rows read the whole
     table for every lookup once it had grown (autovacuum is off on this machine): an HL7 benchmark
-    fell from 120 to 30 messages/s as its store grew to 55,000 messages. So a prepared statement is still planned
-    with its values on every run: once the table has grown, from the index."""
+    fell from 120 to 30 messages/s as its store grew to 55,000 messages. So a prepared statement is
+    still planned with its values on every run: once the table has grown, from the index."""
     from sqlalchemy import BigInteger, Column, Index, MetaData, Table
 
     if not database_url.startswith("postgresql"):
