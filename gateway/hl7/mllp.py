@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,20 @@ READ_CHUNK = 64 * 1024
 # A handler answers a message with one reply, several (sent in order), none (an empty list), or None
 # to close the connection.
 Handler = Callable[[bytes], bytes | list[bytes] | None]
+# The same for a message over the maximum size, given its first max_message_bytes and its whole length.
+OversizedHandler = Callable[[bytes, int], bytes | list[bytes] | None]
 
 
 class FrameTooLarge(Exception):
     """A frame grew past the configured maximum before its end block arrived."""
+
+
+class Oversized(NamedTuple):
+    """A frame longer than the maximum, delivered by a Deframer that keeps heads: its first
+    max_size bytes (the rest was dropped as it arrived) and how long the whole frame was."""
+
+    head: bytes
+    size: int
 
 
 def frame(message: bytes) -> bytes:
@@ -45,14 +55,22 @@ class Deframer:
 
     Bytes outside a frame are dropped (counted in `discarded`). A start block inside a frame means
     the sender gave up on that frame and began a new one, so the unfinished one is dropped too.
+
+    A frame longer than max_size raises FrameTooLarge, or, with keep_heads, is delivered as an
+    Oversized: its first max_size bytes are kept, the rest is dropped as it arrives while the end
+    block is looked for, so memory stays at one message plus one read however long it goes on, and
+    the frames after it are delivered as usual.
     """
 
-    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_BYTES, keep_heads: bool = False) -> None:
         self.max_size = max_size
+        self.keep_heads = keep_heads
         self.discarded = 0
         self._buffer = bytearray()
         self._in_frame = False
-        self._scanned = 0  # bytes of the current frame already searched for an end block
+        self._scanned = 0  # bytes of the buffer already searched for an end block
+        self._head: bytes | None = None  # the start of the current frame, once it is too long
+        self._dropped = 0  # bytes of the current (too long) frame no longer in the buffer
 
     @property
     def in_frame(self) -> bool:
@@ -61,28 +79,38 @@ class Deframer:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer) if self._in_frame else 0
+        """Bytes of the unfinished frame received so far."""
+        return self._dropped + len(self._buffer) if self._in_frame else 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; returns the frames they complete, in order. Raises FrameTooLarge."""
+    def feed(self, data: bytes) -> list[bytes | Oversized]:
+        """Add received bytes; returns the frames they complete, in order (an Oversized for a frame
+        over max_size with keep_heads). Raises FrameTooLarge without keep_heads."""
         self._buffer += data
-        frames: list[bytes] = []
+        frames: list[bytes | Oversized] = []
         while True:
             if not self._in_frame and not self._enter_frame():
                 return frames
             end = self._buffer.find(END_BLOCK, self._scanned)
             restart = self._buffer.find(START_BLOCK, self._scanned, end if end >= 0 else len(self._buffer))
             if restart >= 0:
-                self.discarded += restart
+                self.discarded += self._dropped + restart
                 del self._buffer[:restart + 1]
-                self._scanned = 0
+                self._restart_frame()
                 continue
             if end < 0:
                 self._scanned = max(len(self._buffer) - 1, 0)  # an end block may straddle two reads
-                self._check_size(len(self._buffer))
+                # the frame's bytes so far: all received, but a last 0x1C that may begin the end block
+                received = len(self._buffer) - (self._buffer[-1:] == END_BLOCK[:1])
+                if self._dropped + received > self.max_size:
+                    self._drop_scanned()
                 return frames
-            self._check_size(end)
-            frames.append(bytes(self._buffer[:end]))
+            size = self._dropped + end
+            if size > self.max_size:
+                self._drop_scanned(end)  # the end block is now at the start of the buffer
+                frames.append(Oversized(self._head or b"", size))
+                end = 0
+            else:
+                frames.append(bytes(self._buffer[:end]))
             del self._buffer[:end + len(END_BLOCK)]
             self._in_frame = False
 
@@ -95,12 +123,25 @@ class Deframer:
         self.discarded += start
         del self._buffer[:start + 1]
         self._in_frame = True
-        self._scanned = 0
+        self._restart_frame()
         return True
 
-    def _check_size(self, size: int) -> None:
-        if size > self.max_size:
+    def _restart_frame(self) -> None:
+        self._scanned = 0
+        self._head = None
+        self._dropped = 0
+
+    def _drop_scanned(self, upto: int | None = None) -> None:
+        """The current frame is over max_size: keep its head (the first time), drop what of it has been
+        searched (up to `upto`, the end block, when found), or raise without keep_heads."""
+        if not self.keep_heads:
             raise FrameTooLarge(f"frame exceeds the maximum of {self.max_size} bytes")
+        if self._head is None:
+            self._head = bytes(self._buffer[:self.max_size])
+        drop = self._scanned if upto is None else upto
+        del self._buffer[:drop]
+        self._dropped += drop
+        self._scanned -= min(drop, self._scanned)
 
 
 class _Connection:
@@ -155,17 +196,22 @@ class MLLPServer:
     once; each connection's messages are handled one after another, in order. The handler returns the ACK bytes,
     or None to have the connection closed. A sender that stalls mid-frame for read_timeout seconds, or
     that does not read its ACK for write_timeout seconds, is disconnected; so is one that sends a frame
-    over max_message_bytes. idle_timeout (None: never) closes connections quiet between messages.
+    over max_message_bytes, unless an `oversized` handler is given: such a frame's first
+    max_message_bytes are then kept (the rest dropped as it arrives, so a connection holds at most
+    that much), and the handler answers it when its end block comes, as `handler` answers the
+    others. idle_timeout (None: never) closes connections quiet between messages.
     """
 
     def __init__(self, handler: Handler, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, write_timeout: float | None = None,
                  idle_timeout: float | None = None, max_workers: int | None = None,
-                 workers: list[socket.socket] | None = None, handoff: socket.socket | None = None) -> None:
+                 workers: list[socket.socket] | None = None, handoff: socket.socket | None = None,
+                 oversized: OversizedHandler | None = None) -> None:
         """workers: channels to listener processes that accepted connections may be handed to (each
         goes where the fewest are open, so that the processes share the CPUs); handoff: this process
         is such a worker, and takes its connections from that channel instead of listening."""
         self.handler = handler
+        self.oversized = oversized
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout if write_timeout is not None else read_timeout
         self.idle_timeout = idle_timeout
@@ -325,7 +371,7 @@ class MLLPServer:
 
     async def _serve(self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: str) -> None:
-        deframer = Deframer(self.max_message_bytes)
+        deframer = Deframer(self.max_message_bytes, keep_heads=self.oversized is not None)
         try:
             await self._exchange(connection, reader, writer, peer, deframer)
         finally:
@@ -346,7 +392,12 @@ class MLLPServer:
                 return
             for message in messages:
                 connection.busy = True
-                reply = await loop.run_in_executor(self._executor, self._handle, message, peer)
+                if isinstance(message, Oversized):
+                    log.warning("a message of %d bytes from %s exceeds the maximum of %d bytes; answering it "
+                                "from its first %d", message.size, peer, self.max_message_bytes, len(message.head))
+                    reply = await loop.run_in_executor(self._executor, self._handle_oversized, message, peer)
+                else:
+                    reply = await loop.run_in_executor(self._executor, self._handle, message, peer)
                 if reply is None:
                     log.info("closing MLLP connection from %s: the message was not acknowledged", peer)
                     return
@@ -396,6 +447,14 @@ class MLLPServer:
             return self.handler(message)
         except Exception:  # the sender gets no ACK and will resend; the cause is in the log
             log.exception("MLLP handler failed on a message from %s", peer)
+            return None
+
+    def _handle_oversized(self, message: Oversized, peer: str) -> bytes | list[bytes] | None:
+        assert self.oversized is not None  # only a Deframer that keeps heads delivers an Oversized
+        try:
+            return self.oversized(message.head, message.size)
+        except Exception:
+            log.exception("MLLP handler failed on an oversized message from %s", peer)
             return None
 
 

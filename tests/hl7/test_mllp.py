@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.hl7 import mllp
-from gateway.hl7.mllp import Deframer, FrameTooLarge, frame
+from gateway.hl7.mllp import Deframer, FrameTooLarge, Oversized, frame
 
 MiB = 1024 * 1024
 ServerFactory = Callable[..., mllp.ServerThread]
@@ -211,6 +211,30 @@ def test_a_50_mb_frame_over_a_16_mb_limit_closes_that_connection_only(
     assert still_serving(server)
 
 
+def test_with_an_oversized_handler_a_50_mb_frame_is_answered_from_its_head_and_the_connection_goes_on(
+        start_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.hl7.mllp")
+    seen: list[tuple[bytes, int]] = []
+
+    def oversized(head: bytes, size: int) -> bytes:
+        seen.append((head[:20], len(head)))
+        return b"TOO LARGE:%d" % size
+
+    server = start_server(oversized=oversized, max_message_bytes=16 * MiB)
+    with connect(server, timeout=30) as sock:
+        sock.sendall(frame(b"MSH|before"))
+        assert read_frames(sock, 1) == [b"ACK:MSH|before"]
+        sock.sendall(b"\x0bMSH|big|")
+        for _ in range(50):
+            sock.sendall(b"B" * MiB)
+        sock.sendall(b"\x1c\r" + frame(b"MSH|after"))
+        size = len(b"MSH|big|") + 50 * MiB
+        assert read_frames(sock, 2) == [b"TOO LARGE:%d" % size, b"ACK:MSH|after"]
+    assert seen == [(b"MSH|big|" + b"B" * 12, 16 * MiB)]
+    assert f"a message of {size} bytes from 127.0.0.1" in caplog.text
+    assert still_serving(server)
+
+
 def test_a_sender_stalling_mid_frame_is_disconnected_after_the_read_timeout(
         start_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="gateway.hl7.mllp")
@@ -356,6 +380,26 @@ def test_deframer_limits_what_it_buffers() -> None:
         Deframer(max_size=1000).feed(frame(b"y" * 1001))
 
 
+def test_a_frame_of_exactly_the_maximum_is_delivered_when_its_end_block_straddles_two_reads() -> None:
+    deframer = Deframer(max_size=10)
+    assert deframer.feed(b"\x0b" + b"x" * 10 + b"\x1c") == []
+    assert deframer.feed(b"\r") == [b"x" * 10]
+    with pytest.raises(FrameTooLarge):
+        Deframer(max_size=10).feed(b"\x0b" + b"x" * 10 + b"\x1cx")  # a 0x1C that was frame content
+
+
+def test_a_deframer_keeping_heads_delivers_an_oversized_frame_and_holds_at_most_the_maximum_plus_a_read() -> None:
+    deframer = Deframer(max_size=1000, keep_heads=True)
+    assert deframer.feed(b"\x0bMSH|" + b"x" * 2000) == []
+    for _ in range(100):
+        assert deframer.feed(b"y" * 4096) == []
+        assert len(deframer._buffer) <= 4096  # the head is kept apart; the rest is dropped as it comes
+    assert deframer.pending == 4 + 2000 + 100 * 4096
+    assert deframer.feed(b"z\x1c\r" + frame(b"MSH|next")) == [
+        Oversized(b"MSH|" + b"x" * 996, 4 + 2000 + 100 * 4096 + 1), b"MSH|next"]
+    assert not deframer.in_frame and deframer.discarded == 0
+
+
 def test_deframer_restarts_on_a_new_start_block_and_counts_what_it_drops() -> None:
     deframer = Deframer()
     assert deframer.feed(b"junk\x0babandoned\x0bMSH|1\x1c") == []
@@ -414,6 +458,21 @@ def test_deframer_size_limit_is_exact(sizes: list[int], limit: int) -> None:
             return
         assert size <= limit
     assert [len(f) for f in delivered] == sizes
+
+
+@settings(max_examples=300, deadline=1000)
+@given(st.lists(st.tuples(_NOISE, _PAYLOAD), max_size=8), st.integers(0, 120),
+       st.lists(st.integers(0, 2000), max_size=30))
+def test_a_deframer_keeping_heads_yields_what_an_unlimited_one_does_with_long_frames_cut_to_their_heads(
+        pairs: list[tuple[bytes, bytes]], limit: int, cuts: list[int]) -> None:
+    stream = b"".join(noise + frame(payload) for noise, payload in pairs) + b"\x0bunfinished\x1c"
+    kept, unlimited = Deframer(max_size=limit, keep_heads=True), Deframer(max_size=1 << 30)
+    pieces = _chunked(stream, cuts)
+    frames = [f for piece in pieces for f in kept.feed(piece)]
+    assert frames == [f if len(f) <= limit else Oversized(f[:limit], len(f))
+                      for piece in pieces for f in unlimited.feed(piece)]
+    assert (kept.in_frame, kept.pending, kept.discarded) == (unlimited.in_frame, unlimited.pending,
+                                                            unlimited.discarded)
 
 
 def test_connections_are_spread_over_worker_processes_and_each_keeps_its_order(
