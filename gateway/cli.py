@@ -658,6 +658,7 @@ def start_mllp(settings: Settings, host: str, port: int, **options: Any) -> Any:
     services.audit.start()  # the feed's AuditEvents wait in the spool until the listener has time
     warm_up()  # maps, ACK templates, FHIR models loaded now, not on a sender's first message
     return start_in_thread(lambda raw: services.hl7.handle(raw, "mllp"), host, port,
+                           oversized=lambda head, size: services.hl7.handle(head, "mllp", size=size),
                            read_timeout=settings.mllp_read_timeout,
                            max_message_bytes=settings.mllp_max_message_bytes,
                            max_workers=listener_handlers(settings.mllp_handlers, services.store.engine), **options)

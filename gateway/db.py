@@ -188,6 +188,9 @@ hl7_message = Table(
     Column("raw", Text, nullable=False),
     Column("ack_ms", Integer, nullable=True),  # from receipt to the ACK being ready (after commit)
     Column("note", Text, nullable=True),  # the operator's reason when a message was ignored
+    # A message over the receiver's maximum size: its length in bytes, of which `raw` holds only the
+    # first segments (it failed, and cannot be reprocessed); NULL when `raw` is the whole message.
+    Column("truncated_from_bytes", BigInteger, nullable=True),
     Index("ix_hl7_control", "control_id", "sending_app", "sending_facility"),
     Index("ix_hl7_status", "status", "id"),
     Index("ix_hl7_received", "received_ms"),

@@ -49,19 +49,47 @@ def receive() -> Response:
     if request.mimetype not in ER7_TYPES:
         return Response(f"Content-Type must be one of {', '.join(sorted(ER7_TYPES))}\n", 415,
                         content_type="text/plain; charset=utf-8")
-    raw = request.get_data(cache=False)
-    answer = _gateway().hl7.answer(raw, channel="http", peer=request.remote_addr)
+    raw, size = _body()
+    answer = _gateway().hl7.answer(raw, channel="http", peer=request.remote_addr, size=size)
     if answer is None:
-        return Response("No MSH segment could be read; the message was not stored.\n", 400,
+        return Response("No MSH segment could be read; the message was not stored.\n", 400 if size is None else 413,
                         content_type="text/plain; charset=utf-8")
     # The database is down or full: nothing was stored. 503 with Retry-After tells an HTTP sender
-    # to send it again, as the AE 207 in the body tells one that reads only the ACK.
-    status, headers = (503, {"Retry-After": "5"}) if answer.unavailable else (200, {})
+    # to send it again, as the AE 207 in the body tells one that reads only the ACK. A message over
+    # the size limit: 413, and its AE 104 in the body.
+    status, headers = (503, {"Retry-After": "5"}) if answer.unavailable else (200 if size is None else 413, {})
     if not answer.acks:
         return Response(status=204 if status == 200 else status, headers=headers)  # no ACK asked for
     # One body: the application ACK when the sender asked for one, else the commit ACK.
     mimetype = request.mimetype if request.mimetype != "text/plain" else "application/hl7-v2"
     return Response(answer.acks[-1], status, headers=headers, content_type=f"{mimetype}; charset=utf-8")
+
+
+def _body() -> tuple[bytes, int | None]:
+    """The request body, and None; or, for a body over the size limit (GATEWAY_MAX_BODY_BYTES), its
+    first limit bytes and its length, read without holding more than that (the HL7 pipeline stores
+    such a message by its start and answers it; see Ingestor.answer)."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    length = request.content_length
+    if limit is None or (length is not None and length <= limit):
+        return request.get_data(cache=False), None
+    # This view reads the body itself, keeping at most `limit` bytes of it. A body sent without a
+    # length (chunked) is read to its end to learn its length, up to MAX_COUNTED bytes.
+    request.max_content_length = length if length is not None else MAX_COUNTED
+    stream = request.stream
+    head = bytearray()
+    while len(head) < limit and (chunk := stream.read(min(CHUNK, limit - len(head)))):
+        head += chunk
+    if length is None:
+        size = len(head)
+        while size < MAX_COUNTED and (chunk := stream.read(min(CHUNK, MAX_COUNTED - size))):
+            size += len(chunk)
+        return bytes(head), (size if size > limit else None)
+    return bytes(head), length
+
+
+CHUNK = 1024 * 1024
+MAX_COUNTED = 1 << 30  # a chunked body longer than this is said to be this long, and not read further
 
 
 @bp.get("/messages/<int:message_id>")

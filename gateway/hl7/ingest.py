@@ -65,7 +65,7 @@ _PRIOR_OTHER = db.Prepared(_PRIOR_QUERY.where(M.id != bindparam("message_id")))
 _ADVISORY_LOCK = db.Prepared(select(func.pg_advisory_xact_lock(bindparam("key"))))
 _MESSAGE_COLUMNS = ("received_at", "received_ms", "channel", "peer", "sending_app", "sending_facility", "control_id",
                     "message_type", "version", "content_hash", "status", "raw", "mrn", "flagged", "duplicate_of",
-                    "ack", "ack_ms")
+                    "ack", "ack_ms", "truncated_from_bytes")
 _INSERT_MESSAGE = db.Prepared(insert(db.hl7_message).values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
                               .returning(M.id))
 _PROCESSED = db.Prepared(update(db.hl7_message).where(M.id == bindparam("message_id")).values(
@@ -141,6 +141,25 @@ class Answer:
     unavailable: bool  # some message was not stored: the database is down or full
 
 
+@dataclass(frozen=True)
+class Truncated:
+    """A message over the receiver's maximum size, of which only the first `kept` bytes were read."""
+
+    size: int
+    kept: int | None = None  # None: not known any more (a stored message's text is cut at a segment's end)
+
+    @property
+    def reason(self) -> str:
+        limit = f"of {self.kept:,} bytes" if self.kept is not None else "size"
+        return f"message of {self.size:,} bytes exceeds the maximum {limit}"
+
+
+def whole_segments(head: bytes) -> bytes:
+    """The start of a message cut off after `head`, without its last, partly received segment."""
+    cut = max(head.rfind(b"\r"), head.rfind(b"\n"))
+    return head[:cut + 1] if cut > 0 else head
+
+
 def stored_acks(text: str | None) -> tuple[str, ...]:
     return tuple(line for line in (text or "").split("\n") if line)
 
@@ -153,18 +172,29 @@ class Ingestor:
 
     # --- entry points ---
 
-    def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None) -> list[bytes] | None:
+    def handle(self, raw: bytes, channel: str = "mllp", peer: str | None = None,
+               size: int | None = None) -> list[bytes] | None:
         """MLLP handler: raw bytes in, the acknowledgements to send back out (none when the sender
-        asked for none); None when no MSH can be read."""
-        answer = self.answer(raw, channel, peer)
+        asked for none); None when no MSH can be read. `size`: the message was longer than the
+        receiver takes, `size` bytes, of which `raw` is the start (see answer)."""
+        answer = self.answer(raw, channel, peer, size)
         return None if answer is None else answer.acks
 
-    def answer(self, raw: bytes, channel: str, peer: str | None) -> Answer | None:
-        """handle(), also telling whether the database could not take a message (HTTP answers 503)."""
+    def answer(self, raw: bytes, channel: str, peer: str | None, size: int | None = None) -> Answer | None:
+        """handle(), also telling whether the database could not take a message (HTTP answers 503).
+
+        With `size`, `raw` is only the first bytes of a message of that length, over the receiver's
+        maximum: it is not processed, but stored by its whole segments as failed (and marked so:
+        it cannot be reprocessed), and answered AE (CE) with ERR code 104, so that the sender learns
+        why and an operator finds it among the failed messages."""
         try:
-            text = parse.normalize(parse.decode(raw))
+            text = parse.normalize(parse.decode(raw if size is None else whole_segments(raw)))
             header = parse.read_header(text)
-            replies, unavailable = self.receive(text, channel, peer)
+            if size is None:
+                replies, unavailable = self.receive(text, channel, peer)
+            else:
+                outcome = self._counted(text, channel, peer, Truncated(size, len(raw)))
+                replies, unavailable = outcome.acks, outcome.unavailable
             return Answer([acks.encode_ack(ack, header) for ack in replies], unavailable)
         except parse.ParseError as exc:
             metrics.hl7_message("unreadable", channel, None)
@@ -182,17 +212,19 @@ class Ingestor:
         return ((acks.build_batch_ack(text, [ack for o in outcomes for ack in o.acks]),),
                 any(o.unavailable for o in outcomes))
 
-    def _counted(self, text: str, channel: str, peer: str | None) -> Outcome:
+    def _counted(self, text: str, channel: str, peer: str | None, truncated: Truncated | None = None) -> Outcome:
         """receive_one, counted by outcome with the time from receipt to the ACK being ready."""
         started = time.perf_counter()
-        outcome = self.receive_one(text, channel, peer)
+        outcome = self.receive_one(text, channel, peer, truncated)
         metrics.hl7_message(outcome.counted_as, channel, time.perf_counter() - started)
         return outcome
 
-    def receive_one(self, text: str, channel: str, peer: str | None) -> Outcome:
+    def receive_one(self, text: str, channel: str, peer: str | None, truncated: Truncated | None = None) -> Outcome:
         started = time.perf_counter()  # the receipt, for hl7_message.ack_ms
         header = parse.read_header(text)  # ParseError: no readable MSH, nothing to store under
         try:
+            if truncated is not None:
+                return self._receive_truncated(text, header, channel, peer, started, truncated)
             return self._receive_one(text, header, channel, peer, started)
         except DBAPIError as exc:
             reason = db.unavailable(exc)
@@ -231,15 +263,34 @@ class Ingestor:
                 db.at_commit(repo.conn, _FLAGGED, {"message_id": message_id})
         return self.process(message_id, text, header, started, content_hash)
 
+    def _receive_truncated(self, text: str, header: parse.Header, channel: str, peer: str | None, started: float,
+                           truncated: Truncated) -> Outcome:
+        """Store the start of a message over the maximum size, and fail it (see answer). It is no
+        duplicate of anything, whatever its start resembles."""
+        with self.store.writing(durable=False) as repo:
+            message_id = self._insert(repo, text, header, channel, peer, _content_hash(text),
+                                      truncated.size).fetchone()[0]
+        log.warning("message %s%s is %d bytes long, over the maximum of %d: stored truncated, not processed",
+                    header.control_id, f" from {peer}" if peer else "", truncated.size, truncated.kept)
+        return self._fail(message_id, header, "E", truncated.reason, "104", None, started)
+
     def reprocess(self, message_id: int) -> Outcome:
         """Run a stored message through translation again (after a mapping fix: maps changed on disk
         since they were read are read again first). Its ack_ms then counts from the reprocess's start."""
         started = time.perf_counter()
         reload_mappings_if_changed()
         with self.store.reading() as repo:
-            row = repo.conn.execute(select(M.raw, M.status).where(M.id == message_id)).first()
+            row = repo.conn.execute(select(M.raw, M.status, M.ack, M.truncated_from_bytes)
+                                    .where(M.id == message_id)).first()
         if row is None:
             raise KeyError(message_id)
+        if row.truncated_from_bytes is not None:  # only its start is here: it stays failed
+            if row.status == "received":  # left behind (stuck) before it was failed
+                return self._fail(message_id, parse.read_header(row.raw), "E",
+                                  Truncated(row.truncated_from_bytes).reason, "104", None, started)
+            return Outcome(message_id, row.status, stored_acks(row.ack),
+                           f"only the start of this message of {row.truncated_from_bytes:,} bytes was kept (over "
+                           "the maximum size); it cannot be reprocessed: the sender must send it again")
         header = parse.read_header(row.raw)
         return self.process(message_id, row.raw, header, started)
 
@@ -366,14 +417,16 @@ class Ingestor:
         return result
 
     def _insert(self, repo: Repository, text: str, header: parse.Header, channel: str, peer: str | None,
-                content_hash: str) -> Any:
-        """Store the raw message (status received); the driver's cursor, whose one row is its id."""
+                content_hash: str, truncated_from: int | None = None) -> Any:
+        """Store the raw message (status received); the driver's cursor, whose one row is its id.
+        truncated_from: the text is only the start of a message that many bytes long."""
         received = now_instant()
         row = {"received_at": received, "received_ms": date_range(received)[0], "channel": channel, "peer": peer,
                "sending_app": header.sending_app, "sending_facility": header.sending_facility,
                "control_id": header.control_id, "message_type": header.message_code_and_trigger,
                "version": header.version, "content_hash": content_hash, "status": "received", "raw": text,
-               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, "ack_ms": None}
+               "mrn": parse.first_mrn(text), "flagged": False, "duplicate_of": None, "ack": None, "ack_ms": None,
+               "truncated_from_bytes": truncated_from}
         return _INSERT_MESSAGE.send(repo.conn, row)
 
     # --- writing the resources ---

@@ -3,6 +3,7 @@ commit; duplicates, failures, reprocessing, provenance, HTTP and MLLP receivers.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
@@ -181,6 +182,64 @@ def test_no_msh_closes_without_storing(app: Any, ingest: Any) -> None:
     assert rows(app) == []
 
 
+def _with_document(control: str, size: int) -> bytes:
+    """An ADT message followed by an OBX of `size` bytes of base64 (a PDF report, say)."""
+    return (adt(control=control) + "OBX|1|ED|PDF^Report||^application^pdf^Base64^" + "A" * size + "\r").encode()
+
+
+def test_a_message_over_the_maximum_size_is_stored_by_its_start_failed_and_answered_ae_104(
+        app: Any, client: Any, ingest: Any) -> None:
+    """What a receiver hands over when a message is longer than it takes (MLLP, HTTP): the first
+    bytes and the whole length. Stored, but never processed: its data would be incomplete."""
+    message = _with_document("BIG1", 300_000)
+    head = message[:100_000]
+    ack = handle_oversized(ingest, head, len(message))
+    assert msa(ack)[1:3] == ["AE", "BIG1"]
+    err = next(s for s in ack.split("\r") if s.startswith("ERR"))
+    assert "104" in err and f"message of {len(message):,} bytes exceeds the maximum of 100,000 bytes" in ack
+    (row,) = rows(app)
+    assert (row.status, row.error_code, row.truncated_from_bytes) == ("failed", "104", len(message))
+    assert row.raw == adt(control="BIG1")  # its whole segments; the cut OBX is not kept in part
+    assert row.ack == ack and row.control_id == "BIG1"
+    assert patients(client, identifier="MRN100") == []
+    # Reprocessing cannot make it whole: it stays as it is, and says why.
+    outcome = ingest.reprocess(row.id)
+    assert outcome.status == "failed" and "cannot be reprocessed" in (outcome.error or "")
+    assert rows(app) == [row]
+    # Sent again (still too long): stored again and answered the same, no duplicate of anything.
+    assert msa(handle_oversized(ingest, head, len(message)))[1:3] == ["AE", "BIG1"]
+    assert [r.status for r in rows(app)] == ["failed", "failed"]
+    # Within the limit (the limit raised), the same message is processed.
+    assert msa(handle(ingest, message).decode())[1] == "AA"
+    assert len(patients(client, identifier="MRN100")) == 1
+
+
+def test_an_oversized_message_left_received_is_failed_by_reprocess_not_processed(app: Any, client: Any,
+                                                                                ingest: Any) -> None:
+    """Its process died between storing its start and failing it: `reprocess --stuck` finishes the job."""
+    from gateway.hl7 import parse
+
+    text = adt(control="BIGSTUCK")
+    with ingest.store.writing() as repo:
+        message_id = ingest._insert(repo, text, parse.read_header(text), "mllp", None, "hash",
+                                    truncated_from=40_000_000).fetchone()[0]
+    outcome = ingest.reprocess(message_id)
+    assert outcome.status == "failed" and outcome.error == "message of 40,000,000 bytes exceeds the maximum size"
+    (row,) = rows(app)
+    assert (row.status, row.error_code) == ("failed", "104") and msa(row.ack)[1:3] == ["AE", "BIGSTUCK"]
+    assert patients(client, identifier="MRN100") == []
+
+
+def test_an_oversized_start_without_a_readable_msh_closes_the_connection(app: Any, ingest: Any) -> None:
+    assert ingest.handle(b"\x00\x01" * 50_000, "mllp", size=10_000_000) is None
+    assert rows(app) == []
+
+
+def handle_oversized(ingest: Any, head: bytes, size: int) -> str:
+    (reply,) = ingest.handle(head, "mllp", size=size)
+    return reply.decode()
+
+
 def test_failed_message_is_kept_and_reprocessed_after_a_fix(app: Any, client: Any, ingest: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.hl7 import ingest as ingest_module
@@ -230,6 +289,27 @@ def test_http_receiver_runs_the_same_pipeline(app: Any, client: Any) -> None:
     assert response.mimetype == "application/hl7-v2"
     assert client.post("/hl7/v2", data=b"{}", content_type="application/json").status_code == 415
     assert client.post("/hl7/v2", data=b"garbage", content_type="text/plain").status_code == 400
+
+
+def test_http_receiver_answers_a_body_over_the_limit_413_with_its_nak_and_stores_its_start(
+        app: Any, client: Any, settings: Any) -> None:
+    message = _with_document("BIGHTTP", 3 * 1024 * 1024)
+    assert len(message) > settings.max_body_bytes
+    response = client.post("/hl7/v2", data=message, content_type="application/hl7-v2")
+    assert response.status_code == 413
+    assert msa(response.get_data(as_text=True))[1:3] == ["AE", "BIGHTTP"]
+    (row,) = rows(app)
+    assert (row.status, row.channel, row.truncated_from_bytes) == ("failed", "http", len(message))
+    # sent chunked, without a length (gunicorn ends such a body for the app: wsgi.input_terminated):
+    # read to its end to learn its length, never held whole
+    chunked = {"headers": {"Transfer-Encoding": "chunked"}, "environ_overrides": {"wsgi.input_terminated": True},
+               "content_type": "application/hl7-v2"}
+    response = client.post("/hl7/v2", input_stream=io.BytesIO(message), **chunked)
+    assert response.status_code == 413
+    assert rows(app)[-1].truncated_from_bytes == len(message)
+    # a small body sent chunked is an ordinary message
+    response = client.post("/hl7/v2", input_stream=io.BytesIO(adt(control="SMALL").encode()), **chunked)
+    assert response.status_code == 200 and msa(response.get_data(as_text=True))[1] == "AA"
 
 
 def test_http_receiver_requires_the_shared_secret(settings: Any) -> None:
