@@ -272,7 +272,7 @@ class Ingestor:
                                       truncated.size).fetchone()[0]
         log.warning("message %s%s is %d bytes long, over the maximum of %d: stored truncated, not processed",
                     header.control_id, f" from {peer}" if peer else "", truncated.size, truncated.kept)
-        return self._fail(message_id, header, "E", truncated.reason, "104", None, started)
+        return self._fail(message_id, header, "E", truncated.reason, parse.VALUE_TOO_LONG, None, started)
 
     def reprocess(self, message_id: int) -> Outcome:
         """Run a stored message through translation again (after a mapping fix: maps changed on disk
@@ -287,7 +287,7 @@ class Ingestor:
         if row.truncated_from_bytes is not None:  # only its start is here: it stays failed
             if row.status == "received":  # left behind (stuck) before it was failed
                 return self._fail(message_id, parse.read_header(row.raw), "E",
-                                  Truncated(row.truncated_from_bytes).reason, "104", None, started)
+                                  Truncated(row.truncated_from_bytes).reason, parse.VALUE_TOO_LONG, None, started)
             return Outcome(message_id, row.status, stored_acks(row.ack),
                            f"only the start of this message of {row.truncated_from_bytes:,} bytes was kept (over "
                            "the maximum size); it cannot be reprocessed: the sender must send it again")

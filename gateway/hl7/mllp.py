@@ -395,9 +395,7 @@ class MLLPServer:
                 if isinstance(message, Oversized):
                     log.warning("a message of %d bytes from %s exceeds the maximum of %d bytes; answering it "
                                 "from its first %d", message.size, peer, self.max_message_bytes, len(message.head))
-                    reply = await loop.run_in_executor(self._executor, self._handle_oversized, message, peer)
-                else:
-                    reply = await loop.run_in_executor(self._executor, self._handle, message, peer)
+                reply = await loop.run_in_executor(self._executor, self._handle, message, peer)
                 if reply is None:
                     log.info("closing MLLP connection from %s: the message was not acknowledged", peer)
                     return
@@ -442,19 +440,14 @@ class MLLPServer:
             return False
         return True
 
-    def _handle(self, message: bytes, peer: str) -> bytes | list[bytes] | None:
+    def _handle(self, message: bytes | Oversized, peer: str) -> bytes | list[bytes] | None:
         try:
+            if isinstance(message, Oversized):  # only a Deframer that keeps heads delivers one
+                assert self.oversized is not None
+                return self.oversized(message.head, message.size)
             return self.handler(message)
         except Exception:  # the sender gets no ACK and will resend; the cause is in the log
             log.exception("MLLP handler failed on a message from %s", peer)
-            return None
-
-    def _handle_oversized(self, message: Oversized, peer: str) -> bytes | list[bytes] | None:
-        assert self.oversized is not None  # only a Deframer that keeps heads delivers an Oversized
-        try:
-            return self.oversized(message.head, message.size)
-        except Exception:
-            log.exception("MLLP handler failed on an oversized message from %s", peer)
             return None
 
 

@@ -31,6 +31,7 @@ from hl7lw.exceptions import Hl7Exception
 SEGMENT_SEQUENCE_ERROR = "100"
 REQUIRED_FIELD_MISSING = "101"
 DATA_TYPE_ERROR = "102"
+VALUE_TOO_LONG = "104"  # also a whole message over the receiver's maximum size
 UNSUPPORTED_MESSAGE_TYPE = "200"
 UNSUPPORTED_EVENT = "201"
 UNSUPPORTED_PROCESSING_ID = "202"
