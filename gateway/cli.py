@@ -227,10 +227,14 @@ def hl7_reprocess(message_id: int | None, all_failed: bool, stuck: bool) -> None
         raise click.UsageError("give a message id, --failed or --stuck")
     services = build_services(_settings())
     ids = [message_id] if message_id is not None else []
+    m = database.hl7_message.c
     with services.engine.connect() as conn:
         if all_failed:
-            ids = list(conn.execute(select(database.hl7_message.c.id).where(
-                database.hl7_message.c.status == "failed").order_by(database.hl7_message.c.id)).scalars())
+            failed = conn.execute(select(m.id, m.truncated_from_bytes).where(m.status == "failed").order_by(m.id)).all()
+            ids = [row.id for row in failed if row.truncated_from_bytes is None]
+            if len(ids) < len(failed):  # only their start is stored: the sender must send them again
+                click.echo(f"left out {len(failed) - len(ids)} failed messages over the maximum size: only their "
+                           "start was kept, so they cannot be reprocessed")
         elif stuck:
             ids = stuck_message_ids(conn)
     tally: dict[str, int] = {}

@@ -37,6 +37,7 @@ STATUSES = ("received", "processed", "failed", "duplicate", "ignored")
 REPROCESSABLE = frozenset({"failed", "ignored"})
 IGNORABLE = frozenset({"failed"})
 PAGE_SIZE = 50
+TRUNCATED = "truncated"  # why a message was skipped: only its start is stored (over the maximum size)
 REPROCESS_LIMIT = 50  # messages one request may reprocess (one list page): each is a full translation
 REASON_MAX = 500
 FILTER_MAX = 255  # the widest filtered column
@@ -126,10 +127,11 @@ class Listed:
     error: str | None
     flagged: bool
     ack_ms: int | None
+    truncated_from_bytes: int | None = None  # over the maximum size: only its start is stored
 
     @property
     def reprocessable(self) -> bool:
-        return reprocessable(self.status, self.received)
+        return reprocessable(self.status, self.received, self.truncated_from_bytes)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class Page:
 
 
 _LIST_COLUMNS = (M.id, M.received_ms, M.status, M.message_type, M.control_id, M.sending_app, M.sending_facility,
-                 M.mrn, M.patient_id, M.error_code, M.error, M.flagged, M.ack_ms)
+                 M.mrn, M.patient_id, M.error_code, M.error, M.flagged, M.ack_ms, M.truncated_from_bytes)
 
 
 def encode_cursor(last_id: int) -> str:
@@ -234,7 +236,8 @@ def find(engine: Engine, filters: Filters, cursor: str | None = None, timezone: 
     more = len(rows) > page_size
     rows = rows[:page_size]
     listed = [Listed(r.id, _local(r.received_ms, zone), r.status, r.message_type, r.control_id, r.sending_app,
-                     r.sending_facility, r.mrn, r.patient_id, r.error_code, r.error, bool(r.flagged), r.ack_ms)
+                     r.sending_facility, r.mrn, r.patient_id, r.error_code, r.error, bool(r.flagged), r.ack_ms,
+                     r.truncated_from_bytes)
               for r in rows]
     return Page(listed, encode_cursor(rows[-1].id) if more else None)
 
@@ -307,10 +310,11 @@ class Detail:
     acks: list[list[SegmentView]]
     ack_text: list[str]
     written: list[Written] = field(default_factory=list)
+    truncated_from_bytes: int | None = None  # over the maximum size: `raw` is only its start
 
     @property
     def reprocessable(self) -> bool:
-        return reprocessable(self.status, self.received)
+        return reprocessable(self.status, self.received, self.truncated_from_bytes)
 
     @property
     def ignorable(self) -> bool:
@@ -466,21 +470,26 @@ def detail(engine: Engine, message_id: int, timezone: str = "UTC") -> Detail:
         patient_id=row.patient_id, mrn=row.mrn, ack_ms=row.ack_ms, note=row.note, raw=row.raw,
         separator=separator, segments=name_segments(row.raw, row.version, row.error_location),
         acks=acks, ack_text=ack_text, written=[Written(*w) for w in written],
+        truncated_from_bytes=row.truncated_from_bytes,
     )
 
 
 # --- actions ---
 
-def reprocessable(status: str, received: datetime) -> bool:
-    """Failed or ignored, or left `received` by a crash or an outage (ingest.is_stuck)."""
-    return status in REPROCESSABLE or is_stuck(status, int(received.timestamp() * 1000))
+def reprocessable(status: str, received: datetime, truncated_from_bytes: int | None = None) -> bool:
+    """Failed or ignored, or left `received` by a crash or an outage (ingest.is_stuck). A message over
+    the maximum size (only its start stored) never is, but when stuck: reprocessing then fails it."""
+    received_ms = int(received.timestamp() * 1000)
+    if truncated_from_bytes is not None:
+        return is_stuck(status, received_ms)
+    return status in REPROCESSABLE or is_stuck(status, received_ms)
 
 
 @dataclass(frozen=True)
 class Reprocessed:
     message_id: int
     status: str  # processed, failed, duplicate; "skipped" when its status did not allow a reprocess
-    error: str | None
+    error: str | None  # skipped: TRUNCATED when that is why
     patient_id: str | None
     duplicate_of: int | None = None  # duplicate: the copy of it that was processed
 
@@ -495,16 +504,16 @@ def reprocess(ingest: Any, engine: Engine, message_ids: Iterable[int]) -> list[R
     if not wanted:
         return []
     with engine.connect() as conn:
-        found = {r.id: r for r in conn.execute(select(M.id, M.status, M.received_ms).where(M.id.in_(wanted)))}
+        found = {r.id: r for r in conn.execute(select(M.id, M.status, M.received_ms, M.truncated_from_bytes)
+                                               .where(M.id.in_(wanted)))}
     missing = [m for m in wanted if m not in found]
     if missing:
         raise NotFound(missing[0])
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
     outcomes = {}
     for message_id in wanted:
         row = found[message_id]
-        if row.status not in REPROCESSABLE and not is_stuck(row.status, row.received_ms, now_ms):
-            outcomes[message_id] = ("skipped", None)
+        if not reprocessable(row.status, _local(row.received_ms, ZoneInfo("UTC")), row.truncated_from_bytes):
+            outcomes[message_id] = ("skipped", TRUNCATED if row.truncated_from_bytes is not None else None)
             continue
         outcome = ingest.reprocess(message_id)
         outcomes[message_id] = (outcome.status, outcome.error)

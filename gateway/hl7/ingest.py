@@ -186,7 +186,8 @@ class Ingestor:
         With `size`, `raw` is only the first bytes of a message of that length, over the receiver's
         maximum: it is not processed, but stored by its whole segments as failed (and marked so:
         it cannot be reprocessed), and answered AE (CE) with ERR code 104, so that the sender learns
-        why and an operator finds it among the failed messages."""
+        why and an operator finds it among the failed messages. An FHS/BHS batch over the maximum is
+        refused whole, the same way, with that NAK (to its first message) in a batch ACK."""
         try:
             text = parse.normalize(parse.decode(raw if size is None else whole_segments(raw)))
             header = parse.read_header(text)
@@ -195,6 +196,8 @@ class Ingestor:
             else:
                 outcome = self._counted(text, channel, peer, Truncated(size, len(raw)))
                 replies, unavailable = outcome.acks, outcome.unavailable
+                if parse.is_batch(text):  # a batch sender reads a batch back: the NAK in its envelope
+                    replies = (acks.build_batch_ack(text, list(replies)),)
             return Answer([acks.encode_ack(ack, header) for ack in replies], unavailable)
         except parse.ParseError as exc:
             metrics.hl7_message("unreadable", channel, None)

@@ -366,6 +366,38 @@ def test_a_message_left_received_is_shown_stuck_and_reprocessed_from_the_console
     assert len(console_events(app, "execute-reprocess")) == 2
 
 
+def test_a_message_over_the_maximum_size_is_marked_truncated_and_never_offered_for_reprocess(
+        mapping_dir: Path, app: Any, console_login: Any) -> None:
+    """Only its start is stored: the list and the page say so, neither offers Reprocess for it (a
+    mapping failure beside it still is), and a reprocess asked for anyway says why nothing happened."""
+    ingest = gateway(app).hl7
+    head = adt("BIG1").encode() + b"OBX|1|ED|PDF^Report||" + b"A" * 5_000
+    (nak,) = ingest.handle(head, "mllp", size=60_000_000)
+    assert b"MSA|AE|BIG1" in nak
+    fixable = ingest.receive_one(adt("FIX1", event="A04"), "mllp", None).message_id
+    with gateway(app).engine.connect() as conn:
+        big, kept = conn.execute(select(db.hl7_message.c.id, db.hl7_message.c.raw)
+                                 .where(db.hl7_message.c.control_id == "BIG1")).one()
+    assert kept == parse.normalize(adt("BIG1"))  # its whole segments: the cut OBX is left out
+    driver = console_login("operator")
+    html = driver.get("/admin/messages?status=failed")
+    assert f'name="id" value="{fixable}"' in html and f'name="shown" value="{fixable}"' in html
+    assert f'value="{big}"' not in html
+    row = html.split(f'id="message-{big}"', 1)[1].split("</tr>", 1)[0]
+    assert "truncated" in text_of(row) and "104" in text_of(row)
+    page = driver.get(f"/admin/messages/{big}")
+    assert 'id="reprocess-form"' not in page and 'id="ignore-form"' in page
+    assert (f"60,000,000 bytes, over the maximum size: only its first {len(kept):,} characters (whole segments) were "
+            "kept, so it cannot be reprocessed") in text_of(page)
+    driver.post(f"/admin/messages/{big}/reprocess", {}, page=f"/admin/messages/{big}")
+    assert ("Only the start of this message was kept (it was over the maximum size), so it cannot be reprocessed"
+            in text_of(driver.last_html))
+    with gateway(app).engine.connect() as conn:
+        status = conn.execute(select(db.hl7_message.c.status).where(db.hl7_message.c.id == big)).scalar_one()
+    assert status == "failed"
+    assert [r.status for r in service.reprocess(ingest, gateway(app).engine, [big])] == ["skipped"]
+
+
 def test_ignore_needs_a_reason_and_only_takes_failed_messages(mapping_dir: Path, app: Any, console_login: Any) -> None:
     ingest = gateway(app).hl7
     failed = ingest.receive_one(adt("IGN1", event="A04"), "mllp", None).message_id

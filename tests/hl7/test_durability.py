@@ -137,6 +137,34 @@ def test_restart_leaves_received_messages_reprocessable(database_url: str, tmp_p
     assert ingestor.reprocess(message_id).status == "processed"
 
 
+def test_reprocess_failed_leaves_out_messages_stored_truncated(tmp_path: Path) -> None:
+    """`gateway hl7 reprocess --failed` after a mapping fix: a message over the maximum size failed
+    with the others, but only its start is stored; it is left out, and counted."""
+    from click.testing import CliRunner
+
+    from gateway import build_services
+    from gateway.cli import main
+    from gateway.config import Settings
+    from gateway.hl7 import parse
+
+    url = f"sqlite:///{tmp_path / 'truncated.sqlite'}"
+    runner = CliRunner(env={"GATEWAY_DATABASE_URL": url, "GATEWAY_INSTANCE_PATH": str(tmp_path)})
+    assert runner.invoke(main, ["db", "upgrade"], catch_exceptions=False).exit_code == 0
+    services: Any = build_services(Settings.from_env(environ={}, database_url=url, audit_enabled=False))
+    assert services.hl7.handle(MESSAGE.format(n=1).encode(), "mllp", size=20_000_000) is not None
+    with services.store.writing() as repo:  # one failed for a reason a fix removes: left received, failed below
+        text = parse.normalize(MESSAGE.format(n=2))
+        message_id = services.hl7._insert(repo, text, parse.read_header(text), "mllp", None, "hash").fetchone()[0]
+        repo.conn.execute(db.hl7_message.update().where(db.hl7_message.c.id == message_id).values(status="failed"))
+    result = runner.invoke(main, ["hl7", "reprocess", "--failed"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "left out 1 failed messages over the maximum size" in result.output
+    assert "reprocessed 1 messages: 1 processed" in result.output
+    statuses = [(r.control_id, r.status, r.truncated_from_bytes) for r in _all(services.engine)]
+    assert statuses == [("1", "failed", 20_000_000), ("2", "processed", None)]
+    services.engine.dispose()
+
+
 def test_reprocess_stuck_takes_up_messages_left_received(tmp_path: Path) -> None:
     """`gateway hl7 reprocess --stuck`: a message left received for 5 minutes is applied, or, when
     its sender's copy was processed meanwhile, marked a duplicate of it; one received a moment ago

@@ -348,6 +348,23 @@ def test_batch_gets_a_batch_ack_and_every_message_is_processed(app: Any, ingest:
     assert [r.status for r in rows(app)] == ["processed", "processed"]
 
 
+def test_a_batch_over_the_maximum_size_is_refused_whole_with_a_batch_nak(app: Any, client: Any, ingest: Any) -> None:
+    """None of its messages is processed (the last ones are not all here): one row keeps its start,
+    and the sender reads back a batch, as for any batch, holding the AE 104."""
+    envelope = "|^~\\&|EPIC|RIVERSIDE|GATEWAY|RIVERSIDE|20261101||||FILE7\r"
+    head = ("FHS" + envelope + "BHS" + envelope + adt(control="B1", mrn="MRN-B1") + adt(control="B2", mrn="MRN-B2")
+            + "OBX|1|ED|PDF^Report||" + "A" * 5_000).encode()
+    (reply,) = ingest.handle(head, "mllp", size=30_000_000)
+    segments = reply.decode().split("\r")
+    assert segments[0].startswith("FHS|") and segments[1].startswith("BHS|") and "FILE7" in segments[0]
+    assert msa(reply.decode())[1:3] == ["AE", "B1"] and "BTS|1" in segments and "FTS|1" in segments
+    assert "message of 30,000,000 bytes exceeds the maximum of" in next(s for s in segments if s.startswith("ERR"))
+    (row,) = rows(app)
+    assert (row.status, row.error_code, row.truncated_from_bytes) == ("failed", "104", 30_000_000)
+    assert row.raw.startswith("FHS|") and "OBX" not in row.raw
+    assert patients(client, identifier="MRN-B1") == []
+
+
 def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client: Any, ingest: Any) -> None:
     handle(ingest, adt("CTRL1").encode())
     (patient,) = patients(client, identifier="MRN100")

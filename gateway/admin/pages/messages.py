@@ -200,7 +200,10 @@ def messages_reprocess(message_id: int) -> Response:
         results = service.reprocess(services().hl7, services().engine, [message_id])
     except service.NotFound:
         return error_page(404, _("There is no message %(id)s.", id=message_id))
-    if results[0].status == "skipped":
+    if results[0].status == "skipped" and results[0].error == service.TRUNCATED:
+        flash(_("Only the start of this message was kept (it was over the maximum size), so it cannot be "
+                "reprocessed; the sender must send it again."), "error")
+    elif results[0].status == "skipped":
         flash(_("Only a failed, ignored or stuck message can be reprocessed."), "error")
     else:
         _reprocess_notice(results)
