@@ -521,63 +521,119 @@ def send_messages(host: str, port: int, messages: Iterable[bytes], timeout: floa
 
     A message in original mode gets one ACK. In enhanced mode MSH-15 and MSH-16 say what comes back:
     the replies that AL promises are waited for, and those that ER or SU leave open are collected for
-    `grace` seconds more. timeout applies to connecting and to each awaited reply. Raises
-    ConnectionError when the server closes the connection before acknowledging a message,
-    TimeoutError when a promised reply does not come.
+    `grace` seconds more. A reply goes to the message its MSA-2 names (that message's MSH-10), so
+    that an optional reply coming after its grace is still counted as its own message's, never as
+    the next one's; a reply naming no message sent (a batch ACK, say) goes to the message waited on.
+    timeout applies to connecting and to each awaited reply. Raises ConnectionError when the server
+    closes the connection before acknowledging a message, TimeoutError when a promised reply does
+    not come.
     """
-    replies: list[list[bytes]] = []
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        deframer = Deframer(max_ack_bytes)
+        inbox = _Inbox(sock, Deframer(max_ack_bytes))
         for number, message in enumerate(messages, start=1):
             sock.sendall(frame(message))
-            certain, possible = expected_replies(message)
-            replies.append(_receive(sock, deframer, number, certain, possible, timeout, grace))
-    return replies
+            inbox.wait(number, expected_replies(message), timeout, grace)
+    return inbox.replies
 
 
-def expected_replies(message: bytes) -> tuple[int, int]:
-    """(promised, possible) numbers of replies to a message, from its MSH-15 and MSH-16."""
+class Expected(NamedTuple):
+    """The replies a message may get, from its MSH-15 and MSH-16, and the MSA-2 they carry."""
+
+    promised: int
+    possible: int
+    control_id: str | None  # None: a batch, or no readable MSH (its replies are matched by order)
+
+
+def expected_replies(message: bytes) -> Expected:
+    """(promised, possible) numbers of replies to a message, and their MSA-2."""
     from gateway.hl7.parse import ParseError, decode, is_batch, normalize, read_header
 
     try:
         text = normalize(decode(message))
         header = read_header(text)
     except ParseError:
-        return 1, 1  # whatever the server makes of it, it answers or closes
+        return Expected(1, 1, None)  # whatever the server makes of it, it answers or closes
+    if is_batch(text):
+        return Expected(1, 1, None)
     accept, application = header.accept_ack_type.upper(), header.app_ack_type.upper()
-    if is_batch(text) or not (accept or application):
-        return 1, 1
+    if not (accept or application):
+        return Expected(1, 1, header.control_id)
     accept = accept or "AL"
     promised = (accept == "AL") + (application == "AL")
     possible = (accept in ("AL", "ER", "SU")) + (application in ("AL", "ER", "SU"))
-    return promised, possible
+    return Expected(promised, possible, header.control_id)
 
 
-def _receive(sock: socket.socket, deframer: Deframer, number: int, promised: int, possible: int,
-             timeout: float, grace: float) -> list[bytes]:
-    frames: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while len(frames) < possible:
-        waiting_for_promised = len(frames) < promised
-        remaining = (deadline if waiting_for_promised else min(deadline, time.monotonic() + grace)) - time.monotonic()
-        if remaining <= 0:
-            if waiting_for_promised:
-                raise TimeoutError(f"no ACK for message {number} within {timeout} s")
-            break
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(READ_CHUNK)
-        except TimeoutError:
-            if waiting_for_promised:
-                raise TimeoutError(f"no ACK for message {number} within {timeout} s") from None
-            break
-        if not chunk:
-            if waiting_for_promised:
-                raise ConnectionError(f"the server closed the connection before acknowledging message {number}")
-            break
-        frames += deframer.feed(chunk)
-        if not waiting_for_promised and len(frames) >= promised:
-            grace = 0  # the replies to one message come together: once some came after the promised, stop
-    if len(frames) > possible:  # a server answers each message at most as asked; extra frames are not ours
-        log.warning("the server sent %d frames for message %d; using the first %d", len(frames), number, possible)
-    return frames[:possible]
+def acknowledged_id(reply: bytes) -> str | None:
+    """MSA-2 of an acknowledgement: the control id of the message it answers (None without an MSA)."""
+    for segment in reply.replace(b"\n", b"\r").split(b"\r"):
+        if segment.startswith(b"MSA") and len(segment) > 3:
+            fields = segment.decode("utf-8", "replace").split(chr(segment[3]))
+            return fields[2] if len(fields) > 2 else ""
+    return None
+
+
+class _Inbox:
+    """The client's side of one connection: replies read, each given to the message it answers."""
+
+    def __init__(self, sock: socket.socket, deframer: Deframer) -> None:
+        self.sock = sock
+        self.deframer = deframer
+        self.replies: list[list[bytes]] = []
+        self._expected: list[Expected] = []
+        self._first_open = 0  # replies come in the order of their messages: none to those before
+
+    def wait(self, number: int, expected: Expected, timeout: float, grace: float) -> None:
+        """Read until message `number` (the last one sent) has its promised replies, then for up to
+        `grace` seconds more while it may get others."""
+        self.replies.append([])
+        self._expected.append(expected)
+        mine = self.replies[-1]
+        deadline = time.monotonic() + timeout
+        grace_ends: float | None = None
+        while len(mine) < expected.possible:
+            waiting_for_promised = len(mine) < expected.promised
+            if not waiting_for_promised and grace_ends is None:
+                grace_ends = min(deadline, time.monotonic() + grace)
+            remaining = (deadline if waiting_for_promised else grace_ends or deadline) - time.monotonic()
+            if remaining <= 0:
+                if waiting_for_promised:
+                    raise TimeoutError(f"no ACK for message {number} within {timeout} s")
+                break
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(READ_CHUNK)
+            except TimeoutError:
+                if waiting_for_promised:
+                    raise TimeoutError(f"no ACK for message {number} within {timeout} s") from None
+                break
+            if not chunk:
+                if waiting_for_promised:
+                    raise ConnectionError(f"the server closed the connection before acknowledging message {number}")
+                break
+            before = len(mine)
+            for reply in self.deframer.feed(chunk):
+                self._place(reply)  # type: ignore[arg-type]  # no keep_heads: frames only
+            if not waiting_for_promised and len(mine) > before:
+                break  # the replies to one message come together: once some came after the promised, stop
+
+    def _place(self, reply: bytes) -> None:
+        current = len(self.replies) - 1
+        target = current
+        answered = acknowledged_id(reply)
+        if answered is not None:
+            # The newest open message it names (a control id sent twice: the later copy is the likelier).
+            for index in range(current, self._first_open - 1, -1):
+                expected = self._expected[index]
+                if expected.control_id == answered and len(self.replies[index]) < expected.possible:
+                    target = index
+                    break
+        if len(self.replies[target]) >= self._expected[target].possible:
+            # a server answers each message at most as asked; an extra frame is not ours
+            log.warning("the server sent an extra frame for message %d; it is left out", target + 1)
+            return
+        if target < current:
+            log.info("a late reply to message %d (MSA-2 %s) came while message %d was waited on",
+                     target + 1, answered, current + 1)
+        self.replies[target].append(reply)
+        self._first_open = target

@@ -314,6 +314,28 @@ def test_the_client_reports_a_missing_ack_as_a_timeout(start_server: ServerFacto
         mllp.send_messages("127.0.0.1", server.port, [b"MSH|1"], timeout=0.2)
 
 
+def test_a_reply_coming_after_its_grace_goes_to_its_own_message_not_the_next(start_server: ServerFactory) -> None:
+    """MSH-16 ER leaves a reply optional: the client waits `grace` for it, then sends the next message.
+    When the reply comes later (a loaded receiver), its MSA-2 says whose it is."""
+
+    def header(control: str, modes: str = "") -> bytes:
+        return f"MSH|^~\\&|EHR|RIV|GW|RIV|20261101083000||ADT^A01|{control}|P|2.5.1{modes}\r".encode()
+
+    def answer(message: bytes) -> bytes:
+        control = message.split(b"|")[9]
+        if control == b"SLOW":
+            time.sleep(0.6)  # past the client's grace: the next message is sent meanwhile
+            return b"MSH|^~\\&|GW|RIV|EHR|RIV|20261101083001||ACK|A1|P|2.5.1\rMSA|AR|SLOW\r"
+        return b"MSH|^~\\&|GW|RIV|EHR|RIV|20261101083001||ACK|A2|P|2.5.1\rMSA|AA|" + control + b"\r"
+
+    server = start_server(answer)
+    messages = [header("SLOW", "|||NE|ER"), header("NEXT"), header("LAST")]
+    replies = mllp.send_messages("127.0.0.1", server.port, messages, timeout=5, grace=0.1)
+    assert [[mllp.acknowledged_id(r) for r in mine] for mine in replies] == [["SLOW"], ["NEXT"], ["LAST"]]
+    assert mllp.expected_replies(messages[0]) == (0, 1, "SLOW")
+    assert mllp.acknowledged_id(b"MSH|^~\\&|GW\nMSA|AA|X1") == "X1" and mllp.acknowledged_id(b"ACK:MSH|1") is None
+
+
 # --- shutdown ---
 
 
