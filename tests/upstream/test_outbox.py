@@ -192,24 +192,29 @@ def test_a_nak_fails_the_item_and_retry_resends_the_same_control_id(services: An
 @pytest.mark.parametrize("mode", ["stall", "wrong"])
 def test_a_stall_or_a_foreign_ack_retries_with_backoff(services: Any, receiver: Receiver, mode: str) -> None:
     receiver.mode = mode
+    # A backoff far longer than a loaded machine takes between two steps of this test (0.2 s was not).
+    services.settings.outbox_backoff_base = 30.0
     with services.store.writing() as repo:
         repo.create(records.appointment(), resource_id="a1")
     worker = Worker(services.store, services.settings)
     started = time.monotonic()
+    before_ms = int(time.time() * 1000)
     worker.run_once()
     (item,) = items(services)
     assert item.status == "pending" and item.attempts == 1
     assert ("TimeoutError" in item.last_error) if mode == "stall" else ("expected" in item.last_error)
     if mode == "stall":
         assert time.monotonic() - started >= 0.9  # waited the ACK timeout (1 s)
+    assert item.next_attempt_ms >= before_ms + 30_000  # due again a backoff after the failed attempt
     assert worker.run_once() == 0  # not due yet: backoff
     receiver.mode = "AA"
-    time.sleep(0.25)
+    with services.store.writing() as repo:  # the backoff has passed
+        repo.conn.execute(update(db.outbox).values(next_attempt_ms=int(time.time() * 1000)))
     assert worker.run_once() == 1
     (item,) = items(services)
     assert item.status == "delivered" and item.attempts == 2
     assert receiver.received == [item.idempotency_key] * 2
-    assert worker.backoff(1) == 0.2 and worker.backoff(2) == 0.4
+    assert worker.backoff(1) == 30.0 and worker.backoff(2) == 60.0
     assert worker.backoff(30) == services.settings.outbox_backoff_max
 
 
