@@ -196,8 +196,13 @@ class Ingestor:
             else:
                 outcome = self._counted(text, channel, peer, Truncated(size, len(raw)))
                 replies, unavailable = outcome.acks, outcome.unavailable
-                if parse.is_batch(text):  # a batch sender reads a batch back: the NAK in its envelope
-                    replies = (acks.build_batch_ack(text, list(replies)),)
+                if parse.is_batch(text):
+                    # A batch sender reads a batch back, the NAK in it; an empty one would say that
+                    # every message was accepted, so the NAK is there even when MSH-15/16 asked for none.
+                    code = "207" if outcome.unavailable else parse.VALUE_TOO_LONG
+                    nak = list(replies) or [acks.build_ack(header, "AE", (outcome.error or "")[:80],
+                                                           error=(code, None, "E"))]
+                    replies = (acks.build_batch_ack(text, nak),)
             return Answer([acks.encode_ack(ack, header) for ack in replies], unavailable)
         except parse.ParseError as exc:
             metrics.hl7_message("unreadable", channel, None)

@@ -363,6 +363,12 @@ def test_a_batch_over_the_maximum_size_is_refused_whole_with_a_batch_nak(app: An
     assert (row.status, row.error_code, row.truncated_from_bytes) == ("failed", "104", 30_000_000)
     assert row.raw.startswith("FHS|") and "OBX" not in row.raw
     assert patients(client, identifier="MRN-B1") == []
+    # Its first message asks for no acknowledgement (MSH-15/16 NE): a batch ACK holding none would
+    # tell the sender that every message was accepted, so the NAK is in it all the same.
+    quiet = head.replace(b"|P|2.5.1\r", b"|P|2.5.1|||NE|NE\r", 1)
+    assert quiet != head
+    (reply,) = ingest.handle(quiet, "mllp", size=30_000_000)
+    assert msa(reply.decode())[1:3] == ["AE", "B1"] and "BTS|1" in reply.decode().split("\r")
 
 
 def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client: Any, ingest: Any) -> None:
