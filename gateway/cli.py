@@ -232,9 +232,13 @@ def hl7_reprocess(message_id: int | None, all_failed: bool, stuck: bool) -> None
         if all_failed:
             failed = conn.execute(select(m.id, m.truncated_from_bytes).where(m.status == "failed").order_by(m.id)).all()
             ids = [row.id for row in failed if row.truncated_from_bytes is None]
-            if len(ids) < len(failed):  # only their start is stored: the sender must send them again
-                click.echo(f"left out {len(failed) - len(ids)} failed messages over the maximum size: only their "
-                           "start was kept, so they cannot be reprocessed")
+            left_out = len(failed) - len(ids)  # only their start is stored: the sender must send them again
+            if left_out == 1:
+                click.echo("left out 1 failed message over the maximum size: only its start was kept, so it "
+                           "cannot be reprocessed")
+            elif left_out:
+                click.echo(f"left out {left_out} failed messages over the maximum size: only their start was kept, "
+                           "so they cannot be reprocessed")
         elif stuck:
             ids = stuck_message_ids(conn)
     tally: dict[str, int] = {}

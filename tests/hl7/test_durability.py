@@ -158,7 +158,7 @@ def test_reprocess_failed_leaves_out_messages_stored_truncated(tmp_path: Path) -
         repo.conn.execute(db.hl7_message.update().where(db.hl7_message.c.id == message_id).values(status="failed"))
     result = runner.invoke(main, ["hl7", "reprocess", "--failed"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "left out 1 failed messages over the maximum size" in result.output
+    assert "left out 1 failed message over the maximum size: only its start was kept" in result.output
     assert "reprocessed 1 messages: 1 processed" in result.output
     statuses = [(r.control_id, r.status, r.truncated_from_bytes) for r in _all(services.engine)]
     assert statuses == [("1", "failed", 20_000_000), ("2", "processed", None)]
