@@ -221,7 +221,7 @@ def hl7_reprocess(message_id: int | None, all_failed: bool, stuck: bool) -> None
 
     from gateway import build_services
     from gateway import db as database
-    from gateway.hl7.ingest import stuck_message_ids
+    from gateway.hl7.ingest import reprocessable, stuck_message_ids
 
     if (message_id is not None) + all_failed + stuck != 1:
         raise click.UsageError("give a message id, --failed or --stuck")
@@ -230,8 +230,9 @@ def hl7_reprocess(message_id: int | None, all_failed: bool, stuck: bool) -> None
     m = database.hl7_message.c
     with services.engine.connect() as conn:
         if all_failed:
-            failed = conn.execute(select(m.id, m.truncated_from_bytes).where(m.status == "failed").order_by(m.id)).all()
-            ids = [row.id for row in failed if row.truncated_from_bytes is None]
+            failed = conn.execute(select(m.id, m.status, m.received_ms, m.truncated_from_bytes)
+                                  .where(m.status == "failed").order_by(m.id)).all()
+            ids = [row.id for row in failed if reprocessable(row.status, row.received_ms, row.truncated_from_bytes)]
             left_out = len(failed) - len(ids)  # only their start is stored: the sender must send them again
             if left_out == 1:
                 click.echo("left out 1 failed message over the maximum size: only its start was kept, so it "

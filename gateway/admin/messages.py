@@ -27,14 +27,12 @@ from sqlalchemy import ColumnElement, Connection, Engine, select, update
 
 from gateway import db
 from gateway.hl7 import parse
-from gateway.hl7.ingest import is_stuck, stored_acks
+from gateway.hl7.ingest import reprocessable, stored_acks
 
 M = db.hl7_message.c
 W = db.hl7_written.c
 
 STATUSES = ("received", "processed", "failed", "duplicate", "ignored")
-# An ignored message can be taken up again; so can one left `received` (ingest.is_stuck).
-REPROCESSABLE = frozenset({"failed", "ignored"})
 IGNORABLE = frozenset({"failed"})
 PAGE_SIZE = 50
 TRUNCATED = "truncated"  # why a message was skipped: only its start is stored (over the maximum size)
@@ -131,7 +129,7 @@ class Listed:
 
     @property
     def reprocessable(self) -> bool:
-        return reprocessable(self.status, self.received, self.truncated_from_bytes)
+        return reprocessable(self.status, _epoch_ms(self.received), self.truncated_from_bytes)
 
 
 @dataclass(frozen=True)
@@ -314,7 +312,7 @@ class Detail:
 
     @property
     def reprocessable(self) -> bool:
-        return reprocessable(self.status, self.received, self.truncated_from_bytes)
+        return reprocessable(self.status, _epoch_ms(self.received), self.truncated_from_bytes)
 
     @property
     def ignorable(self) -> bool:
@@ -476,13 +474,8 @@ def detail(engine: Engine, message_id: int, timezone: str = "UTC") -> Detail:
 
 # --- actions ---
 
-def reprocessable(status: str, received: datetime, truncated_from_bytes: int | None = None) -> bool:
-    """Failed or ignored, or left `received` by a crash or an outage (ingest.is_stuck). A message over
-    the maximum size (only its start stored) never is, but when stuck: reprocessing then fails it."""
-    received_ms = int(received.timestamp() * 1000)
-    if truncated_from_bytes is not None:
-        return is_stuck(status, received_ms)
-    return status in REPROCESSABLE or is_stuck(status, received_ms)
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -509,10 +502,11 @@ def reprocess(ingest: Any, engine: Engine, message_ids: Iterable[int]) -> list[R
     missing = [m for m in wanted if m not in found]
     if missing:
         raise NotFound(missing[0])
+    now_ms = _epoch_ms(datetime.now(UTC))
     outcomes = {}
     for message_id in wanted:
         row = found[message_id]
-        if not reprocessable(row.status, _local(row.received_ms, ZoneInfo("UTC")), row.truncated_from_bytes):
+        if not reprocessable(row.status, row.received_ms, row.truncated_from_bytes, now_ms):
             outcomes[message_id] = ("skipped", TRUNCATED if row.truncated_from_bytes is not None else None)
             continue
         outcome = ingest.reprocess(message_id)

@@ -94,6 +94,19 @@ def is_stuck(status: str, received_ms: int, now_ms: int | None = None) -> bool:
     return status == "received" and received_ms <= _stuck_before(now_ms)
 
 
+# An ignored message can be taken up again; so can one left `received` (is_stuck).
+REPROCESSABLE = frozenset({"failed", "ignored"})
+
+
+def reprocessable(status: str, received_ms: int, truncated_from_bytes: int | None = None,
+                  now_ms: int | None = None) -> bool:
+    """Failed or ignored, or left `received` by a crash or an outage (is_stuck). A message over the
+    maximum size (only its start stored) never is, but when stuck: Ingestor.reprocess then fails it."""
+    if truncated_from_bytes is not None:
+        return is_stuck(status, received_ms, now_ms)
+    return status in REPROCESSABLE or is_stuck(status, received_ms, now_ms)
+
+
 def stuck_message_ids(conn: Any, now_ms: int | None = None) -> list[int]:
     """Messages left `received` (see STUCK_AFTER_MS), oldest first."""
     return list(conn.execute(select(M.id).where(M.status == "received", M.received_ms <= _stuck_before(now_ms))
