@@ -88,15 +88,22 @@ def _restore(engine: Any, saved: dict[str, list[dict[str, Any]]]) -> bool:
         if any(conn.execute(select(literal(1)).select_from(table).limit(1)).first() for table in tables):
             return False
         for table in tables:
-            conn.execute(table.insert(), saved[table.name])
-            if conn.dialect.name == "postgresql":
-                # Keep the serial columns' sequences ahead of the copied keys.
-                for column in table.primary_key.columns:
-                    sequence = conn.execute(text("SELECT pg_get_serial_sequence(:t, :c)"),
-                                            {"t": table.name, "c": column.name}).scalar()
-                    if sequence:
-                        conn.execute(text(f"SELECT setval('{sequence}', GREATEST((SELECT max({column.name}) "
-                                          f"FROM {table.name}), (SELECT last_value FROM {sequence})))"))
+            if conn.dialect.name != "postgresql":
+                conn.execute(table.insert(), saved[table.name])
+                continue
+            # COPY: an INSERT per row, even pipelined, took 0.5-0.8 s a test for the world's rows
+            names = [column.name for column in table.columns]
+            with conn.connection.driver_connection.cursor() as cursor, cursor.copy(
+                    f"COPY {table.name} ({', '.join(names)}) FROM STDIN") as copy:
+                for row in saved[table.name]:
+                    copy.write_row([row[name] for name in names])
+            # Keep the serial columns' sequences ahead of the copied keys.
+            for column in table.primary_key.columns:
+                sequence = conn.execute(text("SELECT pg_get_serial_sequence(:t, :c)"),
+                                        {"t": table.name, "c": column.name}).scalar()
+                if sequence:
+                    conn.execute(text(f"SELECT setval('{sequence}', GREATEST((SELECT max({column.name}) "
+                                      f"FROM {table.name}), (SELECT last_value FROM {sequence})))"))
     return True
 
 
