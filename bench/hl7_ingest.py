@@ -11,6 +11,10 @@ Phases, all in one run on this machine:
              messages/s and resources/s end to end (each ACK is received after its commit), and the
              listener's CPU time per message
   four       the same over four connections at once
+  new data   one connection, then four, of copies that name new records (every identifier that keys
+             a resource made unique per copy): each message creates its resources, as a live feed
+             of new patients, orders and results does, where the phases above mostly find them
+             unchanged
   latency    p50/p99 ACK latency at a steady 100 messages/s
   memory     (with --memory N) resident memory of the listener every 10% of N messages
 
@@ -78,6 +82,45 @@ def with_control_id(text: str, control: str) -> bytes:
         if len(fields) > index:
             fields[index] = ""
     return (sep.join(fields) + "\r" + rest).encode("utf-8")
+
+
+# The identifiers the mappings key resources on (mappings/segments/*.yaml, "id:"): patient (PID-2,
+# PID-3; MRG-1, MRG-4 for the record merged away), visit (PV1-19, PV1-50), order and report (ORC-2,
+# ORC-3, OBR-2, OBR-3), appointment (SCH-1, SCH-2), document (TXA-12, TXA-16), next of kin (NK1-33).
+# What is keyed on the patient or the report (results, relatives, notes) follows them.
+RECORD_KEYS = {"PID": (2, 3), "MRG": (1, 4), "PV1": (19, 50), "ORC": (2, 3), "OBR": (2, 3), "SCH": (1, 2),
+               "TXA": (12, 16), "NK1": (33,)}
+
+
+def with_new_records(text: str, tag: str) -> str:
+    """The message naming records of its own: `tag` appended to the first component of every
+    repetition of the RECORD_KEYS fields, so that its resources are new ones."""
+    seps = parse.read_header(text).separators
+    segments = []
+    for segment in text.split("\r"):
+        fields = segment.split(seps.field)
+        for number in RECORD_KEYS.get(fields[0], ()):
+            if number < len(fields) and fields[number]:
+                reps = []
+                for rep in fields[number].split(seps.repetition):
+                    first, *rest = rep.split(seps.component)
+                    reps.append(seps.component.join([first + tag if first else first, *rest]))
+                fields[number] = seps.repetition.join(reps)
+        segments.append(seps.field.join(fields))
+    return "\r".join(segments)
+
+
+def shared_resources(texts: list[str]) -> list[str]:
+    """Resources other than Practitioners that a new-records copy of a corpus message (with a control
+    id of its own) would still share with the message itself: none expected, so that every copy
+    creates them. Practitioners are the same people in every copy, as clinicians are in a live feed."""
+    shared = []
+    for text in texts:
+        copy = with_control_id(with_new_records(text, "X1"), "X1").decode("utf-8")
+        ids, copy_ids = ({(r["resourceType"], r["id"]) for r in translate(parse.parse(t)).resources
+                          if r["resourceType"] != "Practitioner"} for t in (text, copy))
+        shared += [f"{parse.read_header(text).control_id}: {rtype}/{rid}" for rtype, rid in sorted(ids & copy_ids)]
+    return shared
 
 
 def parse_cpu_ms(texts: list[str], seconds: float = 3.0) -> float:
@@ -269,8 +312,16 @@ def main() -> None:
 
     run_id = uuid.uuid4().hex[:8]
 
-    def payloads(prefix: str, count: int) -> list[bytes]:
-        return [with_control_id(texts[i % len(texts)], f"{run_id}{prefix}{i}") for i in range(count)]
+    def payloads(prefix: str, count: int, new_records: bool = False) -> list[bytes]:
+        def text(i: int) -> str:
+            original = texts[i % len(texts)]
+            return with_new_records(original, "N" + prefix.replace("-", "x") + str(i)) if new_records else original
+
+        return [with_control_id(text(i), f"{run_id}{prefix}{i}") for i in range(count)]
+
+    shared = shared_resources(texts)
+    if shared:
+        print(f"WARNING: new-data copies still share {len(shared)} resources with the corpus, e.g. {shared[0]}")
 
     args.processes = listener_processes(args.processes)
     results: dict[str, Any] = {"database": args.database, "processes": args.processes, "corpus_messages": len(corpus),
@@ -287,6 +338,11 @@ def main() -> None:
             per = args.messages // 4
             four = run_connections(listener.port, [payloads(f"b{c}-", per) for c in range(4)], args.max_seconds,
                                    listener)
+            print(f"new data, one connection: {args.messages} messages ...", flush=True)
+            one_new = run_connections(listener.port, [payloads("c", args.messages, True)], args.max_seconds, listener)
+            print(f"new data, four connections: {args.messages} messages ...", flush=True)
+            four_new = run_connections(listener.port, [payloads(f"d{c}-", per, True) for c in range(4)],
+                                       args.max_seconds, listener)
             # Other work on the machine moves every rate: the parse baseline is taken again after the
             # throughput phases and the ratios use the mean of the two (both are printed).
             print("baseline again ...", flush=True)
@@ -295,7 +351,7 @@ def main() -> None:
             baseline["python-hl7"] = (baseline["python-hl7"] + after["python-hl7"]) / 2
             baseline["python-hl7_cpu_ms"] = parse_cpu
             results["parse_only"] = {k: round(v, 2) for k, v in baseline.items()}
-            for phase in (one, four):
+            for phase in (one, four, one_new, four_new):
                 phase["resources_per_s"] = round(phase["messages_per_s"] * resources_per_message, 1)
                 phase["vs_python_hl7_parse"] = round(phase["messages_per_s"] / baseline["python-hl7"], 2)
                 if "listener_cpu_ms_per_message" in phase:
@@ -322,13 +378,15 @@ def main() -> None:
             raise
         finally:
             listener.close()
-    results.update({"one_connection": one, "four_connections": four, "latency_at_100_per_s": latency,
+    results.update({"one_connection": one, "four_connections": four, "one_connection_new_data": one_new,
+                    "four_connections_new_data": four_new, "latency_at_100_per_s": latency,
                     "memory": memory})
     print()
     print(f"python-hl7 parse: {baseline['python-hl7_before']:.1f}/s before, {baseline['python-hl7_after']:.1f}/s after "
           f"the throughput phases; {parse_cpu:.2f} ms CPU per message")
     print(f"{'phase':<22}{'msg/s':>10}{'res/s':>10}{'vs python-hl7 parse':>22}{'CPU ms/msg':>12}{'CPU ratio':>11}")
-    for name, phase in (("one connection", one), ("four connections", four)):
+    for name, phase in (("one connection", one), ("four connections", four), ("new data, one", one_new),
+                        ("new data, four", four_new)):
         print(f"{name:<22}{phase['messages_per_s']:>10}{phase['resources_per_s']:>10}"
               f"{phase['vs_python_hl7_parse']:>21}x{phase.get('listener_cpu_ms_per_message', 0):>12}"
               f"{phase.get('cpu_vs_python_hl7_parse', 0):>10}x   (not AA: {phase['not_aa']})")
