@@ -150,7 +150,7 @@ def hl7() -> None:
 @click.option("--timeout", default=30.0, show_default=True, type=float)
 def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> None:
     """Send message files over one MLLP connection and print each acknowledgement."""
-    from gateway.hl7.mllp import send_messages
+    from gateway.hl7.mllp import msa_fields, send_messages
 
     payloads = [Path(f).read_bytes() for f in files]
     try:
@@ -162,10 +162,9 @@ def hl7_send(files: tuple[str, ...], host: str, port: int, timeout: float) -> No
         if not acks:
             click.echo(f"{path}: no acknowledgement (none asked for in MSH-15/MSH-16)")
         for ack in acks:
-            text = ack.decode("utf-8", "replace")
-            segments = [s for s in text.replace("\n", "\r").split("\r") if s]
-            msa = next((s for s in segments if s.startswith("MSA")), "MSA|??")
-            code = msa.split(msa[3] if len(msa) > 3 else "|")[1] if len(msa) > 4 else "??"
+            segments = [s for s in ack.decode("utf-8", "replace").replace("\n", "\r").split("\r") if s]
+            msa = msa_fields(ack)
+            code = msa[1] if msa and len(msa) > 1 and msa[1] else "??"  # MSA-1: AA, AE, AR, CA, ...
             codes[code] = codes.get(code, 0) + 1
             click.echo(f"{path}: {' '.join(s for s in segments if s.startswith(('MSA', 'ERR')))}")
     click.echo("sent " + str(len(files)) + " messages: " + ", ".join(f"{n} {c}" for c, n in sorted(codes.items())))

@@ -279,6 +279,35 @@ def test_hl7_send_to_a_port_nobody_listens_on_says_so(gateway: Any, tmp_path: Pa
     assert "Connection refused" in result.output and "Traceback" not in result.output
 
 
+def test_hl7_send_counts_the_codes_of_acks_in_their_own_separators(gateway: Any, tmp_path: Path) -> None:
+    """MSA-1 is read with the separator the ACK itself uses (the one after "MSA"), as the client's
+    matching of replies reads MSA-2; an ACK without an MSA counts as ??."""
+    from gateway.hl7 import mllp
+
+    def answer(message: bytes) -> bytes:
+        control = message.split(b"|")[9]
+        if control == b"2":
+            return b"MSH#^~\\&#GW#RIV#EHR#RIV#20261101083001##ACK#A2#P#2.5.1\rMSA#AE#2\rERR####E\r"
+        if control == b"3":
+            return b"MSH|^~\\&|GW|RIV|EHR|RIV|20261101083001||ACK|A3|P|2.5.1\r"
+        return b"MSH|^~\\&|GW|RIV|EHR|RIV|20261101083001||ACK|A1|P|2.5.1\rMSA|AA|" + control + b"\r"
+
+    files = []
+    for n in (1, 2, 3):
+        files.append(tmp_path / f"m{n}.hl7")
+        files[-1].write_text(f"MSH|^~\\&|A|B|C|D|20261101||ADT^A04|{n}|P|2.5.1\rPID|1||9^^^H^MR\r")
+    server = mllp.start_in_thread(answer)
+    try:
+        result = gateway("hl7", "send", *map(str, files), "--port", str(server.port), "--timeout", "5")
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    assert "m2.hl7: MSA#AE#2 ERR####E" in result.output
+    assert result.output.strip().endswith("sent 3 messages: 1 ??, 1 AA, 1 AE")
+    assert mllp.msa_fields(b"MSH#^~\\&#GW\nMSA#CA#X1") == ["MSA", "CA", "X1"]
+    assert mllp.msa_fields(b"MSH|^~\\&|GW\r") is None
+
+
 @pytest.mark.parametrize("command", [("db", "upgrade"), ("import", __file__), ("serve", "--port", "0"),
                                      ("mllp", "--port", "0"), ("hl7", "list")])
 def test_sqlite_database_in_a_missing_folder_is_refused_in_one_line(tmp_path: Path, command: tuple[str, ...]) -> None:

@@ -564,13 +564,21 @@ def expected_replies(message: bytes) -> Expected:
     return Expected(promised, possible, header.control_id)
 
 
-def acknowledged_id(reply: bytes) -> str | None:
-    """MSA-2 of an acknowledgement: the control id of the message it answers (None without an MSA)."""
+def msa_fields(reply: bytes) -> list[str] | None:
+    """The fields of an acknowledgement's MSA segment, its name first (so MSA-n is [n]), split at
+    the separator that follows the name; None when it has no MSA."""
     for segment in reply.replace(b"\n", b"\r").split(b"\r"):
         if segment.startswith(b"MSA") and len(segment) > 3:
-            fields = segment.decode("utf-8", "replace").split(chr(segment[3]))
-            return fields[2] if len(fields) > 2 else ""
+            return segment.decode("utf-8", "replace").split(chr(segment[3]))
     return None
+
+
+def acknowledged_id(reply: bytes) -> str | None:
+    """MSA-2 of an acknowledgement: the control id of the message it answers (None without an MSA)."""
+    fields = msa_fields(reply)
+    if fields is None:
+        return None
+    return fields[2] if len(fields) > 2 else ""
 
 
 class _Inbox:
