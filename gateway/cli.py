@@ -79,7 +79,8 @@ def _processor(settings: Settings) -> Any:
     return BundleProcessor(FhirStore(engine, settings.fhir_base))
 
 
-def import_files(settings: Settings, files: list[str], echo: Any = click.echo) -> dict[str, int]:
+def import_files(settings: Settings, files: list[str], echo: Any = click.echo,
+                 adjust: Any = None) -> dict[str, int]:
     from gateway.fhir.bundles import import_file
     from gateway.fhir.outcome import FhirError
 
@@ -93,7 +94,7 @@ def import_files(settings: Settings, files: list[str], echo: Any = click.echo) -
             echo(f"  {path}: {done} entries", err=True)
 
         try:
-            counts = import_file(processor, path, progress=progress)
+            counts = import_file(processor, path, progress=progress, adjust=adjust)
         except FhirError as exc:
             stored = getattr(exc, "stored", 0)
             what = f"{stored} entries of it were stored before the failure" if stored else \
@@ -133,7 +134,12 @@ def load_demo(settings: Settings) -> None:
     database.upgrade(engine)
     files = sorted(str(p) for p in (FIXTURES / "fhir").glob("*.json"))
     if files:
-        import_files(settings, files)
+        from gateway.fhir.demo_calendar import keep_calendar_current, weeks_behind
+
+        if weeks_behind():
+            click.echo(f"demo calendar: slots and upcoming appointments moved {weeks_behind()} weeks ahead of "
+                       "the fixtures' dates, to this week")
+        import_files(settings, files, adjust=keep_calendar_current)
 
 
 # --- HL7v2 ---

@@ -30,6 +30,7 @@ from sqlalchemy import func, literal, select, text
 
 from gateway import db
 from gateway.fhir.bundles import BundleProcessor, import_file
+from gateway.fhir.demo_calendar import keep_calendar_current
 from gateway.smart_auth import admin, people
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "fhir"
@@ -43,7 +44,7 @@ APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access onlin
 def load_family(store: Any) -> None:
     processor = BundleProcessor(store)
     for name in ("00-organization.json", "10-garcia-family.json", "20-chen-family.json"):
-        import_file(processor, str(FIXTURES / name))
+        import_file(processor, str(FIXTURES / name), adjust=keep_calendar_current)
 
 
 @functools.cache
