@@ -80,7 +80,7 @@ def _processor(settings: Settings) -> Any:
 
 
 def import_files(settings: Settings, files: list[str], echo: Any = click.echo,
-                 adjust: Any = None) -> dict[str, int]:
+                 adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, int]:
     from gateway.fhir.bundles import import_file
     from gateway.fhir.outcome import FhirError
 
