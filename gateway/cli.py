@@ -134,12 +134,17 @@ def load_demo(settings: Settings) -> None:
     database.upgrade(engine)
     files = sorted(str(p) for p in (FIXTURES / "fhir").glob("*.json"))
     if files:
+        from datetime import UTC, datetime
+        from functools import partial
+
         from gateway.fhir.demo_calendar import keep_calendar_current, weeks_behind
 
-        if weeks_behind():
-            click.echo(f"demo calendar: slots and upcoming appointments moved {weeks_behind()} weeks ahead of "
+        # one day for every file, so that slots and the appointments booking them move alike
+        today = datetime.now(UTC).date()
+        if weeks := weeks_behind(today):
+            click.echo(f"demo calendar: slots and upcoming appointments moved {weeks} weeks ahead of "
                        "the fixtures' dates, to this week")
-        import_files(settings, files, adjust=keep_calendar_current)
+        import_files(settings, files, adjust=partial(keep_calendar_current, today=today))
 
 
 # --- HL7v2 ---

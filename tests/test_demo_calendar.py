@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 from datetime import date, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from gateway.fhir.bundles import BundleProcessor, import_file
 from gateway.fhir.demo_calendar import keep_calendar_current, weeks_behind
 from gateway.fhir.validate import validate
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fhir"
+from tests.smart_auth.conftest import FIXTURES
 
 
 def bundles() -> dict[str, dict[str, Any]]:
