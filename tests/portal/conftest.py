@@ -22,8 +22,7 @@ import pyotp
 import pytest
 
 from gateway.fhir.bundles import BundleProcessor, import_file
-from gateway.fhir.demo_calendar import keep_calendar_current
-from tests.smart_auth.conftest import FIXTURES, PASSWORD, TOTP_SECRET, World
+from tests.smart_auth.conftest import FIXTURES, PASSWORD, TOTP_SECRET, World, keep_current
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
@@ -102,7 +101,7 @@ class Portal:
 
 
 def load_schedules(store: Any) -> None:
-    import_file(BundleProcessor(store), str(FIXTURES / "05-schedules.json"), adjust=keep_calendar_current)
+    import_file(BundleProcessor(store), str(FIXTURES / "05-schedules.json"), adjust=keep_current)
 
 
 @pytest.fixture

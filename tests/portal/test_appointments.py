@@ -13,15 +13,14 @@ import pytest
 from sqlalchemy import select
 
 from gateway import db
-from gateway.fhir.demo_calendar import keep_calendar_current
 from gateway.portal import appointments as service
 from tests.portal.conftest import Portal, csrf_of, future_slots, text_of
-from tests.smart_auth.conftest import FIXTURES
+from tests.smart_auth.conftest import FIXTURES, keep_current
 
 
 def load_schedule_resources(store: Any) -> None:
     """The two Schedules of the demo clinic, without the fixture calendar's Slots."""
-    bundle = keep_calendar_current(json.loads((FIXTURES / "05-schedules.json").read_text(encoding="utf-8")))
+    bundle = keep_current(json.loads((FIXTURES / "05-schedules.json").read_text(encoding="utf-8")))
     with store.writing() as repo:
         for entry in bundle["entry"]:
             resource = entry["resource"]

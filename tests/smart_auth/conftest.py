@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,14 @@ from gateway.fhir.demo_calendar import keep_calendar_current
 from gateway.smart_auth import admin, people
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "fhir"
+# The day the tests' demo world is loaded as of, fixed once per test process: its Slots and the
+# appointments booking them (in other files) move by the same weeks even in a run across a Monday.
+WORLD_DAY = datetime.now(UTC).date()
+
+
+def keep_current(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The demo world's calendar moved to WORLD_DAY's week (see gateway/fhir/demo_calendar.py)."""
+    return keep_calendar_current(bundle, today=WORLD_DAY)
 REDIRECT = "http://app.example/callback"
 PASSWORD = "correct horse battery"
 TOTP_SECRET = pyotp.random_base32()
@@ -44,7 +52,7 @@ APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access onlin
 def load_family(store: Any) -> None:
     processor = BundleProcessor(store)
     for name in ("00-organization.json", "10-garcia-family.json", "20-chen-family.json"):
-        import_file(processor, str(FIXTURES / name), adjust=keep_calendar_current)
+        import_file(processor, str(FIXTURES / name), adjust=keep_current)
 
 
 @functools.cache

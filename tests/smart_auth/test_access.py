@@ -13,9 +13,8 @@ from sqlalchemy import select
 
 from gateway import access, db
 from gateway.fhir.bundles import BundleProcessor, import_file
-from gateway.fhir.demo_calendar import keep_calendar_current
 from gateway.fhir.outcome import FhirError
-from tests.smart_auth.conftest import FIXTURES, load_family
+from tests.smart_auth.conftest import FIXTURES, keep_current, load_family
 
 LAB = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
 PROXY_OF_TEEN = {"maria-garcia": False, "sofia-garcia": False, "daniel-garcia": True}
@@ -37,7 +36,7 @@ def test_sql_and_in_hand_decisions_agree(name: str, app: Any) -> None:
     services = app.extensions["gateway"]
     load_family(services.store)
     import_file(BundleProcessor(services.store), str(FIXTURES / "05-schedules.json"),
-                adjust=keep_calendar_current)
+                adjust=keep_current)
     with services.store.writing() as repo:  # a patient's own Schedule is that patient's
         repo.create({"resourceType": "Schedule", "id": "own", "actor": [{"reference": "Patient/robert-chen"}]})
     principal = access.principal_from_token(client_id="app", fhir_user="Patient/maria-garcia", **PRINCIPALS[name])
@@ -131,7 +130,7 @@ def test_a_clinicians_schedule_is_readable_by_every_patient_but_a_patients_is_no
     services = app.extensions["gateway"]
     load_family(services.store)
     import_file(BundleProcessor(services.store), str(FIXTURES / "05-schedules.json"),
-                adjust=keep_calendar_current)
+                adjust=keep_current)
     with services.store.writing() as repo:
         repo.create({"resourceType": "Schedule", "actor": [{"reference": "Patient/robert-chen"}]})
     principal = access.principal_from_token(client_id="app", fhir_user="Patient/maria-garcia",
