@@ -225,6 +225,14 @@ class Listener:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
 
 
+def write_results(name: str, results: dict[str, Any]) -> None:
+    """Write a run's results to bench/results/<name>-<time>.json and say where."""
+    out = ROOT / "bench" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out.relative_to(ROOT)}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -402,10 +410,7 @@ def main() -> None:
     for label, ok in targets.items():
         print(f"  {'PASS' if ok else 'MISS'}  {label}")
     results["targets"] = {k: ("PASS" if v else "MISS") for k, v in targets.items()}
-    out = ROOT / "bench" / "results" / f"hl7_ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out.relative_to(ROOT)}")
+    write_results("hl7_ingest", results)
 
 
 if __name__ == "__main__":

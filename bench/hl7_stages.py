@@ -27,7 +27,6 @@ but bench/results/hl7_stages-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from hl7_ingest import (  # noqa: E402
     parse_cpu_ms,
     with_control_id,
     with_new_records,
+    write_results,
 )
 
 from gateway.hl7 import parse  # noqa: E402
@@ -182,10 +182,7 @@ def main() -> None:
         print(f"{kind:<10}{stage:<13}{cost:>11.2f}{parse_cpu / cost:>8.2f}x")
         results.setdefault(kind, {})[stage] = {"cpu_ms": round(cost, 3), "x_parse": round(parse_cpu / cost, 2)}
     results["python_hl7_cpu_ms"] = {"before": round(parse_before, 3), "after": round(parse_after, 3)}
-    out = ROOT / "bench" / "results" / f"hl7_stages-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out.relative_to(ROOT)}")
+    write_results("hl7_stages", results)
 
 
 if __name__ == "__main__":
