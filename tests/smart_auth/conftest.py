@@ -34,6 +34,13 @@ from gateway.fhir.demo_calendar import keep_calendar_current
 from gateway.smart_auth import admin, people
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "fhir"
+REDIRECT = "http://app.example/callback"
+PASSWORD = "correct horse battery"
+TOTP_SECRET = pyotp.random_base32()
+APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access online_access patient/*.cruds "
+             "user/*.cruds")
+
+
 # The day the tests' demo world is loaded as of, fixed once per test process: its Slots and the
 # appointments booking them (in other files) move by the same weeks even in a run across a Monday.
 WORLD_DAY = datetime.now(UTC).date()
@@ -42,11 +49,6 @@ WORLD_DAY = datetime.now(UTC).date()
 def keep_current(bundle: dict[str, Any]) -> dict[str, Any]:
     """The demo world's calendar moved to WORLD_DAY's week (see gateway/fhir/demo_calendar.py)."""
     return keep_calendar_current(bundle, today=WORLD_DAY)
-REDIRECT = "http://app.example/callback"
-PASSWORD = "correct horse battery"
-TOTP_SECRET = pyotp.random_base32()
-APP_SCOPE = ("launch launch/patient openid fhirUser profile offline_access online_access patient/*.cruds "
-             "user/*.cruds")
 
 
 def load_family(store: Any) -> None:
