@@ -45,6 +45,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fhir_api import tree_cpu  # noqa: E402
 
 from gateway.cli import listener_processes  # noqa: E402
 from gateway.hl7 import parse  # noqa: E402
@@ -195,12 +198,9 @@ class Listener:
         return pids
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the listener and its worker processes so far."""
-        total = 0
-        for pid in self.pids():
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-        return total / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time so far of the listener, its worker processes and, on PostgreSQL,
+        the server's backends serving the benchmark's database (they do the pipeline's SQL work)."""
+        return tree_cpu(self.process.pid, self.pg_name or "")
 
     def rss_mb(self) -> float:
         """Resident memory of the listener and its worker processes together."""
