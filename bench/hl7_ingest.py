@@ -160,25 +160,41 @@ def parse_rates(texts: list[str], seconds: float = 5.0) -> dict[str, float]:
     return rates
 
 
+def create_database(kind: str, workdir: Path) -> tuple[str, str | None]:
+    """A fresh, upgraded gateway database: a SQLite file in workdir, or a PostgreSQL database
+    gw_bench_<random> (drop it with drop_database). Returns its URL and the PostgreSQL name."""
+    pg_name = None
+    if kind == "postgresql":
+        import psycopg
+
+        pg_name = f"gw_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{pg_name}"')
+        url = PG_ADMIN.rsplit("/", 1)[0] + "/" + pg_name
+    else:
+        url = f"sqlite:///{workdir / 'hl7bench.sqlite'}"
+    env = {**os.environ, "GATEWAY_DATABASE_URL": url, "GATEWAY_INSTANCE_PATH": str(workdir)}
+    subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    return url, pg_name
+
+
+def drop_database(pg_name: str | None) -> None:
+    """Drop a PostgreSQL database create_database made (nothing for SQLite: its file goes with workdir)."""
+    if pg_name:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+
+
 class Listener:
     def __init__(self, database: str, workdir: Path, processes: int = 1) -> None:
         self.database = database
         self.workdir = workdir
-        self.pg_name: str | None = None
-        if database == "postgresql":
-            import psycopg
-
-            self.pg_name = f"gw_bench_{uuid.uuid4().hex[:10]}"
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{self.pg_name}"')
-            self.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.pg_name
-        else:
-            self.url = f"sqlite:///{workdir / 'hl7bench.sqlite'}"
+        self.url, self.pg_name = create_database(database, workdir)
         self.port = _free_port()
         self.env = {**os.environ, "GATEWAY_DATABASE_URL": self.url, "GATEWAY_MLLP_PORT": str(self.port),
                     "GATEWAY_INSTANCE_PATH": str(workdir)}
-        subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env=self.env, check=True,
-                       capture_output=True)
         extra = ["--processes", str(processes)]
         self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "mllp", *extra], env=self.env,
                                         stdout=(workdir / "mllp.log").open("wb"), stderr=subprocess.STDOUT)
@@ -218,11 +234,7 @@ class Listener:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        if self.pg_name:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
+        drop_database(self.pg_name)
 
 
 def write_results(name: str, results: dict[str, Any]) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from fhir_api import tree_cpu  # noqa: E402
 from hl7_ingest import (  # noqa: E402
-    PG_ADMIN,
+    create_database,
+    drop_database,
     in_scope_messages,
     parse_cpu_ms,
     with_control_id,
@@ -67,31 +67,14 @@ def cpu_ms_each(work: Callable[[Any], Any], items: list[Any]) -> float:
 
 @contextmanager
 def fresh_database(kind: str) -> Iterator[tuple[dict[str, str], str]]:
-    """The environment of a fresh, upgraded gateway database (a temp SQLite file, or a PostgreSQL
-    database gw_bench_<random>, dropped afterwards), and the PostgreSQL database's name ("" for
-    SQLite)."""
+    """The environment of a fresh, upgraded gateway database (hl7_ingest.create_database), dropped
+    afterwards, and the PostgreSQL database's name ("" for SQLite)."""
     with tempfile.TemporaryDirectory(prefix="hl7-stages-") as tmp:
-        name = None
-        if kind == "postgresql":
-            import psycopg
-
-            name = f"gw_bench_{uuid.uuid4().hex[:10]}"
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-            url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-        else:
-            url = f"sqlite:///{tmp}/stages.sqlite"
-        env = {"GATEWAY_DATABASE_URL": url, "GATEWAY_INSTANCE_PATH": tmp}
+        url, pg_name = create_database(kind, Path(tmp))
         try:
-            subprocess.run([sys.executable, "-m", "gateway.cli", "db", "upgrade"], env={**os.environ, **env},
-                           check=True, capture_output=True)
-            yield env, name or ""
+            yield {"GATEWAY_DATABASE_URL": url, "GATEWAY_INSTANCE_PATH": tmp}, pg_name or ""
         finally:
-            if name:
-                import psycopg
-
-                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            drop_database(pg_name)
 
 
 def run_pipeline(database: str, payloads: list[bytes], warm_up: int, translated: bool = False,
