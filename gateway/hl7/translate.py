@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from gateway.hl7 import parse as er7
+from gateway.hl7.plaintext import PlainText
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -490,11 +491,6 @@ def _parse_target(target: str) -> list[tuple[str, str | None]]:
 _parse_target_cached = functools.lru_cache(maxsize=None)(_parse_target)
 
 
-class PlainText(str):
-    """Text destined for a base64Binary element, still readable so OBX lines can be joined;
-    encoded when the resource is finished."""
-
-
 _BLANKABLE = (str, dict, list)
 _IMMUTABLE = (str, int, float, bool)
 
@@ -667,7 +663,7 @@ def _compile_put(target: Any, join: Any) -> Put:
         return _failing(lambda: _parse_target_cached(target))
     if not steps:
         return lambda into, value, override: None
-    plan = []
+    plan: list[tuple[int, str, bool, Any]] = []
     for position, (name, selector) in enumerate(steps):
         last = position == len(steps) - 1
         if selector is None:
@@ -896,12 +892,12 @@ class _Program:
         try:
             plans = []
             for alternative in alternatives:
-                test = None
+                test: Reader | None = None
                 if isinstance(alternative, dict):
                     if "when" in alternative:
                         test = self.condition(alternative["when"])
                     alternative = alternative["parts"]
-                plan = []
+                plan: list[tuple[str | None, Reader | None, bool]] = []
                 for part in alternative:
                     if part.startswith("="):
                         plan.append((part[1:], None, False))
@@ -1104,7 +1100,7 @@ class _Program:
                 if node is None or node.__class__ is str:
                     texts = [part(run, scope) for part in parts[1::2]]
                 else:
-                    texts = _read_places(node, places, run.separators)
+                    texts = _read_places(cast("list[Any]", node), places, run.separators)
                 text = literals[0]
                 for literal, found in zip(literals[1:], texts, strict=True):
                     text += found + literal
@@ -1190,9 +1186,11 @@ class _Program:
                 raise error
             return fail
         if not compiled:
-            return lambda run, into, scope, clears_key=None: False
+            def nothing(run: _Run, into: dict[str, Any], scope: Scope, clears_key: str | None = None) -> bool:
+                return False
+            return nothing
         indexes = {index for gate, _, _, _ in compiled if gate is not None
-                   for index in ((gate,) if gate.__class__ is int else gate)}
+                   for index in ((gate,) if isinstance(gate, int) else gate)}
         top = max(indexes, default=0)
         relevant = sum(1 << 8 * (index - 1) for index in indexes)
         in_segment: dict[int, list[tuple[Callable[..., bool], int]]] = {}
@@ -1204,7 +1202,7 @@ class _Program:
             that node."""
             steps = []
             for gate, rule, on_node, on_field in compiled:
-                if gate.__class__ is int:
+                if isinstance(gate, int):
                     if not valued >> 8 * (gate - 1) & 1:
                         continue
                     special = on_node if node_scope else on_field
@@ -1252,7 +1250,7 @@ class _Program:
                         has_data = True
                 return has_data
             for gate, rule, _, _ in compiled:  # a plain value as the node: it is its own first part
-                if gate.__class__ is int:
+                if isinstance(gate, int):
                     if gate > 1 or not node:
                         continue
                 elif gate is not None and all(index > 1 or not node for index in gate):
@@ -1453,7 +1451,7 @@ class _Program:
         inner = self._compile_value_kind(rule, field0, has_source)
         if inner is None:  # a primitive: it works out its scope itself, when it has an error to place
             return self._compile_primitive(rule, field0, has_source)
-        if inner.__name__ == "datatype_value":  # the datatype called from here: one call less per value
+        if isinstance(inner, _DatatypeValue):  # the datatype called from here: one call less per value
             datatypes = self.datatypes
             kind = rule.get("type", "ST")
 
@@ -1531,10 +1529,7 @@ class _Program:
                     value, _ = datatypes[kind](run, node, here)
                     return vocabulary(run, value, node)
                 return coded
-
-            def datatype_value(run: _Run, node: Node, here: Scope) -> Any:
-                return datatypes[kind](run, node, here)[0]
-            return datatype_value
+            return _DatatypeValue(datatypes, kind)
         return None
 
     def _compile_primitive(self, rule: dict[str, Any], field0: str | None = None,
@@ -1662,7 +1657,7 @@ class _Program:
         try:
             variants = [(self.condition(v["when"]) if "when" in v else None, v, self.rules(v.get("rules", [])),
                          v.get("fhir"), v.get("fhir", spec.get("fhir"))) for v in spec.get("variants", [])]
-            plain = (None, spec, self.rules(spec.get("rules", [])), spec.get("fhir"), spec.get("fhir"))
+            plain: tuple[Any, ...] = (None, spec, self.rules(spec.get("rules", [])), spec.get("fhir"), spec.get("fhir"))
             item_requires_any = list((spec.get("item_requires_any") or {}).items())
             drop_unless = list((spec.get("drop_unless") or {}).items())
             requires_any = spec.get("requires_any")
@@ -2022,6 +2017,18 @@ def _datetime(text: str, fhir: str, timezone: str) -> str | None:
     return f"{date}T{hour}:{minute or '00'}:{second or '00'}{fraction or ''}{offset}"
 
 
+class _DatatypeValue:
+    """A rule's value that is what a datatype map makes of the node (its first result); a class,
+    not a closure, so that _compile_convert can tell it apart and call the map itself."""
+
+    def __init__(self, datatypes: dict[str, Any], kind: str) -> None:
+        self.datatypes = datatypes
+        self.kind = kind
+
+    def __call__(self, run: _Run, node: Node, here: Scope) -> Any:
+        return self.datatypes[self.kind](run, node, here)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Scopes: where relative paths in a rule are read from
 
@@ -2031,7 +2038,7 @@ class Scope:
     node: Node | None = None  # None: paths name fields of the segment; else components of node
     field: str | None = None  # the field the node came from, for error locations
 
-    def at(self, node: Node, field: Any = None) -> Scope:
+    def at(self, node: Node | None, field: Any = None) -> Scope:
         return Scope(self.segment, node, str(field) if field is not None else self.field)
 
     def where(self) -> str:
@@ -2052,7 +2059,7 @@ class _Run:
         self.event = event
         self.segments: list[Segment] = []
         counts: dict[str, int] = {}
-        names = [s.name or "" for s in message]
+        names = [cast(Any, s).name or "" for s in message]
         for position, raw in enumerate(message):
             name = names[position]
             counts[name] = counts.get(name, 0) + 1
@@ -2087,7 +2094,7 @@ class _Run:
             reader = self.program._compile_nodes(str(path), every)
         return reader(self, scope)  # type: ignore[no-any-return]
 
-    def value(self, path: str, scope: Scope) -> str:
+    def value(self, path: Any, scope: Scope) -> str:
         """Text of a path; "a|b" takes the first that is valued; @names read the translation context."""
         try:
             reader = self.values.get(path) or self.program.value(path)
@@ -2362,9 +2369,9 @@ class _Run:
             resources.append(_prune(resource))
         clears = {}
         for key, elements in self.clears.items():
-            resource = self.resources.get(key)
+            filled = self.resources.get(key)
             # an element another field filled in this message is replaced, not cleared
-            kept = sorted(e for e in elements if resource is None or _is_blank(_prune(resource.get(e))))
+            kept = sorted(e for e in elements if filled is None or _is_blank(_prune(filled.get(e))))
             if kept:
                 clears[key] = kept
         patient = next((r["id"] for r in resources if r["resourceType"] == "Patient"), None)
@@ -2443,6 +2450,9 @@ def _observation_value(run: _Run, rule: dict[str, Any], scope: Scope) -> dict[st
             for part in ("numerator", "denominator"):
                 if part in value:
                     _merge_missing(value[part], units, override=False)
+        if not fhir:
+            raise MappingError(f"the map for OBX-2 {kind!r} names no FHIR type for the value", "207",
+                               scope.where())
         return "value" + fhir[0].upper() + fhir[1:], value
 
     if how.get("lines"):
@@ -2590,7 +2600,7 @@ def _compile_hd_system(program: _Program, rule: dict[str, Any]) -> Callable[...,
     def hd_system(run: _Run, node: Node, scope: Scope) -> str | None:
         inside = scope.node
         if places is not None and inside is not None and inside.__class__ is not str:
-            namespace, universal, kind = _read_places(inside, places, run.separators)
+            namespace, universal, kind = _read_places(cast("list[Any]", inside), places, run.separators)
         else:
             namespace, universal, kind = (read(run, scope) for read in readers)
         configured = tables[table].get(namespace) if namespace else None
