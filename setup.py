@@ -1,0 +1,22 @@
+"""Metadata is in setup.cfg. This file only adds the compiled modules.
+
+Two pure-Python modules on every inbound message's path are compiled to C extensions by mypyc
+(same source, same results, checked by tests/test_compiled.py): gateway/hl7/translate.py, which
+runs the maps, and gateway/fhir/indexer.py, which extracts search-index rows. GATEWAY_COMPILE=0
+builds the plain Python package instead (no C compiler needed). An editable install puts each
+extension beside its source; gateway/compiled.py passes over one older than its source."""
+
+import os
+
+from setuptools import setup
+
+COMPILED = ["gateway/hl7/translate.py", "gateway/fhir/indexer.py"]
+
+ext_modules = []
+if os.environ.get("GATEWAY_COMPILE", "1") != "0":
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(["--ignore-missing-imports", "--follow-imports=silent", *COMPILED], opt_level="3",
+                             separate=True)  # one library per module, beside it (no top-level module)
+
+setup(ext_modules=ext_modules)
