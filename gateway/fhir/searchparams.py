@@ -101,11 +101,19 @@ def choice_elements() -> frozenset[str]:
 _CHOICE_ELEMENTS = frozenset(json.loads((DEFINITIONS / "choice-elements.json").read_text()))
 
 
+def _children_as(name: str, only_type: str) -> Step:
+    """The step `name.as(Type)`: the children named so that are of that type."""
+    def step(items: list[Found]) -> list[Found]:
+        return _children(items, name, only_type)
+    return step
+
+
 def _children(items: list[Found], name: str, only_type: str | None = None) -> list[Found]:
     out: list[Found] = []
     for value, _ in items:
         if not isinstance(value, dict):
             continue
+        found: list[tuple[Any, str | None]]
         if only_type is None and name in value:
             found = [(value[name], None)]
         elif only_type is None and name not in _CHOICE_ELEMENTS:
@@ -225,7 +233,7 @@ def _compile_path(expr: str, relative: bool) -> tuple[str | None, list[Step]]:
         m = re.fullmatch(r"as\((\w+)\)", nxt)
         if m and re.fullmatch(r"\w+", token):
             as_type = m.group(1)
-            steps.append(lambda items, n=token, t=as_type: _children(items, n, t))
+            steps.append(_children_as(token, as_type))
             i += 2
             continue
         steps.append(_compile_step(token))
