@@ -1,16 +1,18 @@
 """Metadata is in setup.cfg. This file only adds the compiled modules.
 
-Two pure-Python modules on every inbound message's path are compiled to C extensions by mypyc
-(same source, same results, checked by tests/test_compiled.py): gateway/hl7/translate.py, which
-runs the maps, and gateway/fhir/indexer.py, which extracts search-index rows. GATEWAY_COMPILE=0
-builds the plain Python package instead (no C compiler needed). An editable install puts each
-extension beside its source; gateway/compiled.py passes over one older than its source."""
+Pure-Python modules on every inbound message's path are compiled to C extensions by mypyc (same
+source, same results, checked by tests/test_compiled.py): gateway/hl7/translate.py, which runs the
+maps, and gateway/fhir/indexer.py with the search-parameter extractors and date ranges it uses,
+which make the search-index rows. GATEWAY_COMPILE=0 builds the plain Python package instead (no C
+compiler needed). An editable install puts each extension beside its source; gateway/compiled.py
+runs them all from source while any is older than its source."""
 
 import os
 
 from setuptools import setup
 
-COMPILED = ["gateway/hl7/translate.py", "gateway/fhir/indexer.py"]
+COMPILED = ["gateway/hl7/translate.py", "gateway/fhir/indexer.py", "gateway/fhir/searchparams.py",
+            "gateway/fhir/dates.py"]
 
 ext_modules = []
 if os.environ.get("GATEWAY_COMPILE", "1") != "0":

@@ -1,5 +1,5 @@
 """FHIR R4: the store, search, validation and the REST API."""
 
-from gateway.compiled import prefer_fresh_source
+from gateway.compiled import prefer_fresh_sources
 
-prefer_fresh_source("gateway.fhir.indexer")
+prefer_fresh_sources()
