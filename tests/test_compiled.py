@@ -89,5 +89,23 @@ def test_gateway_compile_0_runs_the_source_and_says_so_nowhere_else() -> None:
     assert "built before" not in run.stderr  # asked for, not stale: no warning
 
 
+def test_a_build_older_than_its_source_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "_HERE", tmp_path)
+    (tmp_path / "hl7").mkdir()
+    source, build = tmp_path / "hl7" / "translate.py", tmp_path / "hl7" / "translate.cpython-311-x86_64-linux-gnu.so"
+    source.write_text("")
+    build.write_bytes(b"")
+    os.utime(source, (1000, 1000))
+    os.utime(build, (2000, 2000))
+    assert not compiled._stale("gateway.hl7.translate")
+    os.utime(source, (3000, 3000))  # edited after the build
+    assert compiled._stale("gateway.hl7.translate")
+    build.unlink()
+    assert not compiled._stale("gateway.hl7.translate")  # nothing built: the source is what runs anyway
+    spec = compiled._Sources().find_spec("gateway.hl7.translate")
+    assert spec is not None and spec.origin == str(source)
+    assert compiled._Sources().find_spec("gateway.hl7.parse") is None  # not compiled: left to the usual finders
+
+
 if __name__ == "__main__":  # the second process of the comparison: its outputs, pickled, on stdout
     sys.stdout.buffer.write(pickle.dumps(corpus_outputs()))
