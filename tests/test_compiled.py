@@ -9,6 +9,7 @@ every official R4 example."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -87,6 +88,13 @@ def test_gateway_compile_0_runs_the_source_and_says_so_nowhere_else() -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "True"
     assert "built before" not in run.stderr  # asked for, not stale: no warning
+
+
+def test_setup_compiles_exactly_the_modules_the_gateway_checks() -> None:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets))
+    assert listed == [name.replace(".", "/") + ".py" for name in compiled.COMPILED]
 
 
 def test_a_build_older_than_its_source_is_passed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
