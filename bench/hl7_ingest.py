@@ -322,10 +322,9 @@ def main() -> None:
     texts = [t for t, _ in corpus]
     resources_per_message = sum(n for _, n in corpus) / len(corpus)
     print(f"{len(corpus)} in-scope corpus messages, {resources_per_message:.1f} resources each on average")
-    from gateway.compiled import report
+    from gateway.compiled import summary
 
-    built = ", ".join(f"{name} {'compiled' if done else 'from source'}" for name, done in report())
-    print(f"modules: {built}", flush=True)
+    print(f"modules: {summary()}", flush=True)
     print("baseline: parsing the same messages ...", flush=True)
     baseline = parse_rates(texts)
     parse_cpu = parse_cpu_ms(texts)

@@ -138,10 +138,9 @@ def main() -> None:
     texts = [t for t, _ in corpus]
     print(f"{len(corpus)} in-scope corpus messages; {args.database}; {args.messages} timed messages a run "
           f"after {args.warm_up}", flush=True)
-    from gateway.compiled import report
+    from gateway.compiled import summary
 
-    built = ", ".join(f"{name} {'compiled' if done else 'from source'}" for name, done in report())
-    print(f"modules: {built}", flush=True)
+    print(f"modules: {summary()}", flush=True)
     parse_before = parse_cpu_ms(texts)
     print(f"python-hl7: {parse_before:.2f} ms CPU a parse", flush=True)
     run_id = uuid.uuid4().hex[:6]

@@ -65,6 +65,11 @@ def report() -> list[tuple[str, bool]]:
     return [(name, is_compiled(importlib.import_module(name))) for name in COMPILED]
 
 
+def summary() -> str:
+    """report() on one line, for the benchmarks' output."""
+    return ", ".join(f"{name} {'compiled' if done else 'from source'}" for name, done in report())
+
+
 def main() -> int:
     """`python -m gateway.compiled`: which modules run compiled; exit status 1 when one does not
     (CI runs it after installing, so that a build that fell back to the source does not go unseen)."""
