@@ -590,35 +590,41 @@ def _repoint(value: Any, old: str, new: str) -> Any:
 
 def merge_patients(repo: Repository, message_id: int, old_id: str, surviving_id: str,
                    source: str) -> list[dict[str, Any]]:
-    """A40: the old record's resources now point at the surviving patient; the two are linked."""
+    """A40: the old record's resources now point at the surviving patient; the two are linked.
+
+    A merge already made (the same A40 sent again under a new control id) writes nothing: what it
+    would write equals what is there but for meta.source, and is recorded as unchanged."""
     written: list[dict[str, Any]] = []
     old_ref, new_ref = f"Patient/{old_id}", f"Patient/{surviving_id}"
+
+    def write(stored: Stored, body: dict[str, Any]) -> None:
+        if same_content(stored.resource(), body, ("source", "versionId", "lastUpdated")):
+            written.append(_written(message_id, stored.resource_type, stored.id, stored.version_id, "unchanged"))
+            return
+        result = repo.update(stored.resource_type, stored.id, body)
+        written.append(_written(message_id, stored.resource_type, stored.id, result.stored.version_id, "merged"))
+
+    def linked(stored: Stored, other: str, link_type: str) -> dict[str, Any]:
+        body = stored.resource()
+        links = [link for link in body.get("link", []) if link.get("other", {}).get("reference") != other]
+        body["link"] = [*links, {"other": {"reference": other}, "type": link_type}]
+        body.setdefault("meta", {})["source"] = source
+        return body
+
     repo.flush()
     pks = [r.resource_pk for r in repo.conn.execute(
         select(db.compartment.c.resource_pk).where(db.compartment.c.patient_id == old_id)).all()]
     for stored in repo.read_many(pks):
-        if stored.resource_type == "Patient":
-            continue
-        body = _repoint(stored.resource(), old_ref, new_ref)
-        result = repo.update(stored.resource_type, stored.id, body)
-        written.append(_written(message_id, stored.resource_type, stored.id, result.stored.version_id, "merged"))
+        if stored.resource_type != "Patient":
+            write(stored, _repoint(stored.resource(), old_ref, new_ref))
     old = repo.find("Patient", old_id)
     if old is not None:
-        body = old.resource()
-        links = [link for link in body.get("link", []) if link.get("other", {}).get("reference") != new_ref]
-        body["link"] = [*links, {"other": {"reference": new_ref}, "type": "replaced-by"}]
+        body = linked(old, new_ref, "replaced-by")
         body["active"] = False
-        body.setdefault("meta", {})["source"] = source
-        result = repo.update("Patient", old_id, body)
-        written.append(_written(message_id, "Patient", old_id, result.stored.version_id, "merged"))
+        write(old, body)
     survivor = repo.find("Patient", surviving_id)
     if survivor is not None:
-        body = survivor.resource()
-        links = [link for link in body.get("link", []) if link.get("other", {}).get("reference") != old_ref]
-        body["link"] = [*links, {"other": {"reference": old_ref}, "type": "replaces"}]
-        body.setdefault("meta", {})["source"] = source
-        result = repo.update("Patient", surviving_id, body)
-        written.append(_written(message_id, "Patient", surviving_id, result.stored.version_id, "merged"))
+        write(survivor, linked(survivor, old_ref, "replaces"))
     return written
 
 

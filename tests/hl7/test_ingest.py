@@ -386,6 +386,50 @@ def test_same_data_under_a_new_control_id_makes_no_new_version(app: Any, client:
     assert latest["meta"]["source"].endswith(f"/hl7/messages/{rows(app)[-1].id}")
 
 
+A40 = (
+    "MSH|^~\\&|EPIC|RIVERSIDE|GATEWAY|RIVERSIDE|20261103083000-0500||ADT^A40^ADT_A39|{control}|P|2.5.1\r"
+    "EVN|A40|20261103083000-0500\r"
+    "PID|1||MRN200^^^RIVERSIDE^MR||Lopez^Ana^Maria||19860412|F\r"
+    "MRG|MRN100^^^RIVERSIDE^MR\r"
+)
+
+
+def resource(client: Any, reference: str) -> dict[str, Any]:
+    return client.get(f"/fhir/{reference}").get_json()
+
+
+def test_a40_repoints_the_old_records_resources_and_links_the_two_once(app: Any, client: Any,
+                                                                          ingest: Any) -> None:
+    handle(ingest, adt("OLD1", mrn="MRN100").encode())  # the old record, with a visit (Encounter)
+    handle(ingest, adt("NEW1", mrn="MRN200", time="20261102083000-0500").encode())
+    (old,) = patients(client, identifier="MRN100")
+    (survivor,) = patients(client, identifier="MRN200")
+    old_ref, new_ref = f"Patient/{old['id']}", f"Patient/{survivor['id']}"
+    (visit,) = [e["resource"] for e in client.get("/fhir/Encounter", query_string={"subject": old_ref})
+                .get_json().get("entry", [])]
+
+    assert msa(handle(ingest, A40.format(control="MERGE1").encode()).decode())[1] == "AA"
+    merged_visit = resource(client, f"Encounter/{visit['id']}")
+    assert merged_visit["subject"]["reference"] == new_ref
+    old_now, survivor_now = resource(client, old_ref), resource(client, new_ref)
+    assert old_now["active"] is False
+    assert {"other": {"reference": new_ref}, "type": "replaced-by"} in old_now["link"]
+    assert {"other": {"reference": old_ref}, "type": "replaces"} in survivor_now["link"]
+    merge_row = rows(app)[-1]
+    merged = {(w["resource_type"], w["action"]) for w in client.get(f"/hl7/messages/{merge_row.id}")
+              .get_json()["written"]}
+    assert {("Encounter", "merged"), ("Patient", "merged")} <= merged
+
+    # The same merge again under a new control id (a sender's re-send): nothing new is written.
+    assert msa(handle(ingest, A40.format(control="MERGE2").encode()).decode())[1] == "AA"
+    again = {r: resource(client, r) for r in (old_ref, new_ref, f"Encounter/{visit['id']}")}
+    assert [again[r]["meta"]["versionId"] for r in again] == [
+        old_now["meta"]["versionId"], survivor_now["meta"]["versionId"], merged_visit["meta"]["versionId"]]
+    assert len(old_now["link"]) == len(again[old_ref]["link"]) == 1
+    actions = {w["action"] for w in client.get(f"/hl7/messages/{rows(app)[-1].id}").get_json()["written"]}
+    assert "merged" not in actions and "unchanged" in actions
+
+
 def test_an_updated_resource_is_read_once(app: Any, client: Any, ingest: Any) -> None:
     """The feed reads every resource of a message in one statement, and the update of one that
     changed goes from what was read: its row is not asked for again."""
