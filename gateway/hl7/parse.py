@@ -208,12 +208,12 @@ def _declared_charset(data: bytes) -> str | None:
 
 # --- text normalisation and batches ---
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-
-
 def normalize(text: str) -> str:
     """CR, LF or CRLF (mixed too) -> CR after every segment; empty and whitespace-only lines dropped."""
-    lines = [line for line in _LINE_BREAK.split(text.removeprefix("\ufeff")) if line and not line.isspace()]
+    text = text.removeprefix("\ufeff")
+    if "\n" in text:  # str methods: a regex split of the three breaks took 5% of a message's pipeline
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
+    lines = [line for line in text.split("\r") if line and not line.isspace()]
     return "\r".join(lines) + "\r" if lines else ""
 
 
