@@ -430,6 +430,37 @@ def test_a40_repoints_the_old_records_resources_and_links_the_two_once(app: Any,
     assert "merged" not in actions and "unchanged" in actions
 
 
+GLUCOSE = (
+    "MSH|^~\\&|LAB|RIVERSIDE|GATEWAY|RIVERSIDE|{sent}||ORU^R01^ORU_R01|{control}|P|2.5.1\r"
+    "PID|1||MRN100^^^RIVERSIDE^MR||Lopez^Ana^Maria||19860412|F\r"
+    "OBR|1|PLC1^EHR|FIL1^LAB|2345-7^Glucose^LN|||20261101070000-0500|||||||||||||||20261101080000-0500|||{status}\r"
+    "OBX|1|NM|2345-7^Glucose^LN||{value}|mg/dL^mg/dL^UCUM|70-99|{flag}|||{status}\r"
+)
+
+
+def test_a_corrected_result_updates_the_same_observation_and_a_late_original_does_not_undo_it(
+        client: Any, ingest: Any) -> None:
+    def observations() -> list[dict[str, Any]]:
+        bundle = client.get("/fhir/Observation", query_string={"code": "2345-7"}).get_json()
+        return [e["resource"] for e in bundle.get("entry", [])]
+
+    original = GLUCOSE.format(sent="20261101083000-0500", control="R1", status="F", value="182", flag="H")
+    assert msa(handle(ingest, original.encode()).decode())[1] == "AA"
+    (first,) = observations()
+    assert (first["status"], first["valueQuantity"]["value"]) == ("final", 182)
+    correction = GLUCOSE.format(sent="20261101093000-0500", control="R2", status="C", value="88", flag="N")
+    assert msa(handle(ingest, correction.encode()).decode())[1] == "AA"
+    (corrected,) = observations()  # the same Observation, a new version: no second result
+    assert corrected["id"] == first["id"]
+    assert int(corrected["meta"]["versionId"]) == int(first["meta"]["versionId"]) + 1
+    assert (corrected["status"], corrected["valueQuantity"]["value"]) == ("corrected", 88)
+    # the original again, late (a sender's retry under a new control id): older, so it changes nothing
+    late = original.replace("|R1|", "|R3|")
+    assert msa(handle(ingest, late.encode()).decode())[1] == "AA"
+    (still,) = observations()
+    assert (still["meta"]["versionId"], still["status"]) == (corrected["meta"]["versionId"], "corrected")
+
+
 def test_an_updated_resource_is_read_once(app: Any, client: Any, ingest: Any) -> None:
     """The feed reads every resource of a message in one statement, and the update of one that
     changed goes from what was read: its row is not asked for again."""
