@@ -211,7 +211,7 @@ def _declared_charset(data: bytes) -> str | None:
 def normalize(text: str) -> str:
     """CR, LF or CRLF (mixed too) -> CR after every segment; empty and whitespace-only lines dropped."""
     text = text.removeprefix("\ufeff")
-    if "\n" in text:  # str methods: a regex split of the three breaks took 5% of a message's pipeline
+    if "\n" in text:  # str methods: a regex split of the three breaks was 4% of a repeated message
         text = text.replace("\r\n", "\r").replace("\n", "\r")
     lines = [line for line in text.split("\r") if line and not line.isspace()]
     return "\r".join(lines) + "\r" if lines else ""
