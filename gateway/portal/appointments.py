@@ -895,7 +895,9 @@ def _offer_free_slots(clinic: Record, services: Any, now: datetime) -> list[Offe
 
 
 class Sweeper:
-    """`sweep` every `interval` seconds on a daemon thread (gateway worker); stop() ends it."""
+    """`sweep` every `interval` seconds on a daemon thread (gateway worker); stop() ends it and
+    closes the services, which are the sweeper's own (start_appointment_sweep builds them for it):
+    the AuditEvents of its last rounds are stored then, not left to the process's exit."""
 
     def __init__(self, services: Any, interval: float) -> None:
         self.services = services
@@ -920,3 +922,4 @@ class Sweeper:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=60)
+        self.services.close()
