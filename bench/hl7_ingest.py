@@ -330,8 +330,8 @@ def run_sliced(port: int, batches: list[list[bytes]], max_seconds: float, listen
     parts: list[dict[str, Any]] = []
     deadline = time.perf_counter() + max_seconds
     for k in range(slices):
-        part = [b[len(b) * k // slices:len(b) * (k + 1) // slices] for b in batches]
-        parts.append(run_connections(port, part, max(deadline - time.perf_counter(), 0.0), listener))
+        share = [b[len(b) * k // slices:len(b) * (k + 1) // slices] for b in batches]
+        parts.append(run_connections(port, share, max(deadline - time.perf_counter(), 0.0), listener))
         bursts.append(parse_burst(texts, burst_seconds))
     acked = sum(p["messages"] for p in parts)
     seconds = sum(p["seconds"] for p in parts)
