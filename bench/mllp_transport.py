@@ -2,14 +2,17 @@
 
     python bench/mllp_transport.py [--messages 20000] [--rounds 3]
 
-The gateway's listener (gateway.hl7.mllp.MLLPServer: asyncio reads and writes, each message handed
-to a handler thread so that the event loop goes on serving other connections) runs in a child
-process with a handler that returns a prepared ACK at once. The benchmark sends the in-scope corpus
+The gateway's listener (gateway.hl7.mllp.MLLPServer: asyncio reads and writes) runs in a child
+process with a handler that returns a prepared ACK at once, in both of its ways: with one handler
+(SQLite's default), the handler runs on the event loop's thread; with several (PostgreSQL's four),
+each message is handed to a handler thread so that the event loop goes on serving other
+connections. The benchmark sends the in-scope corpus
 messages, each with a unique control id, over one connection, each after the previous ACK came
-back, and reads the child's CPU time per message. Beside it, in alternate rounds, the least a
+back, and reads the child's CPU time per message. Beside them, in each round, the least a
 listener can do in Python: a thread per connection with blocking reads, the same Deframer, and the
-same ACK written back. Both are set against python-hl7's CPU time per parse of the same messages,
-measured between the rounds. hl7_ingest.py's listener CPU a message holds the first of these.
+same ACK written back. All are set against python-hl7's CPU time per parse of the same messages,
+measured between the rounds. hl7_ingest.py's listener CPU a message holds the gateway's figure for
+its database.
 Loopback only; nothing is kept.
 """
 
@@ -37,6 +40,13 @@ from gateway.hl7.mllp import Deframer, frame, start_in_thread  # noqa: E402
 ACK = b"MSH|^~\\&|GATEWAY|HOSPITAL|EHR|HOSPITAL|20261203120000||ACK^A01^ACK|1|P|2.5\rMSA|AA|1\r"
 
 
+# The gateway listener's two ways, by handlers a process (MLLPServer's max_workers).
+KINDS = {"asyncio-one": 1, "asyncio-pool": 4}
+LABELS = {"asyncio-one": "gateway listener, one handler (on the event loop)",
+          "asyncio-pool": "gateway listener, four handlers (handler threads)",
+          "threads": "thread per connection, blocking reads"}
+
+
 def _answer(message: bytes) -> list[bytes]:
     return [ACK]
 
@@ -62,8 +72,8 @@ def _serve_threads(port: int) -> None:
 
 def serve(kind: str, port: int) -> None:
     """The child: listen, say so, print its CPU seconds so far at each SIGUSR1; SIGTERM ends it."""
-    if kind == "asyncio":
-        start_in_thread(_answer, "127.0.0.1", port)
+    if kind.startswith("asyncio"):
+        start_in_thread(_answer, "127.0.0.1", port, max_workers=KINDS[kind])
     else:
         _serve_threads(port)
     signal.signal(signal.SIGUSR1, lambda *_: print(f"{sum(os.times()[:2]):.4f}", flush=True))
@@ -100,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--serve", choices=["asyncio", "threads"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=[*KINDS, "threads"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -108,20 +118,20 @@ def main() -> None:
         return
     texts = [text for text, _ in in_scope_messages()]
     payloads = [with_control_id(texts[i % len(texts)], f"T{i}") for i in range(args.messages)]
-    figures: dict[str, list[float]] = {"asyncio": [], "threads": [], "parse": []}
+    kinds = [*KINDS, "threads"]
+    figures: dict[str, list[float]] = {kind: [] for kind in [*kinds, "parse"]}
     for k in range(args.rounds):
         figures["parse"].append(parse_cpu_ms(texts, 2.0))
-        for kind in ("asyncio", "threads"):
+        for kind in kinds:
             figures[kind].append(listener_cpu_ms(kind, payloads))
-        print(f"round {k + 1}/{args.rounds}: gateway listener {figures['asyncio'][-1]:.3f} ms, thread per "
-              f"connection {figures['threads'][-1]:.3f} ms, python-hl7 parse {figures['parse'][-1]:.2f} ms "
-              "of CPU a message", flush=True)
-    asyncio_ms, threads_ms, parse_ms = (statistics.median(figures[k]) for k in ("asyncio", "threads", "parse"))
+        print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{kind} {figures[kind][-1]:.3f} ms" for kind in kinds)
+              + f", python-hl7 parse {figures['parse'][-1]:.2f} ms of CPU a message", flush=True)
+    medians = {kind: statistics.median(values) for kind, values in figures.items()}
     print(f"\nmedians over {args.rounds} rounds of {args.messages} messages on one connection:")
-    print(f"  gateway listener (asyncio, handler threads)  {asyncio_ms:.3f} ms CPU a message "
-          f"({asyncio_ms / parse_ms:.1%} of a python-hl7 parse)")
-    print(f"  thread per connection, blocking reads        {threads_ms:.3f} ms ({threads_ms / parse_ms:.1%})")
-    print(f"  python-hl7 parse                             {parse_ms:.2f} ms")
+    for kind in kinds:
+        print(f"  {LABELS[kind]:<52} {medians[kind]:.3f} ms CPU a message "
+              f"({medians[kind] / medians['parse']:.1%} of a python-hl7 parse)")
+    print(f"  {'python-hl7 parse':<52} {medians['parse']:.2f} ms")
 
 
 if __name__ == "__main__":

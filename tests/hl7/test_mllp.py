@@ -150,6 +150,23 @@ def test_max_workers_is_how_many_messages_are_handled_at_once(start_server: Serv
     assert most[0] == handlers
 
 
+@pytest.mark.parametrize("handlers", [1, 3])
+def test_one_handler_runs_on_the_event_loop_and_several_on_handler_threads(start_server: ServerFactory,
+                                                                           handlers: int) -> None:
+    """One handler a process (SQLite's default) needs no hand-over to a thread and back: the listener
+    then handles each message on its event loop's thread."""
+    threads: set[str] = set()
+
+    def where(message: bytes) -> bytes:
+        threads.add(threading.current_thread().name)
+        return echo(message)
+
+    server = start_server(where, max_workers=handlers)
+    assert len(mllp.send_messages("127.0.0.1", server.port, [b"MSH|%d" % n for n in range(5)])) == 5
+    assert len(threads) == 1
+    assert threads.pop().startswith("mllp-handler") == (handlers > 1)
+
+
 def test_handlers_per_listener_process_follow_the_database() -> None:
     from sqlalchemy import create_engine
 
@@ -235,10 +252,11 @@ def test_with_an_oversized_handler_a_50_mb_frame_is_answered_from_its_head_and_t
     assert still_serving(server)
 
 
+@pytest.mark.parametrize("handlers", [None, 1])  # a pool of handler threads; the handler on the loop
 def test_a_sender_stalling_mid_frame_is_disconnected_after_the_read_timeout(
-        start_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+        start_server: ServerFactory, caplog: pytest.LogCaptureFixture, handlers: int | None) -> None:
     caplog.set_level(logging.WARNING, logger="gateway.hl7.mllp")
-    server = start_server(read_timeout=0.3)
+    server = start_server(read_timeout=0.3, max_workers=handlers)
     with connect(server) as sock:
         sock.sendall(frame(b"MSH|complete"))
         assert read_frames(sock, 1) == [b"ACK:MSH|complete"]
@@ -276,13 +294,14 @@ def test_garbage_and_a_handler_that_refuses_close_the_connection(start_server: S
     assert still_serving(server)
 
 
-def test_a_handler_that_raises_costs_only_its_connection(start_server: ServerFactory) -> None:
+@pytest.mark.parametrize("handlers", [None, 1])
+def test_a_handler_that_raises_costs_only_its_connection(start_server: ServerFactory, handlers: int | None) -> None:
     def fragile(message: bytes) -> bytes:
         if message == b"boom":
             raise RuntimeError("handler bug")
         return echo(message)
 
-    server = start_server(fragile)
+    server = start_server(fragile, max_workers=handlers)
     with pytest.raises(ConnectionError):
         mllp.send_messages("127.0.0.1", server.port, [b"boom"], timeout=5)
     assert still_serving(server)
@@ -339,7 +358,8 @@ def test_a_reply_coming_after_its_grace_goes_to_its_own_message_not_the_next(sta
 # --- shutdown ---
 
 
-def test_graceful_shutdown_finishes_the_message_in_flight(start_server: ServerFactory) -> None:
+@pytest.mark.parametrize("handlers", [None, 1])
+def test_graceful_shutdown_finishes_the_message_in_flight(start_server: ServerFactory, handlers: int | None) -> None:
     handling = threading.Event()
 
     def slow(message: bytes) -> bytes:
@@ -347,7 +367,7 @@ def test_graceful_shutdown_finishes_the_message_in_flight(start_server: ServerFa
         time.sleep(0.5)
         return b"ACK:" + message
 
-    server = start_server(slow)
+    server = start_server(slow, max_workers=handlers)
     idle = connect(server)
     acks: list[bytes] = []
     client = threading.Thread(target=lambda: acks.extend(
