@@ -198,7 +198,7 @@ class MLLPServer:
 
     With max_workers=1 the handler runs on the event loop's own thread instead: messages are
     handled one at a time either way, and handing each to a pool thread and its answer back costs
-    two thread wake-ups a message (bench/mllp_transport.py: about 0.2 against 0.07 ms of CPU a
+    two thread wake-ups a message (bench/mllp_transport.py: about 0.19 against 0.08 ms of CPU a
     message). The loop then reads, accepts and times out between messages, not during one, and a
     shutdown waits for the message in hand however long it takes (with a pool, a connection still
     busy after the grace period is closed and its handler left to finish).
