@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--serve", choices=[*KINDS, "threads"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=list(LABELS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -118,7 +118,7 @@ def main() -> None:
         return
     texts = [text for text, _ in in_scope_messages()]
     payloads = [with_control_id(texts[i % len(texts)], f"T{i}") for i in range(args.messages)]
-    kinds = [*KINDS, "threads"]
+    kinds = list(LABELS)
     figures: dict[str, list[float]] = {kind: [] for kind in [*kinds, "parse"]}
     for k in range(args.rounds):
         figures["parse"].append(parse_cpu_ms(texts, 2.0))
